@@ -1,0 +1,304 @@
+"""The I-DLM model: a Llama/Qwen-style decoder with a MASK token, plus the introspective loss.
+
+The network itself is an ordinary causal LM (RMSNorm, RoPE, SwiGLU, grouped-query attention,
+tied embeddings). What makes it an Introspective Diffusion LM (arXiv 2604.11035, SPEC section 1):
+  - one extra token id, MASK, that the tokenizer never produces;
+  - training on the concatenation [xt | x0] (xt = x0 with the labelled tokens replaced by MASK),
+    with explicit position ids shared by both halves and the block attention mask of `idlm_mask`;
+  - a KV cache whose rows can be truncated (ISD rolls back rejected drafts and MASK slots).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2049  # tokenizer ids + 1 (MASK)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share a K/V head
+    d_model: int = 256
+    d_ff: int = 704
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    mask_token_id: int = 2048  # the last id; sampling never emits it
+
+    def __post_init__(self):
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"d_model ({self.d_model}) must divide by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} outside vocab_size {self.vocab_size}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in at least float32 (as Llama does), keep float64 when testing in float64
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(pos, head_dim, theta, dtype):
+    """cos/sin of rotary embeddings for explicit position ids `pos` (B, T): (B, 1, T, head_dim).
+
+    Positions are inputs, not implied by the index: the two halves of [xt | x0] share them."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float64) / head_dim)
+    ang = pos.to(torch.float64)[..., None] * inv_freq
+    ang = torch.cat([ang, ang], dim=-1)[:, None]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half convention (Hugging Face Llama/Qwen): pairs are (i, i + head_dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for B rows, each row with its own length.
+
+    `lengths[b]` tokens of row b are valid. A forward appends its T new tokens at each row's own
+    length; `truncate` moves a row's length back (ISD's rollback: rejected drafts and MASK slots
+    are simply forgotten and later overwritten)."""
+
+    def __init__(self, cfg, batch_size, max_len=None, device="cpu", dtype=torch.float32):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def truncate(self, lengths):
+        """Set every row's length (a tensor or list of B ints, each <= the current length)."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
+        if (lengths > self.lengths).any() or (lengths < 0).any():
+            raise ValueError(f"truncate to {lengths.tolist()} but rows hold {self.lengths.tolist()}")
+        self.lengths = lengths.clone()
+
+    def advance(self, n):
+        """Count n (int or per-row tensor) more tokens as valid after a forward wrote them."""
+        self.lengths = self.lengths + torch.as_tensor(n, device=self.lengths.device)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
+        q = apply_rope(self.q_proj(x).view(B, T, nh, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        if cache is not None:
+            # write the new keys at each row's own length, then attend over the cache prefix
+            idx = cache.lengths[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache.k[layer][rows, :, idx] = k.transpose(1, 2)
+            cache.v[layer][rows, :, idx] = v.transpose(1, 2)
+            S = mask.shape[-1]
+            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx, pos=None, mask=None, cache=None):
+        """Logits (B, T, vocab) for token ids `idx` (B, T).
+
+        Without a cache: `pos` defaults to 0..T-1 and `mask` (True = may attend; (T, T) or
+        (B, T, T)) to causal. With a cache: the T tokens are appended at each row's own length,
+        attend causally to [cache | window], and the cache's lengths advance by T (truncate
+        afterwards to keep fewer)."""
+        B, T = idx.shape
+        dev = idx.device
+        if cache is not None:
+            if pos is not None or mask is not None:
+                raise ValueError("with a cache, positions and mask follow from the cache lengths")
+            if int(cache.lengths.max()) + T > cache.max_len:
+                raise ValueError(f"KV cache overflow: {int(cache.lengths.max())} + {T} > {cache.max_len}")
+            pos = cache.lengths[:, None] + torch.arange(T, device=dev)
+            S = int(pos.max()) + 1
+            mask = torch.arange(S, device=dev)[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        else:
+            if pos is None:
+                pos = torch.arange(T, device=dev)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        pos = pos.expand(B, T) if pos.dim() == 1 else pos
+        if mask.dim() == 3:
+            mask = mask[:, None]  # broadcast over heads
+        x = self.embed_tokens(idx)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return F.linear(self.norm(x), self.embed_tokens.weight)  # tied output layer
+
+    def new_cache(self, batch_size, max_len=None):
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def save(self, out_dir, metadata=None):
+        """Write model.safetensors + config.json atomically (temporary file, then rename)."""
+        os.makedirs(out_dir, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic(os.path.join(out_dir, "model.safetensors"),
+                lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+        _atomic(os.path.join(out_dir, "config.json"),
+                lambda f: open(f, "w").write(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+
+    @classmethod
+    def load(cls, out_dir, device="cpu"):
+        cfg = load_config(out_dir)
+        weights = os.path.join(out_dir, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{out_dir} has config.json but no model.safetensors")
+        model = cls(cfg)
+        model.load_state_dict(load_file(weights, device=str(device)))
+        return model.to(device)
+
+
+def load_config(out_dir):
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint in {out_dir} (config.json missing): run python train.py first")
+    with open(path) as f:
+        d = json.load(f)
+    known = {f.name for f in fields(ModelConfig)}
+    if set(d) != known:
+        raise ValueError(f"{path} does not match this ModelConfig: unknown {sorted(set(d) - known)}, "
+                         f"missing {sorted(known - set(d))}")
+    return ModelConfig(**d)
+
+
+def _atomic(path, write):
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# The introspective loss (SPEC section 1)
+
+def idlm_mask(L, b, device=None):
+    """Boolean attention mask (2L, 2L) over [xt | x0], True = may attend; blk(i) = i // b.
+
+    xt -> xt: same block, key <= query.   xt -> x0: key's block strictly before the query's.
+    x0 -> x0: causal.                       x0 -> xt: never.
+    So the mask at offset m of block B sees clean tokens 0..B*b-1 and the m masks before it."""
+    i = torch.arange(L, device=device)
+    blk = i // b
+    causal = i[None, :] <= i[:, None]
+    xt_xt = causal & (blk[None, :] == blk[:, None])
+    xt_x0 = blk[None, :] < blk[:, None]
+    top = torch.cat([xt_xt, xt_x0], dim=1)
+    bottom = torch.cat([torch.zeros_like(causal), causal], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def _shifted_ce(logits, labels):
+    """Summed cross-entropy of position i against labels[i+1] (-100 = no target)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
+    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
+
+    `labels` (default x0) marks where loss is wanted (-100 elsewhere). xt = x0 with every labelled
+    token replaced by MASK; the input [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with
+    b = stride - 1 masks per block. The mask at offset m of block B learns token B*b+m+1 (2..N
+    ahead of the last clean token it sees); the clean half is the ordinary AR loss. Both terms are
+    divided by the number of labelled (shifted) targets. alpha="auto" weights the clean term by
+    (task/clean).detach(), so both terms carry equal weight."""
+    if stride < 2:
+        raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
+    labels = x0 if labels is None else labels
+    B, L = x0.shape
+    xt = torch.where(labels != -100, torch.full_like(x0, model.cfg.mask_token_id), x0)
+    pos = torch.arange(L, device=x0.device).repeat(2)
+    logits = model(torch.cat([xt, x0], dim=1), pos=pos, mask=idlm_mask(L, stride - 1, x0.device))
+    n = (labels[:, 1:] != -100).sum().clamp(min=1)
+    task = _shifted_ce(logits[:, :L], labels) / n
+    clean = _shifted_ce(logits[:, L:], labels) / n
+    weight = (task / clean).detach() if alpha == "auto" else alpha
+    return task + weight * clean, task, clean
+
+
+def ar_loss(model, x0, labels=None):
+    """The plain autoregressive loss on x0 alone (objective=ar); equals idlm_loss's clean term."""
+    labels = x0 if labels is None else labels
+    n = (labels[:, 1:] != -100).sum().clamp(min=1)
+    return _shifted_ce(model(x0), labels) / n
