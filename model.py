@@ -11,6 +11,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -211,7 +212,7 @@ class Model(nn.Module):
         _atomic(os.path.join(out_dir, "model.safetensors"),
                 lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
         _atomic(os.path.join(out_dir, "config.json"),
-                lambda f: open(f, "w").write(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+                lambda f: Path(f).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n"))
 
     @classmethod
     def load(cls, out_dir, device="cpu"):
@@ -219,9 +220,10 @@ class Model(nn.Module):
         weights = os.path.join(out_dir, "model.safetensors")
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{out_dir} has config.json but no model.safetensors")
-        model = cls(cfg)
-        model.load_state_dict(load_file(weights, device=str(device)))
-        return model.to(device)
+        state = load_file(weights, device=str(device))
+        model = cls(cfg).to(device=device, dtype=state["embed_tokens.weight"].dtype)
+        model.load_state_dict(state)
+        return model
 
 
 def load_config(out_dir):
@@ -287,7 +289,8 @@ def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
         raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
     labels = x0 if labels is None else labels
     B, L = x0.shape
-    xt = torch.where(labels != -100, torch.full_like(x0, model.cfg.mask_token_id), x0)
+    mask_id = getattr(model, "module", model).cfg.mask_token_id  # model may be wrapped in DDP
+    xt = torch.where(labels != -100, torch.full_like(x0, mask_id), x0)
     pos = torch.arange(L, device=x0.device).repeat(2)
     logits = model(torch.cat([xt, x0], dim=1), pos=pos, mask=idlm_mask(L, stride - 1, x0.device))
     n = (labels[:, 1:] != -100).sum().clamp(min=1)

@@ -1,0 +1,342 @@
+"""Train an Introspective Diffusion LM (or a plain AR model) on Shakespeare, offline.
+
+    python train.py                                   # the CPU preset, about 12 minutes on 2 cores
+    python train.py --objective=ar --out_dir=out-ar   # the autoregressive baseline
+    python train.py --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
+    torchrun --nproc_per_node=2 train.py              # DDP (gloo on CPU, nccl on CUDA)
+
+Every option is `--key=value`; a preset gives the defaults, any option given overrides it.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, safe_open, save_file
+
+import data
+import tokenizer as tok
+from isd import ar_generate
+from model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, load_config
+
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
+PRESETS = {
+    # ~3.6M parameters, a 2,048-token BPE: the default, about 12 minutes on a 2-core CPU
+    "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=704, seq_len=256, tokenizer="bpe",
+                vocab_size=2048, batch_size=16, grad_accum=1, max_iters=2000, lr=3e-3, warmup_iters=100,
+                eval_interval=250, eval_iters=16),
+    # a few seconds; for tests and for trying the code paths
+    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
+                 vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
+                 eval_interval=25, eval_iters=2),
+    # GPT-2-small sized, gpt2 tokenizer: for a GPU
+    "gpu": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, seq_len=1024, tokenizer="gpt2",
+                vocab_size=50257, batch_size=16, grad_accum=4, max_iters=20000, lr=6e-4, warmup_iters=1000,
+                eval_interval=1000, eval_iters=50),
+}
+DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None, out_dir="out",
+                rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
+                seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False)
+# options that may change when resuming; every other one must match the checkpoint
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite"}
+
+
+class UsageError(ValueError):
+    """Bad options or inputs: reported as one line, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu)")
+    a("--objective", choices=["idlm", "ar"], help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss (default idlm)")
+    a("--stride", type=int, help="N, tokens per forward in ISD; the loss uses N-1 masks per block (default 4)")
+    a("--alpha", help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (default 0.2)")
+    a("--data", help="a UTF-8 text file or a folder of .txt files (default: the Shakespeare plays)")
+    a("--tokenizer", choices=["bpe", "gpt2"], help="bpe: trained on the train split; gpt2: the GPT-2 encoding")
+    a("--vocab_size", type=int, help="BPE vocabulary size, end-of-text included (MASK is one more id)")
+    a("--out_dir", help="where checkpoints go (default out)")
+    a("--init_from", help="start from the weights (and tokenizer) of this checkpoint folder, e.g. an AR model")
+    a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
+    a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
+    for k in MODEL_KEYS:
+        a(f"--{k}", type=float if k == "rope_theta" else int, help="model shape (from the preset)")
+    a("--seq_len", type=int, help="tokens per training row L (the idlm input is 2L long)")
+    a("--batch_size", type=int, help="rows per micro-batch per process")
+    a("--grad_accum", type=int, help="micro-batches per optimizer step")
+    a("--max_iters", type=int, help="optimizer steps in all")
+    a("--lr", type=float, help="peak learning rate (AdamW); linear warmup, then cosine to min_lr_frac*lr")
+    a("--warmup_iters", type=int, help="warmup steps")
+    a("--min_lr_frac", type=float, help="final lr as a fraction of lr (default 0.1)")
+    a("--weight_decay", type=float, help="AdamW weight decay of matrices (default 0.1)")
+    a("--grad_clip", type=float, help="clip the gradient norm to this; 0 = off (default 1.0)")
+    a("--eval_interval", type=int, help="evaluate and checkpoint every this many steps")
+    a("--eval_iters", type=int, help="validation batches per evaluation")
+    a("--log_interval", type=int, help="print progress every this many steps (default 10)")
+    a("--seed", type=int, help="seed of the initial weights and of the data order (default 1337)")
+    a("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    cfg = {**DEFAULTS, **PRESETS[args.get("preset", DEFAULTS["preset"])], **args}
+    return cfg, set(args)
+
+
+def check_options(cfg):
+    if cfg["stride"] < 1:
+        raise UsageError(f"--stride must be >= 1, got {cfg['stride']}")
+    if cfg["objective"] == "idlm" and cfg["stride"] < 2:
+        raise UsageError("--stride=1 has no masks to train: use --objective=ar for plain AR")
+    if cfg["alpha"] != "auto":
+        try:
+            float(cfg["alpha"])
+        except ValueError:
+            raise UsageError(f"--alpha must be a number or 'auto', got {cfg['alpha']!r}") from None
+    for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters", "log_interval"):
+        if cfg[k] < 1:
+            raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
+    if cfg["resume"] and cfg["init_from"]:
+        raise UsageError("--resume continues --out_dir; it cannot be combined with --init_from")
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr_frac * lr."""
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    t = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
+    lo = cfg["lr"] * cfg["min_lr_frac"]
+    return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def losses(model, x, cfg):
+    """(loss to optimise, task, clean); task is nan for the AR objective."""
+    if cfg["objective"] == "ar":
+        clean = ar_loss(model, x)
+        return clean, torch.full_like(clean, float("nan")), clean
+    alpha = cfg["alpha"] if cfg["alpha"] == "auto" else float(cfg["alpha"])
+    return idlm_loss(model, x, stride=cfg["stride"], alpha=alpha)
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, device):
+    """Mean validation task and clean losses over a fixed set of rows (the same every time)."""
+    model.eval()
+    offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * cfg["batch_size"], seed=0)
+    out = torch.zeros(2)
+    for i in range(cfg["eval_iters"]):
+        x = data.get_batch(val, offsets[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]], cfg["seq_len"])
+        x = x.to(device)
+        task = idlm_loss(model, x, stride=cfg["stride"])[1] if cfg["stride"] >= 2 else torch.tensor(float("nan"))
+        out += torch.stack([task.float().cpu(), ar_loss(model, x).float().cpu()])
+    model.train()
+    return (out / cfg["eval_iters"]).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
+
+def save_checkpoint(out_dir, model, enc, opt, state):
+    """Write every file to a temporary name first, then rename them all: an interrupted run never
+    corrupts the last good checkpoint. `it` is stamped into both tensor files to detect a mix."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"iter": str(state["iter"])}
+    model.save(out_dir, metadata=meta)
+    tok.save(enc, out_dir)
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    _atomic(os.path.join(out_dir, "optimizer.safetensors"), lambda f: save_file(tensors, f, metadata=meta))
+    text = json.dumps({**state, "param_groups": groups}, indent=1)
+    _atomic(os.path.join(out_dir, "train_state.json"), lambda f: Path(f).write_text(text))
+
+
+def load_train_state(out_dir, opt):
+    """Restore the optimizer in place and return the saved train state (iter, config, history)."""
+    path = os.path.join(out_dir, "train_state.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
+    state = json.load(open(path))
+    opt_path = os.path.join(out_dir, "optimizer.safetensors")
+    with safe_open(opt_path, "pt") as f, safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as m:
+        if f.metadata().get("iter") != m.metadata().get("iter") or f.metadata().get("iter") != str(state["iter"]):
+            raise UsageError(f"--resume: the files in {out_dir} come from different steps; "
+                             f"the checkpoint is inconsistent, start a new run")
+    tensors = load_file(opt_path)
+    sd = {"state": {}, "param_groups": state.pop("param_groups")}
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    return state
+
+
+def load_pretrained(path, what):
+    """(model config, tokenizer, weights) from a checkpoint folder, or a one-line UsageError."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{what}={path}: no such folder")
+    try:
+        mcfg = load_config(path)
+        enc = tok.load(path)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"{what}={path} is not a checkpoint of this project: {e}") from None
+    if mcfg.mask_token_id != enc.n_vocab or mcfg.vocab_size != enc.n_vocab + 1:
+        raise UsageError(f"{what}={path}: config.json does not match its tokenizer "
+                         f"({mcfg.vocab_size} ids vs {enc.n_vocab} + MASK)")
+    return mcfg, enc, weights
+
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    check_options(cfg)
+    ddp = "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(cfg["device"])
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    out_dir = cfg["out_dir"]
+
+    # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
+    enc, weights, state = None, None, None
+    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json"))
+    if cfg["resume"]:
+        if not has_ckpt:
+            raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
+        saved = json.load(open(os.path.join(out_dir, "train_state.json")))["config"] \
+            if os.path.isfile(os.path.join(out_dir, "train_state.json")) else None
+        if saved is None:
+            raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
+        diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
+        if diff:
+            raise UsageError(f"--resume: the checkpoint in {out_dir} was trained with "
+                             + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
+                             + "; drop those options or use another --out_dir")
+        cfg = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
+        mcfg, enc, weights = load_pretrained(out_dir, "--resume")
+    elif has_ckpt and not cfg["overwrite"]:
+        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out_dir")
+    elif cfg["init_from"]:
+        mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from")
+        clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
+        if clash:
+            raise UsageError(f"--init_from={cfg['init_from']} has "
+                             + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
+                             + ": drop the model-shape options that contradict it")
+        if cfg["seq_len"] > mcfg.max_seq_len:
+            raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
+    if enc is not None and "tokenizer" in given and cfg["tokenizer"] != enc.name.split("-")[0]:
+        raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
+
+    try:
+        enc, train_ids, val_ids = data.load_dataset(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
+        data.batch_offsets(min(len(train_ids), len(val_ids)), cfg["seq_len"], 1, 0)  # long enough?
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    if weights is None:
+        mcfg = ModelConfig(vocab_size=enc.n_vocab + 1, mask_token_id=enc.n_vocab, max_seq_len=cfg["seq_len"],
+                           **{k: cfg[k] for k in MODEL_KEYS})
+
+    torch.manual_seed(cfg["seed"])
+    model = Model(mcfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model.to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
+    start, history, evals = 0, [], []
+    if cfg["resume"]:
+        state = load_train_state(out_dir, opt)
+        start, history, evals = state["iter"], state["history"], state["evals"]
+    net = torch.compile(model) if cfg["compile"] else model
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = cfg["batch_size"] * cfg["grad_accum"] * world
+    log(f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} "
+        f"(MASK = {mcfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
+        f"{rows} rows x {cfg['seq_len']} tokens per step, {world} process(es) on {device}")
+
+    def checkpoint(it, val):
+        evals.append([it, *val])
+        log(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
+        if master:
+            save_checkpoint(out_dir, model, enc, opt,
+                            {"iter": it, "config": cfg, "history": history, "evals": evals})
+
+    t0, t_last, it = time.time(), time.time(), start
+    for it in range(start, cfg["max_iters"]):
+        if it % cfg["eval_interval"] == 0 and it > start:
+            checkpoint(it, evaluate(model, val_ids, cfg, device))
+        lr = lr_at(it, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # the global batch of step `it` is a function of (seed, it): same order on resume and for any world size
+        offsets = data.batch_offsets(len(train_ids), cfg["seq_len"], rows, seed=cfg["seed"] * 1_000_003 + it)
+        stats = torch.zeros(3)
+        for micro in range(cfg["grad_accum"]):
+            i = (micro * world + rank) * cfg["batch_size"]
+            x = data.get_batch(train_ids, offsets[i:i + cfg["batch_size"]], cfg["seq_len"]).to(device)
+            sync = not ddp or micro == cfg["grad_accum"] - 1
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+                if sync:
+                    loss, task, clean = losses(net, x, cfg)
+                else:
+                    with net.no_sync():
+                        loss, task, clean = losses(net, x, cfg)
+            (loss / cfg["grad_accum"]).backward()
+            stats += torch.stack([loss, task, clean]).detach().float().cpu() / cfg["grad_accum"]
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world
+        history.append([it, *[round(v, 6) for v in stats.tolist()]])
+        if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["max_iters"]:
+            now = time.time()
+            n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
+            tps = n * rows * cfg["seq_len"] / (now - t_last)
+            eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+            log(f"step {it + 1}/{cfg['max_iters']} | loss {stats[0]:.4f} task {stats[1]:.4f} clean {stats[2]:.4f}"
+                f" | lr {lr:.2e} | {tps / 1e3:.1f}k tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+            t_last = now
+    if cfg["max_iters"] > start or not cfg["resume"]:
+        checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg, device))
+    log(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
+    if master:
+        model.eval()
+        prompt = enc.encode_ordinary("\n")
+        out = ar_generate(model, prompt, min(100, mcfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
+        print("sample:\n" + enc.decode(out))
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
