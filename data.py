@@ -64,10 +64,11 @@ def split_document(text, val_frac=0.1):
     return text[:cut], text[cut:]
 
 
-def load_dataset(path=None, tokenizer="bpe", vocab_size=2048, enc=None, cache_dir=CACHE_DIR, log=print):
+def load_dataset(path=None, tokenizer="bpe", vocab_size=2048, enc=None, cache_dir=None, log=print):
     """(enc, train_ids, val_ids): the data tokenized with `enc` (or a tokenizer made by name).
 
     Each document ends with the end-of-text token. The BPE tokenizer is trained on the train split."""
+    cache_dir = cache_dir or CACHE_DIR
     docs = read_documents(path)
     parts = [split_document(text) for _, text in docs]
     train_docs, val_docs = [p[0] for p in parts], [p[1] for p in parts if p[1]]

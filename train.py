@@ -50,8 +50,13 @@ class UsageError(ValueError):
     """Bad options or inputs: reported as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of train.py
+        raise UsageError(f"{message} (see python train.py --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu)")
     a("--objective", choices=["idlm", "ar"], help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss (default idlm)")
@@ -130,18 +135,21 @@ def losses(model, x, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, device):
-    """Mean validation task and clean losses over a fixed set of rows (the same every time)."""
+def evaluate(model, val, cfg, device, rank=0, world=1):
+    """Mean validation task and clean losses over a fixed set of eval_iters * world batches (the
+    same every time, whatever the batch split); each process scores its share."""
     model.eval()
-    offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * cfg["batch_size"], seed=0)
+    bs = cfg["batch_size"]
+    offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * world * bs, seed=0)
     out = torch.zeros(2)
-    for i in range(cfg["eval_iters"]):
-        x = data.get_batch(val, offsets[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]], cfg["seq_len"])
-        x = x.to(device)
+    for i in range(rank, cfg["eval_iters"] * world, world):
+        x = data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]).to(device)
         task = idlm_loss(model, x, stride=cfg["stride"])[1] if cfg["stride"] >= 2 else torch.tensor(float("nan"))
         out += torch.stack([task.float().cpu(), ar_loss(model, x).float().cpu()])
+    if world > 1:
+        dist.all_reduce(out)
     model.train()
-    return (out / cfg["eval_iters"]).tolist()
+    return (out / (cfg["eval_iters"] * world)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +295,7 @@ def main(argv=None):
     t0, t_last, it = time.time(), time.time(), start
     for it in range(start, cfg["max_iters"]):
         if it % cfg["eval_interval"] == 0 and it > start:
-            checkpoint(it, evaluate(model, val_ids, cfg, device))
+            checkpoint(it, evaluate(model, val_ids, cfg, device, rank, world))
         lr = lr_at(it, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -323,7 +331,7 @@ def main(argv=None):
                 f" | lr {lr:.2e} | {tps / 1e3:.1f}k tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             t_last = now
     if cfg["max_iters"] > start or not cfg["resume"]:
-        checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg, device))
+        checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg, device, rank, world))
     log(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
     if master:
         model.eval()
