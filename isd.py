@@ -1,15 +1,29 @@
-"""Decoding: the autoregressive baseline (and, next, Introspective Strided Decoding).
+"""Introspective Strided Decoding (SPEC section 2) and the autoregressive baseline.
 
-Sampling settings are applied by `process_logits`, the one place that turns logits into a
-distribution: MASK removed, temperature, top-k, top-p.
+    python isd.py --out_dir=out --prompt="ROMEO:" --stride=4 --max_new_tokens=200 --temperature=0.8 --seed=1
+
+One forward per step puts W = 2N-1 tokens per request through the model:
+    verify step:  [pending, d_1 .. d_{N-1}, MASK x (N-1)]
+    cold start:   [pending, MASK x (2N-2)]
+The clean positions give p (the model's own AR distribution); each draft d_j is kept with
+probability min(1, p_j(d_j) / q_j(d_j)), the first rejected one is replaced by a draw from
+normalize((p_j - q_j)+), and the N-1 masks after the last clean token propose the next drafts,
+SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix).
 """
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
 import torch
 
 
 def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=None):
     """Filtered, temperature-scaled logits (..., V); filtered entries are -inf, MASK always is.
 
-    temperature 0 leaves the scale alone (greedy takes the argmax)."""
+    Applied identically to p (verify) and q (drafts) (**exact here**: the released code filters
+    only the clean token). Temperature 0 leaves the scale alone (greedy takes the argmax)."""
     logits = logits.clone()
     logits[..., mask_token_id] = float("-inf")
     if temperature > 0:
@@ -19,23 +33,220 @@ def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=Non
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
 def sample(logits, temperature, generator=None):
-    """One token id from processed logits (V,): argmax at temperature 0."""
+    """Token ids (...,) from processed logits (..., V): argmax at temperature 0."""
     if temperature == 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
-def check_prompt(model, prompt_ids, max_new_tokens, extra=0):
+def verify(p_logits, q_logits, drafts, u, gumbel, temperature):
+    """Exact acceptance for R draft rows. Logits (R, V) are processed (filtered, scaled).
+
+    Returns (accept (R,) bool, correction (R,) ids, ratio (R,) = min(1, p(d)/q(d))).
+    accept = u < min(1, p(d)/q(d)); the correction is Gumbel-max over log (p-q)+, or over log p
+    where (p-q)+ is all zero. Greedy (temperature 0): accept iff d = argmax p; correction = argmax p."""
+    if temperature == 0:
+        best = p_logits.argmax(-1)
+        accept = drafts == best
+        return accept, best, accept.to(p_logits.dtype)
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    pd, qd = p.gather(-1, drafts[:, None])[:, 0], q.gather(-1, drafts[:, None])[:, 0]
+    ratio = (pd / qd).clamp(max=1.0)
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    correction = (residual.log() + gumbel).argmax(-1)
+    return u < ratio, correction, ratio
+
+
+@dataclass
+class Stats:
+    """What every decode reports (SPEC section 3)."""
+    forwards: int = 0  # decoding forwards (prefill not counted)
+    tokens: int = 0  # committed tokens
+    drafts_verified: int = 0
+    acceptance_sum: float = 0.0  # sum over verified drafts of min(1, p(d)/q(d))
+    rounds_v: int = 0  # verify steps with every draft accepted
+    rounds_r: int = 0  # verify steps with a rejection
+    rounds_c: int = 0  # cold starts
+    wall_s: float = 0.0
+
+    def as_dict(self):
+        d = dict(self.__dict__)
+        d["tpf"] = self.tokens / max(1, self.forwards)
+        d["acceptance_rate"] = self.acceptance_sum / max(1, self.drafts_verified)
+        d["tokens_per_s"] = self.tokens / self.wall_s if self.wall_s else 0.0
+        return d
+
+
+@dataclass
+class Request:
+    """One row of the batched decoder: settings, committed tokens, drafts and their q."""
+    prompt: list
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = None
+    top_p: float = None
+    seed: int = None
+    stop_ids: tuple = ()
+    out: list = field(default_factory=list)  # committed new tokens; the last one is pending
+    drafts: list = field(default_factory=list)
+    q: torch.Tensor = None  # (len(drafts), V) processed draft logits
+    done: bool = False
+    trace: list = None  # per step: [(token, kind)], kind in "accepted", "correction", "clean"; None = off
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if len(self.prompt) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.gen = torch.Generator()
+        self.gen.manual_seed(self.seed) if self.seed is not None else self.gen.seed()
+        self.stop_ids = set(self.stop_ids or ())
+
+
+def prefill(model, cache, rows, requests):
+    """Put each prompt but its last token into the cache (the last token is the first `pending`)."""
+    rows = torch.as_tensor(rows)
+    lens = [len(r.prompt) - 1 for r in requests]
+    cache.truncate([0] * len(requests), rows)
+    if max(lens) > 0:
+        pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
+        ids = torch.tensor([r.prompt[:-1] + [pad] * (max(lens) - n) for r, n in zip(requests, lens)])
+        model(ids.to(cache.k.device), cache=cache, rows=rows.to(cache.k.device))
+        cache.truncate(lens, rows)
+
+
+@torch.no_grad()
+def isd_step(model, cache, rows, requests, stride):
+    """One forward of W = 2N-1 tokens for every request (row `rows[i]` of the cache holds
+    requests[i]); verifies drafts, commits tokens, proposes new drafts, rolls the cache back.
+    Returns the tokens each request committed in this step."""
+    N, mask_id = stride, model.cfg.mask_token_id
+    W = 2 * N - 1
+    dev = cache.k.device
+    windows = [[(r.out or r.prompt)[-1]] + r.drafts + [mask_id] * (W - 1 - len(r.drafts)) for r in requests]
+    rows = torch.as_tensor(rows, device=dev)
+    start = cache.lengths[rows].tolist()
+    logits = model(torch.tensor(windows, device=dev), cache=cache, rows=rows)
+    logits = logits.to("cpu", torch.promote_types(logits.dtype, torch.float32))  # float64 stays
+
+    # exact acceptance of every request's drafts in one batched call
+    p_rows, q_rows, d_rows, u_rows, g_rows, owner = [], [], [], [], [], []
+    procs = []
+    for i, r in enumerate(requests):
+        K = len(r.drafts)
+        proc = process_logits(logits[i, :N + K], mask_id, r.temperature, r.top_k, r.top_p)
+        procs.append(proc)
+        if K:
+            p_rows.append(proc[:K])
+            q_rows.append(r.q)
+            d_rows.append(torch.tensor(r.drafts))
+            if r.temperature > 0:  # the random numbers are inputs of verify (so a kernel can match it)
+                u_rows.append(torch.rand(K, generator=r.gen, dtype=proc.dtype))
+                g_rows.append(-torch.log(-torch.log(torch.rand(K, proc.shape[-1], generator=r.gen, dtype=proc.dtype))))
+            else:
+                u_rows.append(torch.zeros(K, dtype=proc.dtype))
+                g_rows.append(torch.zeros(K, proc.shape[-1], dtype=proc.dtype))
+            owner.append(i)
+    verdicts = {}
+    by_temp = {}
+    for j, i in enumerate(owner):  # one verify call per temperature (greedy and sampled differ)
+        by_temp.setdefault(requests[i].temperature, []).append(j)
+    for temp, js in by_temp.items():
+        acc, cor, ratio = verify(torch.cat([p_rows[j] for j in js]), torch.cat([q_rows[j] for j in js]),
+                                 torch.cat([d_rows[j] for j in js]), torch.cat([u_rows[j] for j in js]),
+                                 torch.cat([g_rows[j] for j in js]), temp)
+        at = 0
+        for j in js:
+            K = len(d_rows[j])
+            verdicts[owner[j]] = (acc[at:at + K].tolist(), cor[at:at + K].tolist(), ratio[at:at + K].tolist())
+            at += K
+
+    committed = []
+    for i, r in enumerate(requests):
+        K, proc, st = len(r.drafts), procs[i], r.stats
+        new, kinds, n_keep = [], [], 1  # n_keep: cache entries kept = pending + accepted drafts
+        if K:
+            acc, cor, ratio = verdicts[i]
+            j = acc.index(False) if False in acc else K
+            st.drafts_verified += K
+            st.acceptance_sum += sum(ratio)
+            new, kinds, n_keep = r.drafts[:j], ["accepted"] * j, 1 + j
+            if j < K:  # rejection: commit the correction, next step is a cold start
+                new.append(cor[j])
+                kinds.append("correction")
+                r.drafts, r.q = [], None
+                st.rounds_r += 1
+        else:
+            j = 0
+            st.rounds_c += 1
+        if j == K:  # every draft passed (or none): the clean token, and new drafts from the masks
+            new.append(int(sample(proc[K], r.temperature, r.gen)))
+            kinds.append("clean")
+            r.q = proc[K + 1:K + N]
+            r.drafts = sample(r.q, r.temperature, r.gen).view(-1).tolist() if N > 1 else []
+            if K:
+                st.rounds_v += 1
+        # stop at the first stop id or at max_new_tokens; drop what came after it in this step
+        for t, n in enumerate(new):
+            if n in r.stop_ids or len(r.out) + t + 1 >= r.max_new_tokens:
+                new, kinds, r.done = new[:t + 1], kinds[:t + 1], True
+                break
+        r.out.extend(new)
+        st.forwards += 1
+        st.tokens += len(new)
+        if r.trace is not None:
+            r.trace.append(list(zip(new, kinds)))
+        committed.append(new)
+        cache.truncate([start[i] + n_keep], rows[i:i + 1])
+    return committed
+
+
+@torch.no_grad()
+def decode(model, requests, stride):
+    """Decode a batch of requests together to the end; each keeps its own acceptance, rollback
+    and random stream, so a row gives exactly what it gives alone with the same seed."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    for r in requests:
+        check_prompt(model, r.prompt, r.max_new_tokens)
+    t0 = time.time()
+    max_len = max(len(r.prompt) + r.max_new_tokens for r in requests) + 2 * stride
+    cache = model.new_cache(len(requests), max_len)
+    prefill(model, cache, list(range(len(requests))), requests)
+    active = list(range(len(requests)))
+    while active:
+        isd_step(model, cache, active, [requests[i] for i in active], stride)
+        active = [i for i in active if not requests[i].done]
+    for r in requests:
+        r.stats.wall_s = time.time() - t0
+    return requests
+
+
+def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, stop_ids=None, trace=False):
+    """ISD for one prompt: (new token ids, stats dict)."""
+    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()),
+                trace=[] if trace else None)
+    decode(model, [r], stride)
+    return (r.out, r.stats.as_dict()) if not trace else (r.out, r.stats.as_dict(), r.trace)
+
+
+def check_prompt(model, prompt_ids, max_new_tokens):
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    need = len(prompt_ids) + max_new_tokens + extra
+    need = len(prompt_ids) + max_new_tokens
     if need > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the context of {model.cfg.max_seq_len} tokens")
@@ -45,23 +256,14 @@ def check_prompt(model, prompt_ids, max_new_tokens, extra=0):
 def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                 seed=None, stop_ids=None):
     """The baseline: one token per forward over a KV cache. Returns the new token ids."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    check_prompt(model, prompt_ids, max_new_tokens)
+    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
+    check_prompt(model, r.prompt, max_new_tokens)
     dev = model.embed_tokens.weight.device
-    gen = torch.Generator(device=dev)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    stop = set(stop_ids or ())
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    logits = model(torch.tensor([prompt_ids], device=dev), cache=cache)[0, -1]
-    out = []
-    while len(out) < max_new_tokens:
-        p = process_logits(logits, model.cfg.mask_token_id, temperature, top_k, top_p)
-        out.append(sample(p, temperature, gen))
-        if out[-1] in stop or len(out) == max_new_tokens:
-            break
-        logits = model(torch.tensor([[out[-1]]], device=dev), cache=cache)[0, -1]
-    return out
+    cache = model.new_cache(1, len(r.prompt) + max_new_tokens)
+    logits = model(torch.tensor([r.prompt], device=dev), cache=cache)[0, -1]
+    while True:
+        p = process_logits(logits.cpu(), model.cfg.mask_token_id, temperature, top_k, top_p)
+        r.out.append(int(sample(p, temperature, r.gen)))
+        if r.out[-1] in r.stop_ids or len(r.out) == max_new_tokens:
+            return r.out
+        logits = model(torch.tensor([[r.out[-1]]], device=dev), cache=cache)[0, -1]

@@ -87,16 +87,13 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def truncate(self, lengths):
-        """Set every row's length (a tensor or list of B ints, each <= the current length)."""
+    def truncate(self, lengths, rows=None):
+        """Roll rows (default all) back to `lengths` tokens, each <= the row's current length."""
+        rows = slice(None) if rows is None else torch.as_tensor(rows, device=self.lengths.device)
         lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
-        if (lengths > self.lengths).any() or (lengths < 0).any():
-            raise ValueError(f"truncate to {lengths.tolist()} but rows hold {self.lengths.tolist()}")
-        self.lengths = lengths.clone()
-
-    def advance(self, n):
-        """Count n (int or per-row tensor) more tokens as valid after a forward wrote them."""
-        self.lengths = self.lengths + torch.as_tensor(n, device=self.lengths.device)
+        if (lengths > self.lengths[rows]).any() or (lengths < 0).any():
+            raise ValueError(f"truncate to {lengths.tolist()} but rows hold {self.lengths[rows].tolist()}")
+        self.lengths[rows] = lengths
 
 
 class Attention(nn.Module):
@@ -109,7 +106,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, cache_rows=None, layer=0):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
         q = apply_rope(self.q_proj(x).view(B, T, nh, hd).transpose(1, 2), cos, sin)
@@ -117,12 +114,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         if cache is not None:
             # write the new keys at each row's own length, then attend over the cache prefix
-            idx = cache.lengths[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            rows = torch.arange(B, device=x.device)[:, None]
+            rows = cache_rows[:, None]
+            idx = cache.lengths[rows] + torch.arange(T, device=x.device)  # (B, T)
             cache.k[layer][rows, :, idx] = k.transpose(1, 2)
             cache.v[layer][rows, :, idx] = v.transpose(1, 2)
             S = mask.shape[-1]
-            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+            k, v = cache.k[layer][cache_rows, :, :S], cache.v[layer][cache_rows, :, :S]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
@@ -146,8 +143,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, cache_rows=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_rows, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,21 +165,24 @@ class Model(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx, pos=None, mask=None, cache=None):
+    def forward(self, idx, pos=None, mask=None, cache=None, rows=None):
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
         Without a cache: `pos` defaults to 0..T-1 and `mask` (True = may attend; (T, T) or
         (B, T, T)) to causal. With a cache: the T tokens are appended at each row's own length,
         attend causally to [cache | window], and the cache's lengths advance by T (truncate
-        afterwards to keep fewer)."""
+        afterwards to keep fewer). `rows` picks which cache rows the B inputs belong to (all)."""
         B, T = idx.shape
         dev = idx.device
         if cache is not None:
             if pos is not None or mask is not None:
                 raise ValueError("with a cache, positions and mask follow from the cache lengths")
-            if int(cache.lengths.max()) + T > cache.max_len:
-                raise ValueError(f"KV cache overflow: {int(cache.lengths.max())} + {T} > {cache.max_len}")
-            pos = cache.lengths[:, None] + torch.arange(T, device=dev)
+            rows = torch.arange(B, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
+            if len(rows) != B:
+                raise ValueError(f"{B} input rows but {len(rows)} cache rows")
+            if int(cache.lengths[rows].max()) + T > cache.max_len:
+                raise ValueError(f"KV cache overflow: {int(cache.lengths[rows].max())} + {T} > {cache.max_len}")
+            pos = cache.lengths[rows][:, None] + torch.arange(T, device=dev)
             S = int(pos.max()) + 1
             mask = torch.arange(S, device=dev)[None, None, :] <= pos[:, :, None]  # (B, T, S)
         else:
@@ -196,9 +196,9 @@ class Model(nn.Module):
         x = self.embed_tokens(idx)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            x = block(x, cos, sin, mask, cache, rows, i)
         if cache is not None:
-            cache.advance(T)
+            cache.lengths[rows] += T
         return F.linear(self.norm(x), self.embed_tokens.weight)  # tied output layer
 
     def new_cache(self, batch_size, max_len=None):
