@@ -267,3 +267,99 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
         if r.out[-1] in r.stop_ids or len(r.out) == max_new_tokens:
             return r.out
         logits = model(torch.tensor([[r.out[-1]]], device=dev), cache=cache)[0, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# command line: sample from a checkpoint, show the statistics, compare with AR, visualize ISD
+
+COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8")}
+
+
+def stats_line(st, stride):
+    f = max(1, st["forwards"])
+    return (f"stride {stride} | {st['tokens']} tokens in {st['forwards']} forwards | TPF {st['tpf']:.2f} | "
+            f"acceptance {st['acceptance_rate']:.3f} | rounds V {st['rounds_v'] / f:.0%} R {st['rounds_r'] / f:.0%} "
+            f"C {st['rounds_c'] / f:.0%} | {st['tokens_per_s']:.1f} tok/s")
+
+
+def show_trace(trace, enc):
+    """Each step on its own line: accepted drafts green, corrections red, clean tokens blue."""
+    for step, toks in enumerate(trace):
+        parts = "".join(f"{COLORS[k][0]}{enc.decode([t])}\033[0m" for t, k in toks)
+        print(f"{step:4d} {parts.replace(chr(10), '⏎')}")
+
+
+def trace_html(trace, enc, prompt, st, stride):
+    """A self-contained HTML page of the decode, one row per forward."""
+    import html
+    rows = []
+    for step, toks in enumerate(trace):
+        spans = "".join(f'<span style="background:{COLORS[k][1]}" title="{k}">{html.escape(enc.decode([t]))}</span>'
+                        for t, k in toks)
+        rows.append(f"<tr><td>{step}</td><td>{len(toks)}</td><td><pre>{spans}</pre></td></tr>")
+    legend = " ".join(f'<span style="background:{c[1]}">{k}</span>' for k, c in COLORS.items())
+    return (f"<!doctype html><meta charset=utf-8><title>ISD trace</title>"
+            f"<style>body{{font-family:sans-serif}}pre{{margin:0;white-space:pre-wrap}}td{{vertical-align:top;padding:2px 8px}}</style>"
+            f"<h2>Introspective Strided Decoding, stride {stride}</h2><p>{legend}</p>"
+            f"<p>{html.escape(stats_line(st, stride))}</p><p>prompt: <code>{html.escape(prompt)}</code></p>"
+            f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py (default out)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (p and q alike)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (p and q alike)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    p.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
+    p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
+    p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
+                   help="show each forward's accepted drafts / corrections / clean tokens; with a file, write HTML")
+    a = p.parse_args(argv)
+    import tokenizer as tok
+    from model import Model
+    if a.stride < 1:
+        p.error(f"--stride must be >= 1, got {a.stride}")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    try:
+        model = Model.load(a.out_dir, device=a.device).eval()
+        enc = tok.load(a.out_dir)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    ids = enc.encode_ordinary(a.prompt)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=[enc.eot_token])
+    try:
+        check_prompt(model, ids, a.max_new_tokens)
+        isd_generate(model, ids, 2, a.stride, **kw)  # warm-up: first calls are slow
+        out, st, trace = isd_generate(model, ids, a.max_new_tokens, a.stride, trace=True, **kw)
+    except ValueError as e:
+        p.error(str(e))
+    text = enc.decode(out)
+    if a.json:
+        print(json.dumps({"text": text, "tokens": out, "stats": st}))
+    elif a.visualize == "-":
+        show_trace(trace, enc)
+    else:
+        print(a.prompt + text)
+    if a.visualize and a.visualize != "-":
+        with open(a.visualize, "w") as f:
+            f.write(trace_html(trace, enc, a.prompt, st, a.stride))
+        print(f"wrote {a.visualize}", file=sys.stderr)
+    if not a.json:
+        print(stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
+    if a.compare:
+        t0 = time.time()
+        ar = ar_generate(model, ids, a.max_new_tokens, **kw)
+        ar_tps = len(ar) / (time.time() - t0)
+        print(f"AR {ar_tps:.1f} tok/s | ISD {st['tokens_per_s']:.1f} tok/s | ISD/AR {st['tokens_per_s'] / ar_tps:.2f}x"
+              + (" | identical tokens" if a.temperature == 0 and ar == out else ""))
+
+
+if __name__ == "__main__":
+    main()
