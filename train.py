@@ -170,24 +170,26 @@ def save_checkpoint(out_dir, model, enc, opt, state):
     _atomic(os.path.join(out_dir, "train_state.json"), lambda f: Path(f).write_text(text))
 
 
-def load_train_state(out_dir, opt):
-    """Restore the optimizer in place and return the saved train state (iter, config, history)."""
+def read_train_state(out_dir):
     path = os.path.join(out_dir, "train_state.json")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
-    state = json.load(open(path))
+    return json.load(open(path))
+
+
+def load_optimizer(out_dir, opt, state):
+    """Restore the optimizer in place from optimizer.safetensors and the saved param groups."""
     opt_path = os.path.join(out_dir, "optimizer.safetensors")
     with safe_open(opt_path, "pt") as f, safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as m:
         if f.metadata().get("iter") != m.metadata().get("iter") or f.metadata().get("iter") != str(state["iter"]):
             raise UsageError(f"--resume: the files in {out_dir} come from different steps; "
                              f"the checkpoint is inconsistent, start a new run")
     tensors = load_file(opt_path)
-    sd = {"state": {}, "param_groups": state.pop("param_groups")}
+    sd = {"state": {}, "param_groups": state["param_groups"]}
     for key, v in tensors.items():
         i, name = key.split(".", 1)
         sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
-    return state
 
 
 def load_pretrained(path, what):
@@ -227,10 +229,8 @@ def main(argv=None):
     if cfg["resume"]:
         if not has_ckpt:
             raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
-        saved = json.load(open(os.path.join(out_dir, "train_state.json")))["config"] \
-            if os.path.isfile(os.path.join(out_dir, "train_state.json")) else None
-        if saved is None:
-            raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
+        state = read_train_state(out_dir)
+        saved = state["config"]
         diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
         if diff:
             raise UsageError(f"--resume: the checkpoint in {out_dir} was trained with "
@@ -272,8 +272,8 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
     start, history, evals = 0, [], []
-    if cfg["resume"]:
-        state = load_train_state(out_dir, opt)
+    if state is not None:
+        load_optimizer(out_dir, opt, state)
         start, history, evals = state["iter"], state["history"], state["evals"]
     net = torch.compile(model) if cfg["compile"] else model
     if ddp:

