@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 import tokenizer as tok
-
-CACHE_DIR = os.environ.get("IDLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idlm"))
+from tokenizer import CACHE_DIR  # $IDLM_CACHE, default ~/.cache/idlm
 
 
 class DataError(ValueError):

@@ -74,8 +74,7 @@ def train_bpe(text, vocab_size, name="bpe"):
     heap = [(-c, _desc(p), p) for p, c in pairs.items()]
     heapq.heapify(heap)
     ranks = {bytes([b]): b for b in range(256)}
-    progress = tqdm(total=vocab_size - 1 - len(ranks), desc="training BPE", unit="merge", disable=None)
-    while len(ranks) < vocab_size - 1:
+    for _ in tqdm(range(vocab_size - 257), desc="training BPE", unit="merge", disable=None):
         # Entries are never updated in place: one whose count is out of date is dropped here.
         while heap and pairs.get(heap[0][2], 0) != -heap[0][0]:
             heapq.heappop(heap)
@@ -83,9 +82,7 @@ def train_bpe(text, vocab_size, name="bpe"):
             break
         best = heapq.heappop(heap)[2]
         merged = best[0] + best[1]
-        if merged not in ranks:  # the same bytes by another split would leave a hole in the ids
-            ranks[merged] = len(ranks)
-            progress.update()
+        ranks[merged] = len(ranks)  # never a token yet: equal bytes are split alike in every word
         touched = set()
         for i in where.pop(best):
             old, f = words[i], freqs[i]
@@ -107,7 +104,6 @@ def train_bpe(text, vocab_size, name="bpe"):
                 heapq.heappush(heap, (-pairs[p], _desc(p), p))
             else:
                 del pairs[p]
-    progress.close()
     return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
