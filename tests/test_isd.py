@@ -1,0 +1,675 @@
+"""Tests of isd.py (SPEC sections 2 and 3) against independent references.
+
+The references are written here from the SPEC, not from isd.py:
+  - greedy decoding by full forwards without a cache (MASK logit excluded, argmax);
+  - the exact autoregressive distribution of a short continuation, enumerated sequence by sequence
+    with full forwards and temperature / top-k / top-p processing re-implemented in this file;
+  - a chi-square goodness-of-fit test whose p-value comes from the regularized upper incomplete
+    gamma function (no scipy);
+  - KV caches filled by one plain forward of the committed tokens.
+All models are tiny random float64 models, their weights scaled up so that next-token
+distributions are peaked and drafts are sometimes accepted and sometimes rejected.
+
+False-failure rate of the statistical checks: each chi-square check asserts p > 1e-4, so with fresh
+randomness one check fails wrongly with probability 1e-4. Every seed here is fixed, so the tests are
+deterministic: they either always pass or always fail for a given isd.py.
+"""
+import itertools
+import math
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import isd  # noqa: E402
+from isd import Request, ar_generate, decode, isd_generate, isd_step, prefill, verify  # noqa: E402
+from model import Model, ModelConfig  # noqa: E402
+
+P_MIN = 1e-4  # exact rules must pass the chi-square check with p-value above this
+P_WRONG = 1e-6  # deliberately wrong rules must give a p-value below this
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread avoids OpenMP spin-wait stalls on a busy 2-core CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+def tiny_model(seed=0, vocab=16, std=0.5, cls=Model):
+    """A tiny random float64 model with weights far larger than the training init (std 0.5 instead
+    of 0.02; norm gains 1 +- 0.3): peaked, context-dependent next-token distributions, so greedy
+    outputs vary and drafts are sometimes accepted and sometimes rejected."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                      max_seq_len=64, mask_token_id=vocab - 1)
+    model = cls(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    return model
+
+
+@torch.no_grad()
+def full_logits(model, seq):
+    """Next-token logits after `seq`, by one full forward without a cache."""
+    return model(torch.tensor([list(seq)]))[0, -1].double()
+
+
+def brute_greedy(model, prompt, n):
+    """Greedy decoding, one full forward per token, MASK excluded."""
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        logits = full_logits(model, seq).clone()
+        logits[model.cfg.mask_token_id] = -math.inf
+        tok = int(torch.argmax(logits))
+        out.append(tok)
+        seq.append(tok)
+    return out
+
+
+def ref_probs(logits, mask_id, temperature, top_k=None, top_p=None):
+    """SPEC sampling settings written independently: MASK removed, temperature, then top-k
+    (the k most likely tokens), then top-p (the smallest most-likely-first prefix whose mass
+    reaches p), renormalised. Returns a list of probabilities."""
+    V = len(logits)
+    scaled = [(float(logits[i]) / temperature) if i != mask_id else -math.inf for i in range(V)]
+    m = max(scaled)
+    w = [math.exp(s - m) if s != -math.inf else 0.0 for s in scaled]
+    z = sum(w)
+    probs = [x / z for x in w]
+    order = sorted(range(V), key=lambda i: -probs[i])
+    if top_k is not None:
+        keep = set(order[:top_k])
+        probs = [probs[i] if i in keep else 0.0 for i in range(V)]
+        z = sum(probs)
+        probs = [x / z for x in probs]
+    if top_p is not None:
+        keep, mass = set(), 0.0
+        for i in order:
+            keep.add(i)
+            mass += probs[i]
+            if mass >= top_p:
+                break
+        probs = [probs[i] if i in keep else 0.0 for i in range(V)]
+        z = sum(probs)
+        probs = [x / z for x in probs]
+    return probs
+
+
+def exact_continuations(model, prompt, n, temperature, top_k=None, top_p=None):
+    """{continuation tuple: probability} under the model's own AR distribution, by enumeration."""
+    mask_id = model.cfg.mask_token_id
+    real = [t for t in range(model.cfg.vocab_size) if t != mask_id]
+    dist = {}
+
+    def walk(prefix, prob):
+        if len(prefix) == n:
+            dist[tuple(prefix)] = prob
+            return
+        probs = ref_probs(full_logits(model, list(prompt) + prefix), mask_id, temperature, top_k, top_p)
+        for t in real:
+            walk(prefix + [t], prob * probs[t])
+
+    walk([], 1.0)
+    assert abs(sum(dist.values()) - 1.0) < 1e-9
+    return dist
+
+
+def chi2_sf(stat, df):
+    """P(chi2_df >= stat) = Q(df/2, stat/2), the regularized upper incomplete gamma function."""
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
+                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+
+
+def chi2_pvalue(counts, probs):
+    """Chi-square goodness of fit of `counts` {cell: n} to `probs` {cell: p}.
+
+    Cells with probability 0 must be empty (else p-value 0). Cells with expected count < 5 are
+    pooled into one cell; if that pool is still below 5 it joins the smallest remaining cell."""
+    assert set(counts) <= set(probs), f"outcomes outside the support: {set(counts) - set(probs)}"
+    n = sum(counts.values())
+    if any(counts.get(c, 0) > 0 for c, p in probs.items() if p == 0):
+        return 0.0
+    cells = [(n * p, counts.get(c, 0)) for c, p in probs.items() if p > 0]
+    big = sorted([c for c in cells if c[0] >= 5])
+    small = [c for c in cells if c[0] < 5]
+    if small:
+        pool = (sum(e for e, _ in small), sum(o for _, o in small))
+        if pool[0] < 5 and big:
+            e0, o0 = big.pop(0)
+            pool = (pool[0] + e0, pool[1] + o0)
+        big.append(pool)
+    stat = sum((o - e) ** 2 / e for e, o in big)
+    df = len(big) - 1
+    assert df >= 1
+    return chi2_sf(stat, df)
+
+
+def gumbel(gen, shape):
+    return -torch.log(-torch.log(torch.rand(shape, generator=gen, dtype=torch.float64)))
+
+
+def isd_samples(model, prompt, n, stride, n_samples, temperature, top_k=None, top_p=None, seed0=0,
+                batch=500):
+    """`n_samples` continuations from batched ISD, one seed per row; also the summed stats."""
+    counts, tot = Counter(), Counter()
+    for start in range(0, n_samples, batch):
+        reqs = [Request(list(prompt), n, temperature, top_k, top_p, seed0 + s)
+                for s in range(start, min(n_samples, start + batch))]
+        decode(model, reqs, stride)
+        for r in reqs:
+            assert len(r.out) == n
+            counts[tuple(r.out)] += 1
+            for k in ("rounds_v", "rounds_r", "rounds_c", "forwards", "tokens"):
+                tot[k] += getattr(r.stats, k)
+    return counts, tot
+
+
+def test_chi2_helper_against_closed_forms():
+    """The p-value helper itself: df=2 gives exp(-x/2); df=1 gives erfc(sqrt(x/2))."""
+    for x in (0.1, 1.0, 3.7, 12.0):
+        assert abs(chi2_sf(x, 2) - math.exp(-x / 2)) < 1e-12
+        assert abs(chi2_sf(x, 1) - math.erfc(math.sqrt(x / 2))) < 1e-12
+    probs = {"a": 0.5, "b": 0.3, "c": 0.2}
+    assert chi2_pvalue({"a": 500, "b": 300, "c": 200}, probs) == pytest.approx(1.0)
+    assert chi2_pvalue({"a": 600, "b": 250, "c": 150}, probs) < 1e-6
+    assert chi2_pvalue({"z": 1, "a": 99}, {"a": 0.5, "b": 0.5, "z": 0.0}) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. greedy ISD == brute-force greedy == greedy AR
+
+GREEDY_MODELS = [(0, 16, 0.5), (1, 8, 0.5), (2, 24, 0.3)]  # seed, vocab, std
+STRIDES = (1, 2, 3, 4, 6)
+LENGTHS = (7, 13, 23)  # not multiples of the strides (except 1)
+
+
+def test_greedy_isd_equals_bruteforce_and_ar():
+    rounds = Counter()
+    mid_window_stops = 0
+    for seed, V, std in GREEDY_MODELS:
+        model = tiny_model(seed, V, std)
+        prompts = [[3], [V - 2, 0], [1, 5, 2, 6, 0, 4, 2]]
+        for a, prompt in enumerate(prompts):
+            ref = brute_greedy(model, prompt, 23)
+            assert len(set(ref)) >= 2  # not a degenerate constant continuation
+            for n in LENGTHS:
+                assert ar_generate(model, prompt, n, temperature=0) == ref[:n]
+            for b, N in enumerate(STRIDES):
+                out, st, trace = isd_generate(model, prompt, 23, stride=N, temperature=0, trace=True)
+                assert out == ref, (seed, prompt, N)
+                assert st["tokens"] == 23
+                if N > 1:
+                    rounds.update({k: st[k] for k in ("rounds_v", "rounds_r", "rounds_c")})
+                n = LENGTHS[(a + b) % 2]  # 7 or 13: a length ending inside a window
+                assert isd_generate(model, prompt, n, stride=N, temperature=0)[0] == ref[:n], (seed, prompt, n, N)
+                # stop ids: a token whose FIRST occurrence in the reference is committed in the
+                # middle of an ISD step (not the step's last token), so the step's tail must be
+                # dropped; else the token the reference emits at position 5
+                stop, at = None, 0
+                for step in trace:
+                    for t, (tok, _) in enumerate(step):
+                        if stop is None and t < len(step) - 1 and ref.index(tok) == at + t:
+                            stop = tok
+                    at += len(step)
+                if stop is None:
+                    stop = ref[5]
+                else:
+                    mid_window_stops += 1
+                want = ref[:ref.index(stop) + 1]
+                got, st = isd_generate(model, prompt, 23, stride=N, temperature=0, stop_ids=[stop])
+                assert got == want, (seed, prompt, N, stop)
+                assert st["tokens"] == len(want)
+                if b == 0:
+                    assert ar_generate(model, prompt, 23, temperature=0, stop_ids=[stop]) == want
+                if b == 2:
+                    # an unused stop id changes nothing; several stop ids: the first one met wins
+                    unused = [t for t in range(V - 1) if t not in ref]
+                    assert isd_generate(model, prompt, 23, stride=N, temperature=0,
+                                        stop_ids=unused)[0] == ref
+                    two = [ref[9], ref[3]]
+                    first = min(ref.index(t) for t in two)
+                    assert isd_generate(model, prompt, 23, stride=N, temperature=0,
+                                        stop_ids=two)[0] == ref[:first + 1]
+    # the comparisons exercised both fully accepted and rejected verify steps
+    assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0, rounds
+    assert mid_window_stops >= 5, mid_window_stops
+
+
+def test_stride_one_is_plain_ar():
+    model = tiny_model(0, 16)
+    for temperature, seed in ((0, None), (1.0, 5)):
+        out, st, trace = isd_generate(model, [2, 7, 1], 17, stride=1, temperature=temperature,
+                                      seed=seed, trace=True)
+        assert len(out) == 17
+        assert st["tpf"] == 1.0
+        assert st["forwards"] == st["rounds_c"] == 17
+        assert st["rounds_v"] == st["rounds_r"] == st["drafts_verified"] == 0
+        assert len(trace) == 17 and all(len(s) == 1 and s[0][1] == "clean" for s in trace)
+        assert [s[0][0] for s in trace] == out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. sampling exactness: ISD's continuation distribution == the enumerated AR distribution
+
+SAMPLE_V = 6  # 5 real tokens + MASK
+SAMPLE_PROMPT = [1, 2]
+N_SAMPLES = 3000
+EXACT_CASES = [  # (temperature, top_k, top_p, stride, new tokens)
+    (1.0, None, None, 2, 3),
+    (1.0, None, None, 3, 3),
+    (0.7, None, None, 4, 3),
+    (1.0, 3, None, 2, 3),
+    (1.0, None, 0.8, 3, 3),
+]
+EXTRA_CASES = [  # the rest of the grid, run with -m slow
+    (1.0, None, None, 4, 4),
+    (0.7, None, None, 2, 3),
+    (0.7, None, None, 3, 3),
+    (1.0, 3, None, 3, 3),
+    (1.0, 3, None, 4, 3),
+    (1.0, None, 0.8, 2, 3),
+    (1.0, None, 0.8, 4, 3),
+]
+
+
+def sampling_model():
+    return tiny_model(seed=1, vocab=SAMPLE_V, std=0.3)
+
+
+def _check_exact(temperature, top_k, top_p, stride, n):
+    model = sampling_model()
+    dist = exact_continuations(model, SAMPLE_PROMPT, n, temperature, top_k, top_p)
+    counts, tot = isd_samples(model, SAMPLE_PROMPT, n, stride, N_SAMPLES, temperature, top_k, top_p,
+                              seed0=1000 * stride + n)
+    pval = chi2_pvalue(counts, dist)
+    # both branches of verification were exercised
+    assert tot["rounds_r"] > 0 and tot["rounds_v"] > 0, tot
+    assert pval > P_MIN, (pval, tot)
+    return pval
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,stride,n", EXACT_CASES)
+def test_isd_samples_the_exact_ar_distribution(temperature, top_k, top_p, stride, n):
+    _check_exact(temperature, top_k, top_p, stride, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature,top_k,top_p,stride,n", EXTRA_CASES)
+def test_isd_samples_the_exact_ar_distribution_more(temperature, top_k, top_p, stride, n):
+    _check_exact(temperature, top_k, top_p, stride, n)
+
+
+def test_ar_generate_samples_the_exact_ar_distribution():
+    model = sampling_model()
+    dist = exact_continuations(model, SAMPLE_PROMPT, 2, 1.0)
+    counts = Counter(tuple(ar_generate(model, SAMPLE_PROMPT, 2, temperature=1.0, seed=s))
+                     for s in range(500))
+    assert chi2_pvalue(counts, dist) > P_MIN
+
+
+def _always_accept(real_verify):
+    def wrong(p_logits, q_logits, drafts, u, gumbel_noise, temperature):
+        acc, cor, ratio = real_verify(p_logits, q_logits, drafts, u, gumbel_noise, temperature)
+        return torch.ones_like(acc), cor, ratio
+    return wrong
+
+
+def _argmax_drafts(real_sample):
+    def wrong(logits, temperature, generator=None):
+        if logits.dim() == 2:  # the draft call: q of shape (N-1, V); q itself stays stored
+            return logits.argmax(-1)
+        return real_sample(logits, temperature, generator)
+    return wrong
+
+
+@pytest.mark.parametrize("rule", ["always_accept", "argmax_drafts"])
+def test_wrong_acceptance_rules_fail_the_same_check(monkeypatch, rule):
+    """Power: the chi-square check rejects ISD with a broken rule (same model, case and size)."""
+    if rule == "always_accept":
+        monkeypatch.setattr(isd, "verify", _always_accept(isd.verify))
+    else:
+        monkeypatch.setattr(isd, "sample", _argmax_drafts(isd.sample))
+    model = sampling_model()
+    temperature, stride, n = 1.0, 3, 3
+    dist = exact_continuations(model, SAMPLE_PROMPT, n, temperature)
+    counts, _ = isd_samples(model, SAMPLE_PROMPT, n, stride, N_SAMPLES, temperature, seed0=77)
+    assert chi2_pvalue(counts, dist) < P_WRONG
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. verify() on hand-made distributions
+
+P_LOGITS = torch.tensor([2.0, 0.5, -1.0, 1.0, 0.0], dtype=torch.float64)
+Q_LOGITS = torch.tensor([0.0, 1.5, 0.5, 1.0, -0.5], dtype=torch.float64)
+P2_LOGITS = torch.tensor([-0.5, 1.0, 0.3, -math.inf, 1.2], dtype=torch.float64)  # a filtered p
+Q2_LOGITS = torch.tensor([1.0, 0.2, -0.4, 0.9, 0.0], dtype=torch.float64)
+
+
+def _probs(logits):
+    w = [math.exp(float(x)) if x != -math.inf else 0.0 for x in logits]
+    return [x / sum(w) for x in w]
+
+
+def _residual(p, q):
+    r = [max(0.0, a - b) for a, b in zip(p, q)]
+    return [x / sum(r) for x in r]
+
+
+def test_verify_corrections_follow_the_residual():
+    """Forced rejections (u = 1): corrections ~ normalize((p-q)+), row by row, for two interleaved
+    (p, q) pairs; the same counts are far from p itself (the check has power)."""
+    R = 6000
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(P_LOGITS, Q_LOGITS), (P2_LOGITS, Q2_LOGITS)]
+    p_rows = torch.stack([pairs[i % 2][0] for i in range(R)])
+    q_rows = torch.stack([pairs[i % 2][1] for i in range(R)])
+    # drafts where q(d) > p(d) (ratio < 1, so u = 1 always rejects)
+    bad = [[t for t in range(5) if _probs(q)[t] > _probs(p)[t]] for p, q in pairs]
+    drafts = torch.tensor([bad[i % 2][(i // 2) % len(bad[i % 2])] for i in range(R)])
+    u = torch.ones(R, dtype=torch.float64)
+    acc, cor, ratio = verify(p_rows, q_rows, drafts, u, gumbel(gen, (R, 5)), 1.0)
+    assert not acc.any()
+    for k, (pl, ql) in enumerate(pairs):
+        p, q = _probs(pl), _probs(ql)
+        sel = torch.arange(R) % 2 == k
+        want_ratio = torch.tensor([min(1.0, p[d] / q[d]) for d in drafts[sel].tolist()], dtype=torch.float64)
+        assert torch.allclose(ratio[sel], want_ratio, atol=1e-12)
+        counts = Counter(cor[sel].tolist())
+        res = _residual(p, q)
+        assert chi2_pvalue(counts, dict(enumerate(res))) > P_MIN
+        assert chi2_pvalue(counts, dict(enumerate(p))) < P_WRONG
+    # a token that p filtered out (-inf) is never the correction
+    assert not (cor[1::2] == 3).any()
+
+
+def test_verify_accept_rule_and_output_distribution():
+    """Drafts d ~ q, u ~ U(0,1): accept == (u < min(1, p(d)/q(d))) and the output
+    (d if accepted else the correction) is distributed as p: the identity that makes ISD exact."""
+    R = 6000
+    gen = torch.Generator().manual_seed(1)
+    for pl, ql in ((P_LOGITS, Q_LOGITS), (P2_LOGITS, Q2_LOGITS), (Q_LOGITS, P_LOGITS)):
+        p, q = _probs(pl), _probs(ql)
+        drafts = torch.multinomial(torch.tensor(q), R, replacement=True, generator=gen)
+        u = torch.rand(R, generator=gen, dtype=torch.float64)
+        acc, cor, ratio = verify(pl.expand(R, 5).clone(), ql.expand(R, 5).clone(), drafts, u,
+                                 gumbel(gen, (R, 5)), 1.0)
+        want_ratio = torch.tensor([min(1.0, p[d] / q[d]) for d in drafts.tolist()], dtype=torch.float64)
+        assert torch.allclose(ratio, want_ratio, atol=1e-12)
+        assert torch.equal(acc, u < want_ratio)
+        assert 0 < acc.sum() < R  # both outcomes occur
+        out = torch.where(acc, drafts, cor)
+        assert chi2_pvalue(Counter(out.tolist()), dict(enumerate(p))) > P_MIN
+        assert chi2_pvalue(Counter(drafts.tolist()), dict(enumerate(p))) < P_WRONG  # q is not p
+
+
+def test_verify_equal_p_q_accepts_everything_and_falls_back_to_p():
+    R = 6000
+    gen = torch.Generator().manual_seed(2)
+    p = _probs(P_LOGITS)
+    rows = P_LOGITS.expand(R, 5).clone()
+    drafts = torch.randint(0, 5, (R,), generator=gen)
+    u = torch.rand(R, generator=gen, dtype=torch.float64)
+    u[:5] = torch.tensor([0.0, 0.5, 0.9, 0.999999, 1 - 1e-15], dtype=torch.float64)
+    acc, cor, ratio = verify(rows, rows.clone(), drafts, u, gumbel(gen, (R, 5)), 1.0)
+    assert acc.all()
+    assert torch.all(ratio == 1.0)
+    # (p-q)+ is all zero: the correction (used if u = 1 forced a rejection) falls back to p
+    acc, cor, _ = verify(rows, rows.clone(), drafts, torch.ones(R, dtype=torch.float64),
+                         gumbel(gen, (R, 5)), 1.0)
+    assert not acc.any()
+    assert chi2_pvalue(Counter(cor.tolist()), dict(enumerate(p))) > P_MIN
+
+
+def test_verify_greedy():
+    gen = torch.Generator().manual_seed(3)
+    R, V = 400, 7
+    p_logits = torch.randn(R, V, generator=gen, dtype=torch.float64)
+    q_logits = torch.randn(R, V, generator=gen, dtype=torch.float64)
+    best = [max(range(V), key=lambda t: float(p_logits[i, t])) for i in range(R)]
+    drafts = torch.tensor([best[i] if i % 3 == 0 else (best[i] + 1 + i % (V - 1)) % V for i in range(R)])
+    acc, cor, _ = verify(p_logits, q_logits, drafts, torch.zeros(R, dtype=torch.float64),
+                         torch.zeros(R, V, dtype=torch.float64), 0)
+    assert acc.tolist() == [drafts[i].item() == best[i] for i in range(R)]
+    assert cor.tolist() == best
+
+
+def test_process_logits_matches_reference():
+    """isd.process_logits against the reference processing above (also checks MASK is removed)."""
+    gen = torch.Generator().manual_seed(4)
+    V, mask_id = 9, 8
+    for _ in range(30):
+        logits = 3 * torch.randn(V, generator=gen, dtype=torch.float64)
+        logits[mask_id] = 50.0  # MASK would win if it were not excluded
+        for temperature, top_k, top_p in ((1.0, None, None), (0.6, None, None), (1.3, 3, None),
+                                          (1.0, None, 0.8), (0.8, None, 0.5), (1.0, 1, None)):
+            got = isd.process_logits(logits, mask_id, temperature, top_k, top_p).softmax(-1)
+            want = torch.tensor(ref_probs(logits, mask_id, temperature, top_k, top_p), dtype=torch.float64)
+            assert torch.allclose(got, want, atol=1e-12), (temperature, top_k, top_p)
+        greedy = isd.process_logits(logits, mask_id, 0)
+        assert int(greedy.argmax()) == max(range(mask_id), key=lambda t: float(logits[t]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. after rejections the cache equals a fresh prefill of the committed tokens
+
+def test_cache_after_rollback_equals_fresh_prefill():
+    model = tiny_model(4, 16)
+    stride = 4
+    prompts = [[5], [1, 2, 3], [7, 7, 0, 1, 9, 4, 2], [3, 8]]
+    reqs = [Request(p, 18 + i, 1.0, None, None, 100 + i) for i, p in enumerate(prompts)]
+    max_len = max(len(p) + r.max_new_tokens for p, r in zip(prompts, reqs)) + 2 * stride
+    B = len(reqs)
+    cache = model.new_cache(B, max_len)
+
+    def check():
+        for b, r in enumerate(reqs):
+            seq = r.prompt + r.out
+            L = len(seq) - 1  # everything committed except the pending token
+            if r.done:  # a finished row is never read again; its committed prefix is still intact
+                assert int(cache.lengths[b]) >= L
+            else:
+                assert int(cache.lengths[b]) == L
+            if L == 0:
+                continue
+            fresh = model.new_cache(1, max_len)
+            with torch.no_grad():
+                model(torch.tensor([seq[:-1]]), cache=fresh)
+            assert torch.allclose(cache.k[:, b, :, :L], fresh.k[:, 0, :, :L], atol=1e-10, rtol=0)
+            assert torch.allclose(cache.v[:, b, :, :L], fresh.v[:, 0, :, :L], atol=1e-10, rtol=0)
+
+    prefill(model, cache, list(range(B)), reqs)
+    check()
+    steps = 0
+    while True:
+        active = [i for i in range(B) if not reqs[i].done]
+        if not active:
+            break
+        isd_step(model, cache, active, [reqs[i] for i in active], stride)
+        steps += 1
+        check()
+    assert all(len(r.out) == r.max_new_tokens for r in reqs)
+    assert sum(r.stats.rounds_r for r in reqs) > 0 and sum(r.stats.rounds_v for r in reqs) > 0
+    # rejections happened at several draft positions, so rollbacks of different lengths ran
+    assert steps > 5
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. batched rows == single-row runs
+
+def test_batched_rows_equal_single_runs():
+    model = tiny_model(5, 16)
+    settings = [  # prompt, max_new_tokens, temperature, top_k, top_p, seed
+        ([1, 2, 3], 11, 1.0, None, None, 10),
+        ([4], 9, 0.7, 4, None, 11),
+        ([2, 5, 7, 1, 3, 9], 13, 1.3, None, 0.9, 12),
+        ([6, 6], 10, 0.0, None, None, 13),
+        ([3, 1], 14, 1.0, None, None, 14),
+    ]
+    for stride in (2, 3, 4):
+        # a stop id for the last request: a token its unstopped run emits at position >= 3
+        free, _ = isd_generate(model, settings[4][0], settings[4][1], stride, *settings[4][2:])
+        stop = free[3]
+        stops = [(), (), (), (), (stop,)]
+        singles = [isd_generate(model, p, n, stride, t, k, tp, s, list(st))
+                   for (p, n, t, k, tp, s), st in zip(settings, stops)]
+        assert singles[4][0] == free[:free.index(stop) + 1]
+        for order in (list(range(5)), [3, 0, 4, 2, 1]):
+            reqs = [Request(list(settings[i][0]), *settings[i][1:], stop_ids=stops[i]) for i in order]
+            decode(model, reqs, stride)
+            for r, i in zip(reqs, order):
+                out, st = singles[i]
+                assert r.out == out, (stride, i)
+                d = r.stats.as_dict()
+                for k in ("forwards", "tokens", "drafts_verified", "rounds_v", "rounds_r", "rounds_c"):
+                    assert d[k] == st[k], (stride, i, k)
+                assert d["acceptance_rate"] == pytest.approx(st["acceptance_rate"], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. errors and MASK
+
+def test_errors():
+    model = tiny_model(0, 16)
+    with pytest.raises(ValueError, match="empty"):
+        isd_generate(model, [], 5)
+    with pytest.raises(ValueError, match="empty"):
+        ar_generate(model, [], 5)
+    with pytest.raises(ValueError, match="empty"):
+        decode(model, [Request([], 5)], 2)
+    with pytest.raises(ValueError, match="exceeds"):
+        isd_generate(model, [1] * 60, 5)
+    with pytest.raises(ValueError, match="exceeds"):
+        ar_generate(model, [1] * 60, 5)
+    with pytest.raises(ValueError, match="stride"):
+        isd_generate(model, [1, 2], 5, stride=0)
+    with pytest.raises(ValueError, match="stride"):
+        decode(model, [Request([1, 2], 5)], -1)
+    with pytest.raises(ValueError, match="temperature"):
+        isd_generate(model, [1, 2], 5, temperature=-0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        ar_generate(model, [1, 2], 5, temperature=-1)
+    # exactly at the context limit is allowed, and still exact (positions past max_seq_len are
+    # only ever MASK slots that get rolled back)
+    prompt = [(3 * i) % 15 for i in range(54)]
+    ref = brute_greedy(model, prompt, 10)
+    assert isd_generate(model, prompt, 10, stride=4, temperature=0)[0] == ref
+    assert ar_generate(model, prompt, 10, temperature=0) == ref
+
+
+class MaskLover(Model):
+    """A model whose MASK logit is huge everywhere: sampling must still never emit MASK."""
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs).clone()
+        logits[..., self.cfg.mask_token_id] += 1000.0
+        return logits
+
+
+def test_mask_never_emitted():
+    model = tiny_model(6, 8, cls=MaskLover)
+    mask_id = model.cfg.mask_token_id
+    assert int(model(torch.tensor([[1, 2]]))[0, -1].argmax()) == mask_id
+    for stride in (1, 2, 3, 4):
+        for temperature, top_k, top_p in ((1.0, None, None), (0.0, None, None), (2.0, None, None),
+                                          (1.0, 1, None), (1.0, None, 0.3)):
+            reqs = [Request([1, 2], 12, temperature, top_k, top_p, s) for s in range(8)]
+            decode(model, reqs, stride)
+            for r in reqs:
+                assert len(r.out) == 12 and mask_id not in r.out
+    for s in range(5):
+        out = ar_generate(model, [3], 20, temperature=1.0, seed=s)
+        assert len(out) == 20 and mask_id not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. statistics
+
+def _check_stats(out, st, trace, stride):
+    assert st["tokens"] == len(out)
+    assert st["tpf"] == pytest.approx(st["tokens"] / st["forwards"], abs=1e-12)
+    assert 1.0 <= st["tpf"] <= stride
+    assert 0.0 <= st["acceptance_rate"] <= 1.0
+    assert st["rounds_v"] + st["rounds_r"] + st["rounds_c"] == st["forwards"] == len(trace)
+    assert st["drafts_verified"] == (stride - 1) * (st["rounds_v"] + st["rounds_r"])
+    assert st["wall_s"] > 0 and st["tokens_per_s"] == pytest.approx(st["tokens"] / st["wall_s"])
+    assert [t for step in trace for t, _ in step] == out
+    # each step's kinds follow its round type; the last step may be cut short by the stop or the
+    # length limit (then its correction or clean token can be missing)
+    n_corr, cut = 0, False
+    for i, step in enumerate(trace):
+        kinds = [k for _, k in step]
+        last = i == len(trace) - 1
+        assert len(kinds) >= 1
+        if "correction" in kinds:
+            n_corr += 1
+            j = kinds.index("correction")
+            assert kinds == ["accepted"] * j + ["correction"] and j < stride - 1
+        else:
+            a = kinds.count("accepted")
+            assert kinds[:a] == ["accepted"] * a
+            assert kinds[a:] == ["clean"] or (last and kinds[a:] == [])
+            assert a in (0, stride - 1) or last
+            cut = last and kinds[a:] == []
+    # a final step that only shows accepted drafts was a V or an R round cut short
+    assert st["rounds_r"] - n_corr in ((0, 1) if cut else (0,))
+    # the first step is always a cold start
+    assert trace[0] == [(out[0], "clean")]
+
+
+def test_stats_consistency_on_random_models():
+    totals = Counter()
+    for seed, V in enumerate((16, 8)):
+        model = tiny_model(10 + seed, V)
+        for stride in (2, 3, 4, 6):
+            for temperature, top_k, top_p in ((1.0, None, None), (0.0, None, None), (0.8, 5, None),
+                                              (1.0, None, 0.9)):
+                for s in range(3):
+                    out, st, trace = isd_generate(model, [1, 4, 2], 30, stride, temperature, top_k, top_p,
+                                                  seed=s, stop_ids=[V - 2], trace=True)
+                    _check_stats(out, st, trace, stride)
+                    assert (V - 2) not in out[:-1] and (len(out) == 30 or out[-1] == V - 2)
+                    totals.update({k: st[k] for k in ("rounds_v", "rounds_r", "rounds_c")})
+    assert all(totals[k] > 0 for k in ("rounds_v", "rounds_r", "rounds_c")), totals
+
+
+class ConstantLogits(Model):
+    """Logits that ignore the input (the cache is still filled): every draft proposal q equals the
+    verify distribution p, so every draft must be accepted."""
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs)
+        fixed = torch.linspace(-1.0, 1.5, self.cfg.vocab_size, dtype=logits.dtype)
+        return fixed.expand_as(logits).clone()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_stats_when_drafts_always_agree(stride, temperature):
+    model = tiny_model(7, 10, cls=ConstantLogits)
+    M = 17
+    out, st, trace = isd_generate(model, [1, 2, 3], M, stride, temperature, seed=3, trace=True)
+    _check_stats(out, st, trace, stride)
+    # one cold start, then every verify step commits `stride` tokens (the last may be cut)
+    assert st["rounds_c"] == 1 and st["rounds_r"] == 0
+    assert st["forwards"] == 1 + math.ceil((M - 1) / stride)
+    assert st["rounds_v"] == st["forwards"] - 1
+    assert st["acceptance_rate"] == 1.0
+    assert st["tpf"] == pytest.approx(M / st["forwards"])
+    assert model.cfg.mask_token_id not in out
+    if temperature == 0:
+        assert out == [model.cfg.mask_token_id - 1] * M  # the largest non-MASK logit
