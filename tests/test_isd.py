@@ -193,7 +193,7 @@ def test_chi2_helper_against_closed_forms():
 # ----------------------------------------------------------------------------------------------
 # 1. greedy ISD == brute-force greedy == greedy AR
 
-GREEDY_MODELS = [(0, 16, 0.5), (1, 8, 0.5), (2, 24, 0.3)]  # seed, vocab, std
+GREEDY_MODELS = [(1, 16, 0.5), (1, 8, 0.5), (2, 24, 0.3)]  # seed, vocab, std
 STRIDES = (1, 2, 3, 4, 6)
 LENGTHS = (7, 13, 23)  # not multiples of the strides (except 1)
 
@@ -206,7 +206,7 @@ def test_greedy_isd_equals_bruteforce_and_ar():
         prompts = [[3], [V - 2, 0], [1, 5, 2, 6, 0, 4, 2]]
         for a, prompt in enumerate(prompts):
             ref = brute_greedy(model, prompt, 23)
-            assert len(set(ref)) >= 2  # not a degenerate constant continuation
+            assert len(set(ref)) >= 3  # not a degenerate repetitive continuation
             for n in LENGTHS:
                 assert ar_generate(model, prompt, n, temperature=0) == ref[:n]
             for b, N in enumerate(STRIDES):
@@ -468,7 +468,7 @@ def test_process_logits_matches_reference():
 # 4. after rejections the cache equals a fresh prefill of the committed tokens
 
 def test_cache_after_rollback_equals_fresh_prefill():
-    model = tiny_model(4, 16)
+    model = tiny_model(4, 16, std=0.2)
     stride = 4
     prompts = [[5], [1, 2, 3], [7, 7, 0, 1, 9, 4, 2], [3, 8]]
     reqs = [Request(p, 18 + i, 1.0, None, None, 100 + i) for i, p in enumerate(prompts)]
@@ -638,11 +638,11 @@ def test_stats_consistency_on_random_models():
         for stride in (2, 3, 4, 6):
             for temperature, top_k, top_p in ((1.0, None, None), (0.0, None, None), (0.8, 5, None),
                                               (1.0, None, 0.9)):
-                for s in range(3):
-                    out, st, trace = isd_generate(model, [1, 4, 2], 30, stride, temperature, top_k, top_p,
+                for s in range(2):
+                    out, st, trace = isd_generate(model, [1, 4, 2], 24, stride, temperature, top_k, top_p,
                                                   seed=s, stop_ids=[V - 2], trace=True)
                     _check_stats(out, st, trace, stride)
-                    assert (V - 2) not in out[:-1] and (len(out) == 30 or out[-1] == V - 2)
+                    assert (V - 2) not in out[:-1] and (len(out) == 24 or out[-1] == V - 2)
                     totals.update({k: st[k] for k in ("rounds_v", "rounds_r", "rounds_c")})
     assert all(totals[k] > 0 for k in ("rounds_v", "rounds_r", "rounds_c")), totals
 
