@@ -272,12 +272,13 @@ N_SAMPLES = 3000
 EXACT_CASES = [  # (temperature, top_k, top_p, stride, new tokens)
     (1.0, None, None, 2, 3),
     (1.0, None, None, 3, 3),
-    (0.7, None, None, 4, 3),
+    (0.7, None, None, 4, 4),  # 4 new tokens: all three drafts of a full window count
     (1.0, 3, None, 2, 3),
     (1.0, None, 0.8, 3, 3),
 ]
 EXTRA_CASES = [  # the rest of the grid, run with -m slow
     (1.0, None, None, 4, 4),
+    (0.7, None, None, 4, 3),
     (0.7, None, None, 2, 3),
     (0.7, None, None, 3, 3),
     (1.0, 3, None, 3, 3),
@@ -318,7 +319,7 @@ def test_ar_generate_samples_the_exact_ar_distribution():
     model = sampling_model()
     dist = exact_continuations(model, SAMPLE_PROMPT, 2, 1.0)
     counts = Counter(tuple(ar_generate(model, SAMPLE_PROMPT, 2, temperature=1.0, seed=s))
-                     for s in range(500))
+                     for s in range(400))
     assert chi2_pvalue(counts, dist) > P_MIN
 
 
@@ -347,8 +348,8 @@ def test_wrong_acceptance_rules_fail_the_same_check(monkeypatch, rule):
     model = sampling_model()
     temperature, stride, n = 1.0, 3, 3
     dist = exact_continuations(model, SAMPLE_PROMPT, n, temperature)
-    counts, _ = isd_samples(model, SAMPLE_PROMPT, n, stride, N_SAMPLES, temperature, seed0=77)
-    assert chi2_pvalue(counts, dist) < P_WRONG
+    counts, _ = isd_samples(model, SAMPLE_PROMPT, n, stride, N_SAMPLES // 2, temperature, seed0=77)
+    assert chi2_pvalue(counts, dist) < P_WRONG  # with half the samples of the exact checks
 
 
 # ----------------------------------------------------------------------------------------------
