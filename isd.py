@@ -244,8 +244,6 @@ def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, t
 
 
 def check_prompt(model, prompt_ids, max_new_tokens):
-    if len(prompt_ids) == 0:
-        raise ValueError("the prompt is empty: give at least one token")
     need = len(prompt_ids) + max_new_tokens
     if need > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
@@ -335,7 +333,6 @@ def main(argv=None):
     ids = enc.encode_ordinary(a.prompt)
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=[enc.eot_token])
     try:
-        check_prompt(model, ids, a.max_new_tokens)
         isd_generate(model, ids, 2, a.stride, **kw)  # warm-up: first calls are slow
         out, st, trace = isd_generate(model, ids, a.max_new_tokens, a.stride, trace=True, **kw)
     except ValueError as e:
