@@ -1,6 +1,6 @@
 """Train an Introspective Diffusion LM (or a plain AR model) on Shakespeare, offline.
 
-    python train.py                                   # the CPU preset, about 15-18 minutes on 2 cores
+    python train.py                                   # the CPU preset, about 13 minutes on 2 cores
     python train.py --objective=ar --out_dir=out-ar   # the autoregressive baseline
     python train.py --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
     torchrun --nproc_per_node=2 train.py              # DDP (gloo on CPU, nccl on CUDA)
@@ -26,7 +26,7 @@ from model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, load_config
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
-    # ~1M parameters, a 2,048-token BPE: the default, 15-18 minutes on a 2-core CPU
+    # ~1M parameters, a 2,048-token BPE: the default, about 13 minutes on a 2-core CPU
     # alpha 1: at this size it beat the paper's 0.2 on BOTH validation losses (README, Results)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
