@@ -33,15 +33,6 @@ P_MIN = 1e-4  # exact rules must pass the chi-square check with p-value above th
 P_WRONG = 1e-6  # deliberately wrong rules must give a p-value below this
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread avoids OpenMP spin-wait stalls on a busy 2-core CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------------------------
 # helpers
 
