@@ -63,7 +63,7 @@ def split_document(text, val_frac=0.1):
     return text[:cut], text[cut:]
 
 
-def load_dataset(path=None, tokenizer="bpe", vocab_size=2048, enc=None, cache_dir=None, log=print):
+def load_corpus(path=None, tokenizer="bpe", vocab_size=2048, enc=None, cache_dir=None, log=print):
     """(enc, train_ids, val_ids): the data tokenized with `enc` (or a tokenizer made by name).
 
     Each document ends with the end-of-text token. The BPE tokenizer is trained on the train split."""

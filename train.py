@@ -255,7 +255,7 @@ def main(argv=None):
         raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
 
     try:
-        enc, train_ids, val_ids = data.load_dataset(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
+        enc, train_ids, val_ids = data.load_corpus(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
         data.batch_offsets(min(len(train_ids), len(val_ids)), cfg["seq_len"], 1, 0)  # long enough?
     except data.DataError as e:
         raise UsageError(str(e)) from None

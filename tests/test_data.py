@@ -25,7 +25,7 @@ def test_folder_split_and_cache(tmp_path, monkeypatch):
 
     enc = tok.gpt2()
     cache = str(tmp_path / "cache")
-    _, train, val = data.load_dataset(str(tmp_path / "d"), enc=enc, cache_dir=cache, log=lambda *a: None)
+    _, train, val = data.load_corpus(str(tmp_path / "d"), enc=enc, cache_dir=cache, log=lambda *a: None)
     expected = []
     for _, t in docs:
         expected += enc.encode_ordinary(data.split_document(t)[0]) + [enc.eot_token]
@@ -33,7 +33,7 @@ def test_folder_split_and_cache(tmp_path, monkeypatch):
     assert val[-1] == enc.eot_token and (val == enc.eot_token).sum() == 2
 
     monkeypatch.setattr(type(enc), "encode_ordinary_batch", lambda *a, **k: pytest.fail("tokenized again"))
-    _, train2, val2 = data.load_dataset(str(tmp_path / "d"), enc=enc, cache_dir=cache, log=lambda *a: None)
+    _, train2, val2 = data.load_corpus(str(tmp_path / "d"), enc=enc, cache_dir=cache, log=lambda *a: None)
     assert np.array_equal(train, train2) and np.array_equal(val, val2)
 
 
