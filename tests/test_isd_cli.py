@@ -1,0 +1,58 @@
+"""isd.py's command line on a tiny trained checkpoint: JSON output, the HTML trace, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import data
+import tokenizer as tok
+import train
+from isd import ar_generate
+from model import Model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    corpus = d / "c.txt"
+    corpus.write_text("".join(f"ROMEO: line {i} of the play, said the king.\n" for i in range(400)))
+    old = data.CACHE_DIR
+    data.CACHE_DIR = str(d / "cache")
+    try:
+        train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=5", f"--data={corpus}",
+                    f"--out_dir={d}/out"])
+    finally:
+        data.CACHE_DIR = old
+    return str(d / "out")
+
+
+def isd_cli(*args):
+    return subprocess.run([sys.executable, "isd.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_json_greedy_equals_ar_and_html_trace(ckpt, tmp_path):
+    html = tmp_path / "trace.html"
+    r = isd_cli(f"--out_dir={ckpt}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=12", "--json",
+                f"--visualize={html}")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    model, enc = Model.load(ckpt).eval(), tok.load(ckpt)
+    ref = ar_generate(model, enc.encode_ordinary("ROMEO:"), 12, temperature=0, stop_ids=[enc.eot_token])
+    assert got["tokens"] == ref and got["text"] == enc.decode(ref)
+    assert got["stats"]["tokens"] == len(ref) and got["stats"]["tpf"] >= 1
+    page = html.read_text()
+    assert page.startswith("<!doctype html>") and page.count("<tr>") == got["stats"]["forwards"] + 1
+
+
+def test_cli_errors(ckpt, tmp_path):
+    for args, needle in [([f"--out_dir={tmp_path}/none"], "run python train.py first"),
+                         ([f"--out_dir={ckpt}", "--prompt="], "prompt is empty"),
+                         ([f"--out_dir={ckpt}", "--stride=0"], "--stride must be >= 1"),
+                         ([f"--out_dir={ckpt}", "--temperature=-1"], "--temperature must be >= 0"),
+                         ([f"--out_dir={ckpt}", "--max_new_tokens=1000"], "exceeds the context")]:
+        r = isd_cli(*args)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
