@@ -145,8 +145,11 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
     out = torch.zeros(2)
     for i in range(rank, cfg["eval_iters"] * world, world):
         x = data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]).to(device)
-        task = idlm_loss(model, x, stride=cfg["stride"])[1] if cfg["stride"] >= 2 else torch.tensor(float("nan"))
-        out += torch.stack([task.float().cpu(), ar_loss(model, x).float().cpu()])
+        if cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
+            _, task, clean = idlm_loss(model, x, stride=cfg["stride"])
+        else:
+            task, clean = torch.tensor(float("nan")), ar_loss(model, x)
+        out += torch.stack([task.float().cpu(), clean.float().cpu()])
     if world > 1:
         dist.all_reduce(out)
     model.train()
