@@ -173,7 +173,7 @@ def isd_step(model, cache, rows, requests, stride):
             verdicts[owner[j]] = (acc[at:at + K].tolist(), cor[at:at + K].tolist(), ratio[at:at + K].tolist())
             at += K
 
-    committed = []
+    committed, keep = [], []
     for i, r in enumerate(requests):
         K, proc, st = len(r.drafts), procs[i], r.stats
         new, kinds, n_keep = [], [], 1  # n_keep: cache entries kept = pending + accepted drafts
@@ -209,7 +209,8 @@ def isd_step(model, cache, rows, requests, stride):
         if r.trace is not None:
             r.trace.append(list(zip(new, kinds)))
         committed.append(new)
-        cache.truncate([start[i] + n_keep], rows[i:i + 1])
+        keep.append(start[i] + n_keep)
+    cache.truncate(keep, rows)  # roll back rejected drafts and every MASK slot
     return committed
 
 
