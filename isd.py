@@ -18,52 +18,40 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import verify
+
 
 def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=None):
-    """Filtered, temperature-scaled logits (..., V); filtered entries are -inf, MASK always is.
+    """Filtered logits (..., V): MASK, and whatever top-k / top-p drop, become -inf.
 
     Applied identically to p (verify) and q (drafts) (**exact here**: the released code filters
-    only the clean token). Temperature 0 leaves the scale alone (greedy takes the argmax)."""
+    only the clean token). The temperature is applied where probabilities are formed (`sample` and
+    `kernels.verify`); here it only decides which tokens top-p keeps."""
     logits = logits.clone()
     logits[..., mask_token_id] = float("-inf")
-    if temperature > 0:
-        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and top_p < 1.0 and temperature > 0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs = (sorted_logits / temperature).softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
+def gumbel(shape, generator, dtype, device):
+    """Standard Gumbel noise, drawn on the CPU from a request's own stream (so a seed gives the same
+    tokens on every device), then moved to the logits' device."""
+    return -torch.log(-torch.log(torch.rand(shape, generator=generator, dtype=dtype))).to(device)
+
+
 def sample(logits, temperature, generator=None):
-    """Token ids (...,) from processed logits (..., V): argmax at temperature 0."""
+    """Token ids (...,) from filtered logits (..., V): Gumbel-max over logits / temperature, which is
+    a draw from softmax(logits / temperature); argmax at temperature 0."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
-
-
-def verify(p_logits, q_logits, drafts, u, gumbel, temperature):
-    """Exact acceptance for R draft rows. Logits (R, V) are processed (filtered, scaled).
-
-    Returns (accept (R,) bool, correction (R,) ids, ratio (R,) = min(1, p(d)/q(d))).
-    accept = u < min(1, p(d)/q(d)); the correction is Gumbel-max over log (p-q)+, or over log p
-    where (p-q)+ is all zero. Greedy (temperature 0): accept iff d = argmax p; correction = argmax p."""
-    if temperature == 0:
-        best = p_logits.argmax(-1)
-        accept = drafts == best
-        return accept, best, accept.to(p_logits.dtype)
-    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
-    pd, qd = p.gather(-1, drafts[:, None])[:, 0], q.gather(-1, drafts[:, None])[:, 0]
-    ratio = (pd / qd).clamp(max=1.0)
-    residual = (p - q).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    correction = (residual.log() + gumbel).argmax(-1)
-    return u < ratio, correction, ratio
+    return (logits / temperature + gumbel(logits.shape, generator, logits.dtype, logits.device)).argmax(-1)
 
 
 @dataclass
@@ -139,7 +127,7 @@ def isd_step(model, cache, rows, requests, stride):
     rows = torch.as_tensor(rows, device=dev)
     start = cache.lengths[rows].tolist()
     logits = model(torch.tensor(windows, device=dev), cache=cache, rows=rows)
-    logits = logits.to("cpu", torch.promote_types(logits.dtype, torch.float32))  # float64 stays
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
 
     # exact acceptance of every request's drafts in one batched call
     p_rows, q_rows, d_rows, u_rows, g_rows, owner = [], [], [], [], [], []
@@ -151,13 +139,13 @@ def isd_step(model, cache, rows, requests, stride):
         if K:
             p_rows.append(proc[:K])
             q_rows.append(r.q)
-            d_rows.append(torch.tensor(r.drafts))
-            if r.temperature > 0:  # the random numbers are inputs of verify (so a kernel can match it)
-                u_rows.append(torch.rand(K, generator=r.gen, dtype=proc.dtype))
-                g_rows.append(-torch.log(-torch.log(torch.rand(K, proc.shape[-1], generator=r.gen, dtype=proc.dtype))))
+            d_rows.append(torch.tensor(r.drafts, device=dev))
+            if r.temperature > 0:  # the random numbers are inputs of verify (so kernel and reference agree)
+                u_rows.append(torch.rand(K, generator=r.gen, dtype=proc.dtype).to(dev))
+                g_rows.append(gumbel((K, proc.shape[-1]), r.gen, proc.dtype, dev))
             else:
-                u_rows.append(torch.zeros(K, dtype=proc.dtype))
-                g_rows.append(torch.zeros(K, proc.shape[-1], dtype=proc.dtype))
+                u_rows.append(torch.zeros(K, dtype=proc.dtype, device=dev))
+                g_rows.append(torch.zeros(K, proc.shape[-1], dtype=proc.dtype, device=dev))
             owner.append(i)
     verdicts = {}
     by_temp = {}
@@ -261,7 +249,7 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
     cache = model.new_cache(1, len(r.prompt) + max_new_tokens)
     logits = model(torch.tensor([r.prompt], device=dev), cache=cache)[0, -1]
     while True:
-        p = process_logits(logits.cpu(), model.cfg.mask_token_id, temperature, top_k, top_p)
+        p = process_logits(logits, model.cfg.mask_token_id, temperature, top_k, top_p)
         r.out.append(int(sample(p, temperature, r.gen)))
         if r.out[-1] in r.stop_ids or len(r.out) == max_new_tokens:
             return r.out

@@ -437,7 +437,7 @@ def test_verify_greedy():
     acc, cor, _ = verify(p_logits, q_logits, drafts, torch.zeros(R, dtype=torch.float64),
                          torch.zeros(R, V, dtype=torch.float64), 0)
     assert acc.tolist() == [drafts[i].item() == best[i] for i in range(R)]
-    assert cor.tolist() == best
+    assert cor.tolist() == [-1 if drafts[i].item() == best[i] else best[i] for i in range(R)]
 
 
 def test_process_logits_matches_reference():
@@ -449,7 +449,7 @@ def test_process_logits_matches_reference():
         logits[mask_id] = 50.0  # MASK would win if it were not excluded
         for temperature, top_k, top_p in ((1.0, None, None), (0.6, None, None), (1.3, 3, None),
                                           (1.0, None, 0.8), (0.8, None, 0.5), (1.0, 1, None)):
-            got = isd.process_logits(logits, mask_id, temperature, top_k, top_p).softmax(-1)
+            got = (isd.process_logits(logits, mask_id, temperature, top_k, top_p) / temperature).softmax(-1)
             want = torch.tensor(ref_probs(logits, mask_id, temperature, top_k, top_p), dtype=torch.float64)
             assert torch.allclose(got, want, atol=1e-12), (temperature, top_k, top_p)
         greedy = isd.process_logits(logits, mask_id, 0)
