@@ -4,14 +4,17 @@
     python bench.py decode --out_dir=out  # ISD TPF / acceptance per stride and temperature; ISD vs AR tok/s
 """
 import argparse
+import json
+import os
 import statistics
 import time
 
 import torch
 
+import data
 import tokenizer as tok
 from isd import ar_generate, isd_generate
-from model import Model, ModelConfig, ar_loss, idlm_loss
+from model import Model, ModelConfig, ar_loss, idlm_loss, idlm_mask
 from train import MODEL_KEYS, PRESETS
 
 PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
@@ -45,8 +48,30 @@ def bench_train(a):
     print(f"  idlm / ar = {tps['idlm'] / tps['ar']:.2f}x")
 
 
+@torch.no_grad()
+def lookahead_accuracy(model, enc, out_dir, rows=16):
+    """Why TPF is what it is: top-1 accuracy on validation rows of the clean stream (1 token ahead)
+    and of the masks at each block offset (2..N ahead), from one [xt | x0] training forward.
+    A greedy draft passes only if its argmax agrees with the clean stream's, so these bound TPF."""
+    with open(os.path.join(out_dir, "train_state.json")) as f:
+        cfg = json.load(f)["config"]
+    _, _, val = data.load_corpus(cfg["data"], enc=enc, log=lambda *_: None)
+    L, b = cfg["seq_len"], cfg["stride"] - 1
+    x0 = data.get_batch(val, data.batch_offsets(len(val), L, rows, seed=0), L)
+    xt = torch.full_like(x0, model.cfg.mask_token_id)
+    logits = model(torch.cat([xt, x0], 1), pos=torch.arange(L).repeat(2), mask=idlm_mask(L, b))
+    logits[..., model.cfg.mask_token_id] = float("-inf")
+    pred, target = logits.argmax(-1), x0[:, 1:]
+    clean = (pred[:, L:2 * L - 1] == target).float().mean()
+    mask_hit = pred[:, :L - 1] == target
+    offset = torch.arange(L - 1) % b
+    print(f"top-1 accuracy on {rows} validation rows of {L} tokens: clean (1 ahead) {clean:.3f} | masks: "
+          + " | ".join(f"{m + 2} ahead {mask_hit[:, offset == m].float().mean():.3f}" for m in range(b)))
+
+
 def bench_decode(a):
     model, enc = Model.load(a.out_dir).eval(), tok.load(a.out_dir)
+    lookahead_accuracy(model, enc, a.out_dir)
     prompts = [enc.encode_ordinary(p) for p in PROMPTS]
     n = min(a.max_new_tokens, model.cfg.max_seq_len - max(map(len, prompts)))
     print(f"{a.out_dir}: {len(prompts)} prompts x {n} new tokens, seed {a.seed}")
@@ -93,6 +118,8 @@ def main():
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
+    if a.what == "decode" and a.repeats < 1:
+        p.error("--repeats must be >= 1")
     bench_train(a) if a.what == "train" else bench_decode(a)
 
 
