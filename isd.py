@@ -305,10 +305,10 @@ def trace_html(trace, enc, prompt, st, stride):
             f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
 
 
-def main(argv=None, load_model=None):
+def main(argv=None, load_model=None, doc=__doc__):
     """The command line. `load_model(out_dir, device)` gives the model to decode with (default: a
-    PyTorch Model; mlx_port.isd passes its MLX one)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    PyTorch Model; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py (default out)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
@@ -318,7 +318,7 @@ def main(argv=None, load_model=None):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (p and q alike)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu); for python -m mlx_port.isd: "
-                   "cpu, gpu (default: MLX's default device, the GPU on a Mac)")
+                   "auto, cpu, gpu (default auto: MLX's default device, the GPU on a Mac)")
     p.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
     p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
     p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",

@@ -5,14 +5,14 @@
 There is one ISD: `isd.decode` / `isd.isd_step` (verify, rollback, per-request random streams) run
 here unchanged. They work in torch on the CPU; `TorchView` puts the MLX model behind that interface,
 converting ids in and logits out through numpy, and shows the MLX KV cache's lengths as torch.
-Options are those of isd.py (`--help`); --device is cpu or gpu (default: MLX's default device).
+Options are isd.py's; --device is auto (MLX's default device: the GPU on a Mac), cpu or gpu.
 """
 import mlx.core as mx
 import numpy as np
 import torch
 
 import isd
-from mlx_port.model import Model
+from mlx_port.model import Model, pick_device
 
 
 class CacheView:
@@ -58,12 +58,9 @@ def ar_generate(model, prompt_ids, max_new_tokens, **kw):
 
 def load_model(out_dir, device=None):
     """The MLX model of a checkpoint folder (written by train.py or mlx_port.train), seen as torch."""
-    if device is not None:
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"--device must be cpu or gpu for MLX, got {device!r}")
-        mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
+    mx.set_default_device(pick_device(device))
     return TorchView(Model.load(out_dir))
 
 
 if __name__ == "__main__":
-    isd.main(load_model=load_model)
+    isd.main(load_model=load_model, doc=__doc__)

@@ -17,7 +17,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from model import ModelConfig, _atomic, load_config  # one config and one checkpoint format for both  # noqa: F401
+from model import ModelConfig, _atomic, load_config  # one config, one checkpoint format for both
+
+
+def pick_device(name):
+    """The MLX device for --device: auto (MLX's default: the GPU on a Mac), cpu or gpu."""
+    if name in (None, "auto"):
+        return mx.default_device()
+    if name not in ("cpu", "gpu"):
+        raise ValueError(f"--device={name}: MLX runs on auto, cpu or gpu")
+    if not mx.is_available(mx.gpu if name == "gpu" else mx.cpu):
+        raise ValueError(f"--device={name}: this MLX build has no {name} backend (on Linux, mlx[cpu] is CPU only)")
+    return mx.gpu if name == "gpu" else mx.cpu
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):

@@ -23,17 +23,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import data
 import tokenizer as tok
 from mlx_port.isd import ar_generate
-from mlx_port.model import Model, ModelConfig, _atomic, ar_loss, idlm_loss
+from mlx_port.model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, pick_device
 from train import (MODEL_KEYS, RESUMABLE, UsageError, check_options, load_pretrained, lr_at, parse_args,
                    read_train_state)
-
-
-def pick_device(name):
-    if name == "auto":
-        return mx.default_device()
-    if name not in ("cpu", "gpu"):
-        raise UsageError(f"--device={name}: the MLX port runs on auto, cpu or gpu")
-    return mx.cpu if name == "cpu" else mx.gpu
 
 
 def get_batch(ids, offsets, seq_len):
@@ -100,7 +92,10 @@ def main(argv=None):
     check_options(cfg)
     if cfg["compile"]:
         raise UsageError("--compile is torch.compile: the MLX port runs without it")
-    mx.set_default_device(pick_device(cfg["device"]))
+    try:
+        mx.set_default_device(pick_device(cfg["device"]))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     out_dir = cfg["out_dir"]
 
     # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
