@@ -123,7 +123,7 @@ def prefill(model, cache, rows, requests):
     if max(lens) > 0:
         pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
         ids = torch.tensor([r.prompt[:-1] + [pad] * (max(lens) - n) for r, n in zip(requests, lens)])
-        dev = cache.lengths.device  # where the model takes its inputs (any model with a torch-facing cache)
+        dev = cache.lengths.device  # the model's input device (PyTorch's cache, or mlx_port's torch view of one)
         model(ids.to(dev), cache=cache, rows=rows.to(dev))
         cache.truncate(lens, rows)
 

@@ -46,14 +46,14 @@ class TorchView:
         return torch.from_numpy(np.array(logits))
 
 
-def isd_generate(model, prompt_ids, max_new_tokens, **kw):
+def isd_generate(model, *args, **kw):
     """ISD for one prompt with an MLX model: isd.isd_generate's arguments and results."""
-    return isd.isd_generate(TorchView(model), prompt_ids, max_new_tokens, **kw)
+    return isd.isd_generate(TorchView(model), *args, **kw)
 
 
-def ar_generate(model, prompt_ids, max_new_tokens, **kw):
+def ar_generate(model, *args, **kw):
     """The AR baseline with an MLX model: isd.ar_generate's arguments and results."""
-    return isd.ar_generate(TorchView(model), prompt_ids, max_new_tokens, **kw)
+    return isd.ar_generate(TorchView(model), *args, **kw)
 
 
 def load_model(out_dir, device=None):
