@@ -16,6 +16,7 @@ import pytest
 import torch
 
 mx = pytest.importorskip("mlx.core")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import isd  # noqa: E402
