@@ -197,7 +197,7 @@ def test_mlx_training_steps_match_pytorch_and_lower_the_loss(start, tmp_path, mo
     got = run_train(mlx_train.main, args + [f"--out_dir={tmp_path}/mlx"], start, monkeypatch)
     # same weights, batches, AdamW and schedule: the same losses, step for step
     for h_ref, h in zip(ref["history"], got["history"], strict=True):
-        assert h[1:] == pytest.approx(h_ref[1:], abs=1e-3), (h_ref, h)
+        assert h[1:] == pytest.approx(h_ref[1:], abs=1e-4), (h_ref, h)
     assert got["history"][-1][1] < got["history"][0][1] - 0.5
     # PyTorch scores the MLX-trained checkpoint: lower validation loss than the start
     enc = tok.load(init)
