@@ -111,7 +111,8 @@ def prefill(model, cache, rows, requests):
     if max(lens) > 0:
         pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
         ids = torch.tensor([r.prompt[:-1] + [pad] * (max(lens) - n) for r, n in zip(requests, lens)])
-        model(ids.to(cache.k.device), cache=cache, rows=rows.to(cache.k.device))
+        dev = cache.lengths.device  # the model's input device (PyTorch's cache, or mlx_port's torch view of one)
+        model(ids.to(dev), cache=cache, rows=rows.to(dev))
         cache.truncate(lens, rows)
 
 
@@ -122,7 +123,7 @@ def isd_step(model, cache, rows, requests, stride):
     Returns the tokens each request committed in this step."""
     N, mask_id = stride, model.cfg.mask_token_id
     W = 2 * N - 1
-    dev = cache.k.device
+    dev = cache.lengths.device
     windows = [[(r.out or r.prompt)[-1]] + r.drafts + [mask_id] * (W - 1 - len(r.drafts)) for r in requests]
     rows = torch.as_tensor(rows, device=dev)
     start = cache.lengths[rows].tolist()
@@ -245,8 +246,8 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
     """The baseline: one token per forward over a KV cache. Returns the new token ids."""
     r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
     check_prompt(model, r.prompt, max_new_tokens)
-    dev = model.embed_tokens.weight.device
     cache = model.new_cache(1, len(r.prompt) + max_new_tokens)
+    dev = cache.lengths.device
     logits = model(torch.tensor([r.prompt], device=dev), cache=cache)[0, -1]
     while True:
         p = process_logits(logits, model.cfg.mask_token_id, temperature, top_k, top_p)
@@ -292,8 +293,10 @@ def trace_html(trace, enc, prompt, st, stride):
             f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, load_model=None, doc=__doc__):
+    """The command line. `load_model(out_dir, device)` gives the model to decode with (default: a
+    PyTorch Model; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py (default out)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
@@ -302,20 +305,25 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (p and q alike)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (p and q alike)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu); for python -m mlx_port.isd: "
+                   "auto, cpu, gpu (default auto: MLX's default device, the GPU on a Mac)")
     p.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
     p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
     p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
                    help="show each forward's accepted drafts / corrections / clean tokens; with a file, write HTML")
     a = p.parse_args(argv)
     import tokenizer as tok
-    from model import Model
+    if load_model is None:
+        from model import Model
+
+        def load_model(out_dir, device):
+            return Model.load(out_dir, device=device or "cpu").eval()
     if a.stride < 1:
         p.error(f"--stride must be >= 1, got {a.stride}")
     if a.temperature < 0:
         p.error(f"--temperature must be >= 0, got {a.temperature}")
     try:
-        model = Model.load(a.out_dir, device=a.device).eval()
+        model = load_model(a.out_dir, a.device)
         enc = tok.load(a.out_dir)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))

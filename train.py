@@ -56,8 +56,8 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python train.py --help)")
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, doc=__doc__):
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu)")
     a("--objective", choices=["idlm", "ar"], help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss (default idlm)")
@@ -85,8 +85,8 @@ def parse_args(argv=None):
     a("--eval_iters", type=int, help="validation batches per evaluation")
     a("--log_interval", type=int, help="print progress every this many steps (default 10)")
     a("--seed", type=int, help="seed of the initial weights and of the data order (default 1337)")
-    a("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps; mlx_port.train: auto, cpu, gpu")
+    a("--compile", action="store_true", default=None, help="torch.compile the model (not in mlx_port.train)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = {**DEFAULTS, **PRESETS[args.get("preset", DEFAULTS["preset"])], **args}
     return cfg, set(args)
@@ -174,11 +174,15 @@ def save_checkpoint(out_dir, model, enc, opt, state):
     _atomic(os.path.join(out_dir, "train_state.json"), lambda f: Path(f).write_text(text))
 
 
-def read_train_state(out_dir):
+def read_train_state(out_dir, framework="pytorch"):
     path = os.path.join(out_dir, "train_state.json")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
-    return json.load(open(path))
+    state = json.load(open(path))
+    if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
+        raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
+                         f"with that trainer, or start from its weights with --init_from")
+    return state
 
 
 def load_optimizer(out_dir, opt, state):
