@@ -179,9 +179,12 @@ def make_app(sched, enc, model_name):
         temperature = 1.0 if body.temperature is None else body.temperature
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()  # (text delta, finish reason or None) from the scheduler thread
+        def listener(delta, reason):  # a non-streaming request only needs to hear the end
+            if body.stream or reason:
+                loop.call_soon_threadsafe(events.put_nowait, (delta, reason))
+
         try:
-            job = sched.submit(ids, max_tokens, temperature, body.top_k, body.top_p, body.seed, stops,
-                               listener=lambda d, r: loop.call_soon_threadsafe(events.put_nowait, (d, r)))
+            job = sched.submit(ids, max_tokens, temperature, body.top_k, body.top_p, body.seed, stops, listener)
         except ValueError as e:  # the message starts with the field's name
             raise ApiError(400, str(e), str(e).split()[0])
         except RuntimeError as e:
@@ -225,20 +228,23 @@ def make_app(sched, enc, model_name):
                             break
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client went away mid-stream
-                    if not job.finished.is_set():
+                    if job.finish_reason is None:
                         sched.cancel(job)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         try:
-            while not job.finished.is_set():
+            while True:
                 try:
-                    await asyncio.wait_for(events.get(), 1.0)
+                    if (await asyncio.wait_for(events.get(), 1.0))[1]:
+                        break
                 except asyncio.TimeoutError:
+                    if job.finished.is_set():
+                        break
                     if await request.is_disconnected():
                         sched.cancel(job)
         finally:
-            if not job.finished.is_set():
+            if job.finish_reason is None:
                 sched.cancel(job)
         if job.finish_reason in ("cancelled", "error"):
             raise ApiError(503 if job.finish_reason == "cancelled" else 500, f"request {job.finish_reason}")
