@@ -261,6 +261,7 @@ def make_app(sched, enc, model_name):
 
 METRICS = [  # name, type, help, key in Scheduler.metrics()
     ("idlm_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", "prompt_tokens"),
+    ("idlm_prefill_tokens_total", "counter", "Prompt tokens put into the KV cache (budgeted per step).", "prefill_tokens"),
     ("idlm_completion_tokens_total", "counter", "Tokens committed by decoding.", "completion_tokens"),
     ("idlm_forwards_total", "counter", "Decoding forwards of the batch (steps).", "steps"),
     ("idlm_row_forwards_total", "counter", "Request rows summed over decoding forwards.", "row_forwards"),
