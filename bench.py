@@ -2,11 +2,16 @@
 
     python bench.py train                 # training tokens/s: objective ar vs idlm (CPU preset shapes)
     python bench.py decode --out_dir=out  # ISD TPF / acceptance per stride and temperature; ISD vs AR tok/s
+    python bench.py serve --out_dir=out   # serve.py under load: tokens/s and latency per concurrency
 """
 import argparse
+import asyncio
 import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -104,6 +109,113 @@ def bench_decode(a):
           f"ISD/AR = {isd_tps / ar_tps:.2f}x")
 
 
+SERVERS = [  # label, serve.py options
+    ("(a) scheduler, ISD stride 4", ["--stride=4", "--max_batch=32"]),
+    ("(b) scheduler, stride 1 (AR)", ["--stride=1", "--max_batch=32"]),
+    ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
+]
+
+
+def start_server(out_dir, options, threads):
+    """serve.py in a subprocess on a free loopback port; returns (process, base url) once healthy."""
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", *options],
+                            cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
+    url = f"http://127.0.0.1:{port}"
+    while proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"serve.py {' '.join(options)} exited with code {proc.returncode}")
+
+
+async def load(url, model, n_requests, concurrency, max_tokens, temperature):
+    """`concurrency` clients send `n_requests` completions back to back (closed loop); returns
+    (completion tokens, wall seconds, per-request latencies)."""
+    import httpx
+    todo = list(range(n_requests))
+    latencies, tokens = [], 0
+
+    async def client(http):
+        nonlocal tokens
+        while todo:
+            i = todo.pop()
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/v1/completions", json={
+                "model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": temperature, "seed": i})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return tokens, time.perf_counter() - t0, latencies
+
+
+def bench_serve(a):
+    """Aggregate tokens/s and latency of serve.py at each concurrency for SERVERS; a table and a plot."""
+    import httpx
+    model = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
+    results = {}  # label -> [(tokens/s, mean latency, p90 latency)] per concurrency
+    tpf = {}
+    for label, options in SERVERS:
+        proc, url = start_server(a.out_dir, options, a.threads)
+        try:
+            asyncio.run(load(url, model, 4, 4, a.max_tokens, a.temperature))  # warm-up
+            results[label] = []
+            for c in a.concurrency:
+                n = max(c, a.min_requests)
+                tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
+                lat.sort()
+                results[label].append((tokens / wall, statistics.mean(lat), lat[int(0.9 * (len(lat) - 1))]))
+                print(f"{label} | concurrency {c:3d} | {n} requests, {tokens} tokens in {wall:.1f} s | "
+                      f"{tokens / wall:.0f} tok/s | latency mean {statistics.mean(lat):.2f} s", flush=True)
+            m = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                     if not line.startswith("#"))
+            tpf[label] = float(m["idlm_tokens_per_forward"])
+        finally:
+            proc.terminate()
+            proc.wait()
+    (la, lb, lc) = [label for label, _ in SERVERS]
+    print(f"\n{a.out_dir}: {a.max_tokens} tokens per request, temperature {a.temperature}, "
+          f"max(concurrency, {a.min_requests}) requests per point, server threads {a.threads}")
+    print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
+    print("\n| concurrency | (a) tok/s | (b) tok/s | (c) tok/s | (a)/(b) | (a) vs (a) at 1 "
+          "| (a) latency s | (b) latency s | (c) latency s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, c in enumerate(a.concurrency):
+        ra, rb, rc = results[la][i], results[lb][i], results[lc][i]
+        print(f"| {c} | {ra[0]:.0f} | {rb[0]:.0f} | {rc[0]:.0f} | {ra[0] / rb[0]:.2f}x | {ra[0] / results[la][0][0]:.1f}x "
+              f"| {ra[1]:.2f} | {rb[1]:.2f} | {rc[1]:.2f} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, _ in SERVERS:
+        ax1.plot(a.concurrency, [r[0] for r in results[label]], "o-", label=label)
+        ax2.plot(a.concurrency, [r[1] for r in results[label]], "o-", label=label)
+    for ax, title in ((ax1, "aggregate throughput (tokens/s)"), (ax2, "mean request latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(a.concurrency, [str(c) for c in a.concurrency])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax2.set_yscale("log")
+    ax1.legend()
+    fig.suptitle(f"serve.py on {model}: {a.max_tokens} tokens per request, temperature {a.temperature}")
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
+    print(f"\nwrote {a.plot}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -117,10 +229,19 @@ def main():
     d.add_argument("--speed_stride", type=int, default=4)
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
+    s = sub.add_parser("serve", help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time")
+    s.add_argument("--out_dir", default="out", help="checkpoint folder to serve (default out)")
+    s.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
+                   help="numbers of concurrent clients (default 1,2,4,8,16,32)")
+    s.add_argument("--max_tokens", type=int, default=64, help="tokens per request, fewer at EOS (default 64)")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; request i has seed i (default 0.8)")
+    s.add_argument("--min_requests", type=int, default=8, help="requests per point: max(concurrency, this) (default 8)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
+    s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
     a = p.parse_args()
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")
-    bench_train(a) if a.what == "train" else bench_decode(a)
+    {"train": bench_train, "decode": bench_decode, "serve": bench_serve}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -103,17 +103,21 @@ class Request:
         self.stop_ids = set(self.stop_ids or ())
 
 
-def prefill(model, cache, rows, requests):
-    """Put each prompt but its last token into the cache (the last token is the first `pending`)."""
+@torch.no_grad()
+def prefill(model, cache, rows, requests, chunk=None):
+    """Put each prompt but its last token (the first `pending`) into the cache, continuing from
+    what the row already holds. `chunk` caps the tokens each row takes in this call, so that a
+    scheduler can prefill a long prompt over several steps while other rows keep decoding."""
     rows = torch.as_tensor(rows)
-    lens = [len(r.prompt) - 1 for r in requests]
-    cache.truncate([0] * len(requests), rows)
-    if max(lens) > 0:
+    start = cache.lengths[rows].tolist()
+    todo = [r.prompt[s:len(r.prompt) - 1][:chunk] for r, s in zip(requests, start)]
+    n = max(map(len, todo))
+    if n > 0:
         pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
-        ids = torch.tensor([r.prompt[:-1] + [pad] * (max(lens) - n) for r, n in zip(requests, lens)])
+        ids = torch.tensor([t + [pad] * (n - len(t)) for t in todo])
         dev = cache.lengths.device  # the model's input device (PyTorch's cache, or mlx_port's torch view of one)
         model(ids.to(dev), cache=cache, rows=rows.to(dev))
-        cache.truncate(lens, rows)
+        cache.truncate([s + len(t) for s, t in zip(start, todo)], rows)
 
 
 @torch.no_grad()

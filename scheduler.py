@@ -1,0 +1,250 @@
+"""Stationary-batch scheduling (SPEC section 5): many requests decode together in one resident
+batch, each exactly as it would alone.
+
+    sched = Scheduler(model, enc, stride=4, max_batch=16).start()
+    job = sched.submit(enc.encode_ordinary("ROMEO:"), max_tokens=50, temperature=0.8, seed=1)
+    print(job.result())  # or give submit a listener to receive the text as it is committed
+    sched.stop()
+
+One KV cache of `max_batch` rows (slots) stays allocated. Each step of the background thread:
+  1. moves new requests from a thread-safe inbox to a FIFO queue and drops cancelled requests;
+  2. gives free slots to queued requests and prefills their prompts, at most `prefill_budget`
+     prompt tokens per step in all (a long prompt takes several steps, running rows keep stepping);
+  3. runs ONE forward for every row whose prompt is in: isd.isd_step, W = 2N-1 tokens per row
+     whatever each accepted last step, each row with its own cache length, rollback, settings and
+     random stream, so a request gives exactly what it gives alone with the same seed;
+  4. turns the committed tokens into text, cuts it at the first stop string, streams it out, and
+     frees the slot of every finished request (EOS, a stop string, max_tokens, or cancel()).
+Requests join and leave only between steps.
+"""
+import codecs
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+
+import torch
+
+import isd
+
+REASONS = ("stop", "length", "cancelled", "error")
+
+
+class Job:
+    """One request in the scheduler: the isd.Request that decodes it, its text and its stream."""
+
+    def __init__(self, req, stop, listener):
+        self.req = req
+        self.stop = list(stop)
+        self.listener = listener  # listener(text_delta, finish_reason or None), on the scheduler thread
+        self.text = ""  # the output so far, cut at the first stop string; EOS is not shown
+        self.sent = 0  # characters of text already handed to the listener
+        self.finish_reason = None  # one of REASONS once finished
+        self.cancelled = False
+        self.finished = threading.Event()
+        self.slot = None
+        self.ready = False  # prompt prefilled: the row decodes
+        self.submitted = time.perf_counter()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back split characters
+
+    @property
+    def prompt_tokens(self):
+        return len(self.req.prompt)
+
+    @property
+    def completion_tokens(self):
+        return len(self.req.out)
+
+    def result(self, timeout=None):
+        """Wait until the request has finished; its text."""
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"request not finished after {timeout} s")
+        return self.text
+
+
+def held_back(text, stops):
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class Scheduler:
+    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256):
+        for name, v in (("stride", stride), ("max_batch", max_batch), ("prefill_budget", prefill_budget)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.model, self.enc, self.stride = model.eval(), enc, stride
+        self.prefill_budget = prefill_budget
+        # a row holds at most max_seq_len - 1 committed tokens plus one window of 2N-1
+        self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + 2 * stride)
+        self.slots = [None] * max_batch
+        self.queue = deque()  # FIFO of jobs waiting for a slot
+        self.prefilling = []  # jobs in a slot whose prompt is not all in the cache, oldest first
+        self.inbox = queue.Queue()  # submit() -> scheduler thread
+        self.closed = False
+        self.counters = dict.fromkeys(["prompt_tokens", "prefill_tokens", "completion_tokens", "steps",
+                                       "row_forwards", "drafts_verified", "acceptance_sum", "step_seconds"]
+                                      + [f"requests_{r}" for r in REASONS], 0)
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def submit(self, prompt, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=(),
+               listener=None):
+        """Queue a request (prompt: token ids) and return its Job. Bad settings raise ValueError
+        here, never in the scheduler thread."""
+        if self.closed:
+            raise RuntimeError("the scheduler is shutting down")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None and not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, (self.enc.eot_token,))
+        isd.check_prompt(self.model, req.prompt, max_tokens)
+        job = Job(req, stop, listener)
+        self.inbox.put(job)
+        return job
+
+    def cancel(self, job):
+        """Finish `job` at the next step boundary and free its slot (a no-op once it has finished)."""
+        job.cancelled = True  # the loop is busy while the job is queued or running: no wake-up needed
+
+    def stop(self):
+        """Stop admitting, cancel whatever is queued or running, and end the thread."""
+        self.closed = True
+        self.inbox.put(None)
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def metrics(self):
+        """Counters and gauges for /metrics (read from any thread)."""
+        c = dict(self.counters)
+        c["queue_length"] = len(self.queue) + self.inbox.qsize()
+        c["busy_slots"] = sum(j is not None for j in self.slots)
+        c["slots"] = len(self.slots)
+        c["tokens_per_forward"] = c["completion_tokens"] / max(1, c["row_forwards"])
+        c["acceptance_rate"] = c["acceptance_sum"] / max(1, c["drafts_verified"])
+        return c
+
+    # ------------------------------------------------------------------------------------------
+    # the scheduler thread
+
+    def _loop(self):
+        while True:
+            if not self.closed and not self.queue and not any(self.slots):
+                job = self.inbox.get()  # idle: sleep until something arrives
+                if job is not None:
+                    self.queue.append(job)
+            if self.closed:
+                self._take_inbox()
+                for job in list(self.queue) + [j for j in self.slots if j is not None]:
+                    self._finish(job, "cancelled")
+                self.queue.clear()
+                return
+            try:
+                self.step()
+            except Exception:  # a bug must not take the server down: fail the running requests
+                traceback.print_exc()
+                for job in self.slots:
+                    if job is not None:
+                        self._finish(job, "error")
+
+    def _take_inbox(self):
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self.queue.append(job)
+
+    @torch.no_grad()
+    def step(self):
+        """One step: admit, prefill under the budget, one ISD forward for the ready rows, output."""
+        t0 = time.perf_counter()
+        self._take_inbox()
+        for job in [j for j in self.queue if j.cancelled]:
+            self.queue.remove(job)
+            self._finish(job, "cancelled")
+        for job in self.slots:
+            if job is not None and job.cancelled:
+                self._finish(job, "cancelled")
+        for i, job in enumerate(self.slots):
+            if job is None and self.queue:
+                job = self.slots[i] = self.queue.popleft()
+                job.slot = i
+                self.cache.truncate([0], [i])  # forget the slot's previous request
+                self.prefilling.append(job)
+                self.counters["prompt_tokens"] += job.prompt_tokens
+        # prefill, oldest admission first, at most prefill_budget prompt tokens in this step
+        budget = self.prefill_budget
+        for job in list(self.prefilling):
+            left = job.prompt_tokens - 1 - int(self.cache.lengths[job.slot])
+            n = min(left, budget)
+            if n > 0:
+                isd.prefill(self.model, self.cache, [job.slot], [job.req], chunk=n)
+                budget -= n
+                self.counters["prefill_tokens"] += n
+            if n == left:
+                job.ready = True
+                self.prefilling.remove(job)
+        ready = [j for j in self.slots if j is not None and j.ready]
+        if ready:
+            committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], [j.req for j in ready],
+                                     self.stride)
+            self.counters["steps"] += 1
+            self.counters["row_forwards"] += len(ready)
+            for job, new in zip(ready, committed):
+                self._output(job, new)
+        self.counters["step_seconds"] += time.perf_counter() - t0
+
+    def _output(self, job, new):
+        """Append the committed tokens to the text; finish at EOS, a stop string or max_tokens."""
+        req = job.req
+        self.counters["completion_tokens"] += len(new)
+        ids = [t for t in new if t not in req.stop_ids]
+        job.text += job._utf8.decode(self.enc.decode_bytes(ids), final=req.done)
+        hits = [i for i in (job.text.find(s) for s in job.stop) if i >= 0]
+        if hits:
+            job.text = job.text[:min(hits)]
+            self._finish(job, "stop")
+        elif req.done:
+            self._finish(job, "stop" if req.out[-1] in req.stop_ids else "length")
+        else:
+            self._send(job, len(job.text) - held_back(job.text, job.stop))
+
+    def _send(self, job, upto):
+        delta = job.text[job.sent:upto]
+        job.sent = max(job.sent, upto)
+        if job.listener is not None and (delta or job.finish_reason):
+            try:
+                job.listener(delta, job.finish_reason)
+            except Exception:  # e.g. the client's event loop is gone
+                job.cancelled = True
+
+    def _finish(self, job, reason):
+        job.finish_reason = reason
+        if job.slot is not None:
+            self.slots[job.slot] = None
+            job.slot = None
+        if job in self.prefilling:
+            self.prefilling.remove(job)
+        st = job.req.stats
+        st.wall_s = time.perf_counter() - job.submitted
+        self.counters[f"requests_{reason}"] += 1
+        self.counters["drafts_verified"] += st.drafts_verified
+        self.counters["acceptance_sum"] += st.acceptance_sum
+        self._send(job, len(job.text) if reason in ("stop", "length") else job.sent)
+        job.finished.set()

@@ -1,0 +1,183 @@
+"""scheduler.py: requests decoded together in the resident batch give exactly what they give alone.
+
+References: isd_generate on one request (the plain path, itself tested against brute force in
+test_isd.py) with the same seed, ar_generate for greedy requests, and the tokenizer's own decode
+cut at the first stop string. The model is a tiny random float64 model with large weights (peaked,
+varied next-token distributions), and a byte-level BPE trained on a few lines with multi-byte
+characters, so that tokens split UTF-8 characters and streaming must hold them back.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tokenizer as tok  # noqa: E402
+from isd import ar_generate, isd_generate  # noqa: E402
+from model import Model, ModelConfig  # noqa: E402
+from scheduler import Scheduler, held_back  # noqa: E402
+
+TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\nCafé naïve — “quotes” ½\n\n" * 20
+
+
+def tiny_model_and_tokenizer(max_seq_len=128):
+    enc = tok.train_bpe(TEXT, 300)
+    V = enc.n_vocab
+    cfg = ModelConfig(vocab_size=V + 1, mask_token_id=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                      max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = Model(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.5)
+    return model, enc
+
+
+def save_checkpoint(out_dir, max_seq_len=128):
+    """A checkpoint folder as train.py writes it (weights, config, tokenizer), float64."""
+    model, enc = tiny_model_and_tokenizer(max_seq_len)
+    model.save(out_dir)
+    tok.save(enc, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def me():
+    return tiny_model_and_tokenizer()
+
+
+def solo(model, enc, ids, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None):
+    return isd_generate(model, ids, n, stride, temperature, top_k, top_p, seed, stop_ids=[enc.eot_token])[0]
+
+
+def shown(enc, out):
+    return enc.decode([t for t in out if t != enc.eot_token])
+
+
+SETTINGS = [  # prompt, max_tokens, temperature, top_k, top_p, seed
+    ("ROMEO.\n", 20, 0.0, None, None, None),
+    ("But soft", 9, 1.0, None, None, 1),
+    ("J", 25, 0.8, 5, None, 2),
+    ("What light through yonder window breaks? " * 4, 12, 0.0, None, None, None),  # prompt > prefill budget
+    ("Café", 17, 1.2, None, 0.9, 3),
+    ("", 8, 0.0, None, None, None),  # the empty prompt: one EOS token
+    ("naïve", 30, 1.0, 20, 0.95, 4),
+]
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_batched_requests_equal_solo_runs(me, stride):
+    model, enc = me
+    prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
+    with Scheduler(model, enc, stride, max_batch=3, prefill_budget=7) as s:  # FIFO queue and chunked prefill
+        jobs = [s.submit(ids, *rest) for ids, (_, *rest) in zip(prompts, SETTINGS)]
+        for j in jobs:
+            j.result(60)
+        m = s.metrics()
+    assert m["busy_slots"] == 0 and m["queue_length"] == 0
+    assert m["requests_stop"] + m["requests_length"] == len(SETTINGS)
+    assert m["completion_tokens"] == sum(j.completion_tokens for j in jobs)
+    for j, ids, (_, n, t, k, p, seed) in zip(jobs, prompts, SETTINGS):
+        ref = solo(model, enc, ids, n, stride, t, k, p, seed)
+        assert j.req.out == ref
+        if t == 0:
+            assert ref == ar_generate(model, ids, n, temperature=0, stop_ids=[enc.eot_token])
+        assert j.text == shown(enc, ref)
+        assert j.finish_reason == ("stop" if ref[-1] == enc.eot_token else "length")
+        assert (j.prompt_tokens, j.completion_tokens) == (len(ids), len(ref))
+
+
+def run_streamed(sched, ids, n, **kw):
+    deltas = []
+    job = sched.submit(ids, n, listener=lambda d, r: deltas.append((d, r)), **kw)
+    job.result(60)
+    assert [r for _, r in deltas[:-1]] == [None] * (len(deltas) - 1) and deltas[-1][1] == job.finish_reason
+    return job, "".join(d for d, _ in deltas)
+
+
+def test_stop_strings_and_streamed_text(me):
+    model, enc = me
+    ids = enc.encode_ordinary("But soft")
+    with Scheduler(model, enc, stride=3, max_batch=4) as s:
+        free, streamed = run_streamed(s, ids, 60, temperature=0)
+        t = free.text
+        assert streamed == t == shown(enc, solo(model, enc, ids, 60, 3, 0.0)) and len(t) > 30
+        cases = [
+            ([t[15:19]], t[:t.find(t[15:19])], "stop"),  # cut before the stop string
+            ([t[20:23], t[8:10]], t[:min(t.find(t[20:23]), t.find(t[8:10]))], "stop"),  # the first one wins
+            ([t[-6:] + "\x00never"], t, free.finish_reason),  # held back, then released at the end
+        ]
+        for stop, want, reason in cases:
+            job, streamed = run_streamed(s, ids, 60, temperature=0, stop=stop)
+            assert job.text == want and streamed == want and job.finish_reason == reason, stop
+        # sampled: the same seed gives the same text alone and with a stop string
+        free, _ = run_streamed(s, ids, 60, temperature=1.0, seed=7)
+        stop = free.text[10:13]
+        job, streamed = run_streamed(s, ids, 60, temperature=1.0, seed=7, stop=[stop])
+        assert job.text == streamed == free.text[:free.text.find(stop)]
+
+
+def test_held_back():
+    assert held_back("abc", ["cd"]) == 1 and held_back("abc", ["bcx", "x"]) == 2
+    assert held_back("abc", ["abcd"]) == 3 and held_back("abc", ["abc"]) == 0  # a whole stop string is cut, not held
+    assert held_back("abc", []) == 0 and held_back("abc", ["xyz"]) == 0
+
+
+def test_budgeted_prefill_queue_and_cancel(me):
+    """Driven step by step (no thread): a long prompt is prefilled a budget at a time while the
+    running request keeps committing tokens; a queued request gets the slot a cancel frees."""
+    model, enc = me
+    s = Scheduler(model, enc, stride=2, max_batch=2, prefill_budget=4)
+    short, long = enc.encode_ordinary("ROMEO.\n")[:3], list(range(100, 121))  # long: 20 to prefill
+    a = s.submit(short, 40, temperature=0)
+    s.step()
+    assert len(a.req.out) == 1 and a.slot is not None
+    b = s.submit(long, 10, temperature=0.9, seed=5)
+    c = s.submit(short, 6, temperature=0)
+    gone = s.submit(short, 6, temperature=0)
+    s.cancel(gone)
+    for k in range(5):
+        before = len(a.req.out)
+        s.step()
+        assert len(a.req.out) > before  # never starved by the prefill
+        assert c.slot is None and list(s.queue) == [c]
+        if k < 4:
+            assert b.req.out == [] and int(s.cache.lengths[b.slot]) == 4 * (k + 1)
+    assert len(b.req.out) == 1  # the last 4 prompt tokens went in and b decoded in the same step
+    assert gone.finish_reason == "cancelled" and gone.finished.is_set() and gone.slot is None
+    slot = a.slot
+    s.cancel(a)
+    s.step()
+    assert a.finish_reason == "cancelled" and a.slot is None and c.slot == slot and len(c.req.out) >= 1
+    while s.queue or any(s.slots):
+        s.step()
+    assert b.req.out == solo(model, enc, long, 10, 2, 0.9, seed=5)
+    assert c.req.out == solo(model, enc, short, 6, 2, 0.0)
+    assert a.req.out == solo(model, enc, short, 40, 2, 0.0)[:len(a.req.out)]
+    m = s.metrics()
+    assert (m["requests_cancelled"], m["busy_slots"], m["queue_length"]) == (2, 0, 0)
+    assert m["prefill_tokens"] == 20 + 2 * (len(short) - 1)
+
+
+def test_bad_requests_are_refused_at_submit(me):
+    model, enc = me
+    s = Scheduler(model, enc)
+    for kw, needle in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0), "top_p"),
+                       (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop")]:
+        with pytest.raises(ValueError, match=needle):
+            s.submit([1, 2], 5, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s.submit([1, 2], 0)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        s.submit([1] * 100, 29)
+    with pytest.raises(ValueError, match="empty"):
+        s.submit([], 5)
+    assert s.inbox.empty()
+    for kw in (dict(stride=0), dict(max_batch=0), dict(prefill_budget=0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            Scheduler(model, enc, **kw)
+    s.stop()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        s.submit([1, 2], 5)
