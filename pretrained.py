@@ -155,3 +155,16 @@ def chat_ids(enc, messages, system=DEFAULT_SYSTEM):
 def stop_ids(enc):
     """Ids that end a reply: <|endoftext|>, and <|im_end|> where the tokenizer has it."""
     return sorted({enc.eot_token} | ({enc.encode_single_token("<|im_end|>")} if "<|im_end|>" in enc.special_tokens_set else set()))
+
+
+def load_model(source, device="cpu"):
+    """(Model in eval mode, tokenizer) from a pretrained name ("smollm2"), a checkpoint folder of
+    train.py, or a folder with a gated LoRA adapter (adapter.json: its base model + the adapter)."""
+    import lora
+    if source == NAME:
+        return load_smollm2(device)
+    if lora.has_adapter(source):
+        lcfg, state = lora.load_adapter(source)
+        model, enc = load_model(lcfg.base, device)
+        return lora.add_adapter(model, lcfg, state).eval(), enc
+    return Model.load(source, device=device).eval(), tok.load(source)

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pretrained  # noqa: E402
-from isd import ar_generate  # noqa: E402
+from isd import ar_generate, isd_generate  # noqa: E402
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 3,
            "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 0 1 1 2 3 5 8",
@@ -111,3 +111,21 @@ def test_tokenizer_matches_transformers(ours, hf_tokenizer):
     assert differs > 0  # the digit rule was exercised
     assert enc.encode("<|im_start|><|endoftext|>", allowed_special="all") == special == [1, 0]
     assert pretrained.stop_ids(enc) == [0, 2]
+
+
+def test_risd_on_smollm2_is_lossless(ours):
+    """Greedy ISD on SmolLM2 + a random non-zero gated adapter == greedy AR of SmolLM2 itself."""
+    import copy
+
+    import lora
+    base, enc = ours
+    model = lora.add_adapter(copy.deepcopy(base), lora.LoraConfig(rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.lora.B.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    ids = pretrained.chat_ids(enc, [{"role": "user", "content": "Name three colours."}])
+    ref = ar_generate(base, ids, 12, temperature=0)
+    out, st = isd_generate(model, ids, 12, 4, temperature=0)
+    assert out == ref
+    assert st["forwards"] < 12 or st["rounds_r"] > 0  # drafts were verified, not only cold starts
