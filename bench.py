@@ -3,6 +3,7 @@
     python bench.py train                 # training tokens/s: objective ar vs idlm (CPU preset shapes)
     python bench.py decode --out_dir=out  # ISD TPF / acceptance per stride and temperature; ISD vs AR tok/s
     python bench.py serve --out_dir=out   # serve.py under load: tokens/s and latency per concurrency
+    python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
 """
 import argparse
 import asyncio
@@ -13,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -214,6 +216,60 @@ def bench_serve(a):
     fig.tight_layout()
     fig.savefig(a.plot, dpi=120)
     print(f"\nwrote {a.plot}")
+CHAT_PROMPTS = ["What is the capital of France?", "Explain how a compass works.",  # topics not in the
+                "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of pretrained.py
+
+
+def bench_smollm2(a):
+    """Greedy chat replies of SmolLM2, side by side in one run: its AR decoding (our KV cache), Hugging
+    Face transformers' generate() (KV cache), and ISD on each model of --isd (a converted checkpoint,
+    a folder with an adapter = R-ISD, or smollm2 itself with its untrained MASK row)."""
+    import pretrained
+    base, enc = pretrained.load_smollm2()
+    stops = pretrained.stop_ids(enc)
+    prompts = [pretrained.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    isd_models = {src: pretrained.load_model(src)[0] for src in a.isd}
+    runs = {"AR (ours)": lambda p: (ar_generate(base, p, a.max_new_tokens, temperature=0, stop_ids=stops), None)}
+    if not a.no_hf:
+        from transformers import AutoModelForCausalLM
+        folder, name = os.path.split(pretrained.gguf_path())
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+        def hf_generate(p):
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=a.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=0)
+            return out[0, len(p):].tolist(), None
+        runs["transformers generate()"] = hf_generate
+    for src, m in isd_models.items():
+        runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
+    for f in runs.values():  # warm-up
+        f(prompts[0][:8])
+    t = {k: 0.0 for k in runs}
+    tot = {k: Counter() for k in runs}
+    same = {k: 0 for k in runs}
+    with torch.no_grad():
+        for rep in range(a.repeats):
+            for p in prompts:
+                ref = None
+                for k, f in runs.items():  # interleaved: every method sees the same machine load
+                    t0 = time.perf_counter()
+                    out, st = f(p)
+                    t[k] += time.perf_counter() - t0
+                    ref = out if ref is None else ref
+                    same[k] += out == ref
+                    tot[k].update(st or {"tokens": len(out), "forwards": len(out)})
+    n_runs = a.repeats * len(prompts)
+    print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts x {a.repeats} repeats, greedy, <= {a.max_new_tokens} "
+          f"new tokens, ISD stride {a.stride}, {torch.get_num_threads()} threads, {base.embed_tokens.weight.device}")
+    print(f"{'method':40s}   TPF  accept  V/R/C %        tok/s  vs AR  same as AR")
+    ar_tps = tot["AR (ours)"]["tokens"] / t["AR (ours)"]
+    for k in runs:
+        c, f = tot[k], max(1, tot[k]["forwards"])
+        tps = c["tokens"] / t[k]
+        mix = (f"{100 * c['rounds_v'] / f:3.0f}/{100 * c['rounds_r'] / f:3.0f}/{100 * c['rounds_c'] / f:3.0f}"
+               if "rounds_c" in c else "      -    ")
+        acc = f"{c['acceptance_sum'] / c['drafts_verified']:6.3f}" if c.get("drafts_verified") else "     -"
+        print(f"{k:40s} {c['tokens'] / f:5.2f}  {acc}  {mix}  {tps:9.1f}  {tps / ar_tps:4.2f}x  {same[k]}/{n_runs}")
 
 
 def main():
@@ -238,10 +294,17 @@ def main():
     s.add_argument("--min_requests", type=int, default=8, help="requests per point: max(concurrency, this) (default 8)")
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
     s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
+    s = sub.add_parser("smollm2", help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
+    s.add_argument("--isd", type=lambda v: v.split(","), default=["smollm2"],
+                   help="comma-separated models to decode with ISD: smollm2, checkpoint or adapter folders")
+    s.add_argument("--stride", type=int, default=4, help="ISD stride N (default 4)")
+    s.add_argument("--max_new_tokens", type=int, default=48, help="reply length cap per prompt (default 48)")
+    s.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default 1)")
+    s.add_argument("--no_hf", action="store_true", help="leave out transformers' generate()")
     a = p.parse_args()
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")
-    {"train": bench_train, "decode": bench_decode, "serve": bench_serve}[a.what](a)
+    {"train": bench_train, "decode": bench_decode, "serve": bench_serve, "smollm2": bench_smollm2}[a.what](a)
 
 
 if __name__ == "__main__":

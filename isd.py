@@ -1,6 +1,8 @@
 """Introspective Strided Decoding (SPEC section 2) and the autoregressive baseline.
 
     python isd.py --out_dir=out --prompt="ROMEO:" --stride=4 --max_new_tokens=200 --temperature=0.8 --seed=1
+    python isd.py --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
+    python isd.py --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
 
 One forward per step puts W = 2N-1 tokens per request through the model:
     verify step:  [pending, d_1 .. d_{N-1}, MASK x (N-1)]
@@ -298,10 +300,13 @@ def trace_html(trace, enc, prompt, st, stride):
 
 
 def main(argv=None, load_model=None, doc=__doc__):
-    """The command line. `load_model(out_dir, device)` gives the model to decode with (default: a
-    PyTorch Model; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
+    """The command line. `load_model(source, device)` gives (model, tokenizer) (default:
+    pretrained.load_model, PyTorch; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py (default out)")
+    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
+                                                    "adapter (its base model + the adapter) (default out)")
+    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
+    p.add_argument("--chat", action="store_true", help="put --prompt as a user message in the chat template (ChatML)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
@@ -316,23 +321,22 @@ def main(argv=None, load_model=None, doc=__doc__):
     p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
                    help="show each forward's accepted drafts / corrections / clean tokens; with a file, write HTML")
     a = p.parse_args(argv)
-    import tokenizer as tok
+    import pretrained
     if load_model is None:
-        from model import Model
-
-        def load_model(out_dir, device):
-            return Model.load(out_dir, device=device or "cpu").eval()
+        def load_model(source, device):
+            return pretrained.load_model(source, device=device or "cpu")
     if a.stride < 1:
         p.error(f"--stride must be >= 1, got {a.stride}")
     if a.temperature < 0:
         p.error(f"--temperature must be >= 0, got {a.temperature}")
     try:
-        model = load_model(a.out_dir, a.device)
-        enc = tok.load(a.out_dir)
+        model, enc = load_model(a.init_from or a.out_dir, a.device)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    ids = enc.encode_ordinary(a.prompt)
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=[enc.eot_token])
+    if a.chat and "<|im_start|>" not in enc.special_tokens_set:
+        p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
+    ids = pretrained.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=pretrained.stop_ids(enc))
     try:
         isd_generate(model, ids, 2, a.stride, **kw)  # warm-up: first calls are slow
         out, st, trace = isd_generate(model, ids, a.max_new_tokens, a.stride, trace=True, **kw)
@@ -344,7 +348,7 @@ def main(argv=None, load_model=None, doc=__doc__):
     elif a.visualize == "-":
         show_trace(trace, enc)
     else:
-        print(a.prompt + text)
+        print(text if a.chat else a.prompt + text)
     if a.visualize and a.visualize != "-":
         with open(a.visualize, "w") as f:
             f.write(trace_html(trace, enc, a.prompt, st, a.stride))

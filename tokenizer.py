@@ -136,12 +136,16 @@ def fingerprint(enc):
 
 
 def save(enc, directory):
-    """Write directory/tokenizer.json: {"name": "gpt2"}, or a BPE's ranks (base64, in rank order)."""
+    """Write directory/tokenizer.json: {"name": "gpt2"}, or a BPE's ranks (base64, in rank order,
+    consecutive from first_rank: a vocabulary may put its special tokens first, as SmolLM2's does)."""
     if enc.name == "gpt2":
         d = {"name": "gpt2"}
     else:
         tokens = sorted(enc._mergeable_ranks, key=enc._mergeable_ranks.get)
-        d = {"name": enc.name, "pat_str": enc._pat_str,
+        first = enc._mergeable_ranks[tokens[0]]
+        if enc._mergeable_ranks[tokens[-1]] != first + len(tokens) - 1:
+            raise ValueError(f"tokenizer {enc.name}: its ranks are not consecutive, cannot save it")
+        d = {"name": enc.name, "pat_str": enc._pat_str, "first_rank": first,
              "ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
              "special_tokens": dict(enc._special_tokens)}
     os.makedirs(directory, exist_ok=True)
@@ -162,7 +166,8 @@ def load(directory):
             d = json.load(f)
         if d["name"] == "gpt2":
             return gpt2()
-        ranks = {base64.b64decode(t, validate=True): i for i, t in enumerate(d["ranks"])}
+        first = int(d.get("first_rank", 0))
+        ranks = {base64.b64decode(t, validate=True): first + i for i, t in enumerate(d["ranks"])}
         if len(ranks) != len(d["ranks"]):
             raise ValueError("a token appears twice in ranks")
         return tiktoken.Encoding(d["name"], pat_str=d["pat_str"], mergeable_ranks=ranks,

@@ -3,6 +3,8 @@
     python train.py                                   # the CPU preset, about 13 minutes on 2 cores
     python train.py --objective=ar --out_dir=out-ar   # the autoregressive baseline
     python train.py --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
+    python train.py --init_from=smollm2 --data=my.txt --out_dir=out-smol         # convert SmolLM2-135M
+    python train.py --init_from=smollm2 --lora=8 --lr=1e-3 --out_dir=out-rlora  # R-ISD: gated LoRA only
     torchrun --nproc_per_node=2 train.py              # DDP (gloo on CPU, nccl on CUDA)
 
 Every option is `--key=value`; a preset gives the defaults, any option given overrides it.
@@ -20,6 +22,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
 
 import data
+import lora
+import pretrained
 import tokenizer as tok
 from isd import ar_generate
 from model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, load_config
@@ -39,10 +43,16 @@ PRESETS = {
     "gpu": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, seq_len=1024, tokenizer="gpt2",
                 vocab_size=50257, batch_size=16, grad_accum=4, max_iters=20000, lr=6e-4, warmup_iters=1000,
                 eval_interval=1000, eval_iters=50),
+    # fine-tuning SmolLM2-135M (--init_from=smollm2 picks it): its shapes; lr for full fine-tuning
+    # (an adapter, --lora, wants about 1e-3)
+    "smollm2": dict(n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, rope_theta=1e5, seq_len=256,
+                    tokenizer="bpe", vocab_size=2048, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4,
+                    warmup_iters=20, eval_interval=100, eval_iters=4),
 }
 DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
-                seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False)
+                seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
+                lora=0, lora_alpha=16.0)
 # options that may change when resuming; every other one must match the checkpoint
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite"}
 
@@ -59,7 +69,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None, doc=__doc__):
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu)")
+    a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu; smollm2 with --init_from=smollm2)")
     a("--objective", choices=["idlm", "ar"], help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss (default idlm)")
     a("--stride", type=int, help="N, tokens per forward in ISD; the loss uses N-1 masks per block (default 4)")
     a("--alpha", help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 1)")
@@ -67,7 +77,12 @@ def parse_args(argv=None, doc=__doc__):
     a("--tokenizer", choices=["bpe", "gpt2"], help="bpe: trained on the train split; gpt2: the GPT-2 encoding")
     a("--vocab_size", type=int, help="BPE vocabulary size, end-of-text included (MASK is one more id)")
     a("--out_dir", help="where checkpoints go (default out)")
-    a("--init_from", help="start from the weights (and tokenizer) of this checkpoint folder, e.g. an AR model")
+    a("--init_from", help="start from the weights (and tokenizer) of this checkpoint folder, e.g. an AR model, "
+                          "or of a pretrained model by name: smollm2 (SmolLM2-135M-Instruct)")
+    a("--lora", type=int, help="R-ISD: freeze the --init_from model and train gated LoRA adapters of this rank "
+                               "(attention and MLP projections, active only at MASK positions); saves only "
+                               "adapter.safetensors + adapter.json (default 0 = off, train every weight)")
+    a("--lora_alpha", type=float, help="LoRA scale numerator: the adapter's output is scaled by alpha/rank (default 16)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
     for k in MODEL_KEYS:
@@ -88,7 +103,8 @@ def parse_args(argv=None, doc=__doc__):
     a("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps; mlx_port.train: auto, cpu, gpu")
     a("--compile", action="store_true", default=None, help="torch.compile the model (not in mlx_port.train)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    cfg = {**DEFAULTS, **PRESETS[args.get("preset", DEFAULTS["preset"])], **args}
+    preset = args.get("preset", "smollm2" if args.get("init_from") == pretrained.NAME else DEFAULTS["preset"])
+    cfg = {**DEFAULTS, **PRESETS[preset], **args, "preset": preset}
     return cfg, set(args)
 
 
@@ -107,6 +123,14 @@ def check_options(cfg):
             raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
     if cfg["resume"] and cfg["init_from"]:
         raise UsageError("--resume continues --out_dir; it cannot be combined with --init_from")
+    if cfg["lora"] < 0:
+        raise UsageError(f"--lora must be >= 0, got {cfg['lora']}")
+    if cfg["lora"] and not (cfg["init_from"] or cfg["resume"]):
+        raise UsageError("--lora adapts a frozen model: give it with --init_from (e.g. --init_from=smollm2)")
+    if cfg["lora"] and cfg["objective"] == "ar":
+        raise UsageError("--lora adapters act only at MASK positions: they need --objective=idlm")
+    if cfg["preset"] == "smollm2" and not (cfg["init_from"] or cfg["resume"]):
+        raise UsageError("--preset=smollm2 fine-tunes SmolLM2: add --init_from=smollm2")
 
 
 def pick_device(name):
@@ -161,10 +185,14 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
 
 def save_checkpoint(out_dir, model, enc, opt, state):
     """Write every file to a temporary name first, then rename them all: an interrupted run never
-    corrupts the last good checkpoint. `it` is stamped into both tensor files to detect a mix."""
+    corrupts the last good checkpoint. `it` is stamped into both tensor files to detect a mix.
+    With an adapter (--lora), only the adapter is saved, not the frozen base."""
     os.makedirs(out_dir, exist_ok=True)
     meta = {"iter": str(state["iter"])}
-    model.save(out_dir, metadata=meta)
+    if hasattr(model, "lora"):
+        lora.save_adapter(model.lora, out_dir, metadata=meta)
+    else:
+        model.save(out_dir, metadata=meta)
     tok.save(enc, out_dir)
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
@@ -188,7 +216,8 @@ def read_train_state(out_dir, framework="pytorch"):
 def load_optimizer(out_dir, opt, state):
     """Restore the optimizer in place from optimizer.safetensors and the saved param groups."""
     opt_path = os.path.join(out_dir, "optimizer.safetensors")
-    with safe_open(opt_path, "pt") as f, safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as m:
+    weights = "adapter.safetensors" if state["config"].get("lora") else "model.safetensors"
+    with safe_open(opt_path, "pt") as f, safe_open(os.path.join(out_dir, weights), "pt") as m:
         if f.metadata().get("iter") != m.metadata().get("iter") or f.metadata().get("iter") != str(state["iter"]):
             raise UsageError(f"--resume: the files in {out_dir} come from different steps; "
                              f"the checkpoint is inconsistent, start a new run")
@@ -201,7 +230,13 @@ def load_optimizer(out_dir, opt, state):
 
 
 def load_pretrained(path, what):
-    """(model config, tokenizer, weights) from a checkpoint folder, or a one-line UsageError."""
+    """(model config, tokenizer, weights) from a checkpoint folder or a pretrained name (smollm2),
+    or a one-line UsageError."""
+    if path == pretrained.NAME:
+        try:
+            path = pretrained.smollm2_dir()
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{what}={pretrained.NAME}: {e}") from None
     if not os.path.isdir(path):
         raise UsageError(f"{what}={path}: no such folder")
     try:
@@ -232,8 +267,8 @@ def main(argv=None):
     out_dir = cfg["out_dir"]
 
     # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
-    enc, weights, state = None, None, None
-    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json"))
+    enc, weights, state, adapter = None, None, None, None
+    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
     if cfg["resume"]:
         if not has_ckpt:
             raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
@@ -245,7 +280,11 @@ def main(argv=None):
                              + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
                              + "; drop those options or use another --out_dir")
         cfg = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
-        mcfg, enc, weights = load_pretrained(out_dir, "--resume")
+        if cfg["lora"]:  # the frozen base, then the adapter trained so far
+            lcfg, adapter = lora.load_adapter(out_dir)
+            mcfg, enc, weights = load_pretrained(lcfg.base, "--resume: the adapter's base model")
+        else:
+            mcfg, enc, weights = load_pretrained(out_dir, "--resume")
     elif has_ckpt and not cfg["overwrite"]:
         raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out_dir")
@@ -274,9 +313,13 @@ def main(argv=None):
     model = Model(mcfg)
     if weights is not None:
         model.load_state_dict(weights)
+    if cfg["lora"]:  # R-ISD: freeze the base, train only the gated adapter
+        base = cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"])
+        lora.add_adapter(model, lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), adapter)
     model.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
     start, history, evals = 0, [], []
@@ -289,6 +332,9 @@ def main(argv=None):
 
     n_params = sum(p.numel() for p in model.parameters())
     rows = cfg["batch_size"] * cfg["grad_accum"] * world
+    if cfg["lora"]:
+        log(f"gated LoRA rank {cfg['lora']}: training {sum(p.numel() for p in trainable) / 1e6:.2f}M adapter "
+            f"parameters on a frozen base")
     log(f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} "
         f"(MASK = {mcfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
         f"{rows} rows x {cfg['seq_len']} tokens per step, {world} process(es) on {device}")
@@ -323,7 +369,7 @@ def main(argv=None):
             (loss / cfg["grad_accum"]).backward()
             stats += torch.stack([loss, task, clean]).detach().float().cpu() / cfg["grad_accum"]
         if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ddp:

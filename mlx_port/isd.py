@@ -57,9 +57,10 @@ def ar_generate(model, *args, **kw):
 
 
 def load_model(out_dir, device=None):
-    """The MLX model of a checkpoint folder (written by train.py or mlx_port.train), seen as torch."""
+    """(The MLX model of a checkpoint folder (written by train.py or mlx_port.train), seen as torch,
+    its tokenizer)."""
     mx.set_default_device(pick_device(device))
-    return TorchView(Model.load(out_dir))
+    return TorchView(Model.load(out_dir)), tok.load(out_dir)
 
 
 if __name__ == "__main__":

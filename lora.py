@@ -1,0 +1,109 @@
+"""R-ISD (SPEC section 4): gated LoRA adapters that turn a frozen AR model into a lossless drafter.
+
+    y = W x + s * B(gate * A x),   gate = 1 at MASK input positions, 0 everywhere else, s = alpha / rank
+
+Every clean position (prompt, pending token, drafts) runs the base weights only, and in ISD clean
+positions never attend to MASKs, so p is exactly the base model's distribution and ISD's output is
+exactly the base model's; the adapter only shapes the masks' proposals q, i.e. the speed. It is
+trained with the introspective loss (its clean term has no trainable parameters then).
+
+The adapter is a module of its own, attached as `model.lora` and applied by forward hooks: model.py
+is unchanged and a model without an adapter runs exactly as before. Only the adapter is saved
+(adapter.safetensors + adapter.json, which names the base model).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model import _atomic
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0  # the scale s is alpha / rank
+    base: str = "smollm2"  # the frozen model: a pretrained name or a checkpoint folder
+    targets: tuple = TARGETS
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not set(self.targets) <= set(TARGETS):
+            raise ValueError(f"LoRA targets must be among {TARGETS}, got {self.targets}")
+
+
+class GatedLoRA(nn.Module):
+    """A (rank x in) and B (out x rank) for every target projection of `model`. B starts at zero
+    (the adapter changes nothing until trained); A like nn.Linear's default init."""
+
+    def __init__(self, model, cfg: LoraConfig):
+        super().__init__()
+        self.cfg, self.scale, self.mask_id = cfg, cfg.alpha / cfg.rank, model.cfg.mask_token_id
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in cfg.targets:
+                key = name.replace(".", "_")  # ParameterDict keys cannot hold dots
+                self.A[key] = nn.Parameter(torch.empty(cfg.rank, m.in_features).uniform_(-1, 1) / math.sqrt(m.in_features))
+                self.B[key] = nn.Parameter(torch.zeros(m.out_features, cfg.rank))
+        self.gate = None
+
+    def set_gate(self, model, args, kwargs):
+        """Forward pre-hook of the model: the gate (B, T, 1) of this forward's token ids."""
+        idx = args[0] if args else kwargs["idx"]
+        self.gate = (idx == self.mask_id).unsqueeze(-1).to(self.A[next(iter(self.A))].dtype)
+
+    def adapt(self, key, module, inputs, out):
+        """Forward hook of a target projection: out + s * B(gate * A x)."""
+        delta = F.linear(self.gate * F.linear(inputs[0], self.A[key]), self.B[key])
+        return out + self.scale * delta.to(out.dtype)
+
+
+def add_adapter(model, cfg: LoraConfig, state=None):
+    """Freeze `model` and attach a gated LoRA adapter to it as model.lora (weights from `state`)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = model.embed_tokens.weight
+    lora = GatedLoRA(model, cfg).to(w.device, w.dtype)
+    if state is not None:
+        lora.load_state_dict(state)
+    targets = [(n.replace(".", "_"), m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in cfg.targets]
+    model.lora = lora  # a submodule: .to(), DDP and the optimizer see its parameters
+    model.register_forward_pre_hook(lora.set_gate, with_kwargs=True)
+    for key, m in targets:
+        m.register_forward_hook(lambda mod, inp, out, key=key: lora.adapt(key, mod, inp, out))
+    return model
+
+
+def save_adapter(lora, out_dir, metadata=None):
+    """Write adapter.safetensors + adapter.json atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in lora.state_dict().items()}
+    _atomic(os.path.join(out_dir, "adapter.safetensors"),
+            lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    _atomic(os.path.join(out_dir, "adapter.json"),
+            lambda f: Path(f).write_text(json.dumps(asdict(lora.cfg), indent=2) + "\n"))
+
+
+def load_adapter(out_dir):
+    """(LoraConfig, state dict) of the adapter in out_dir."""
+    path = os.path.join(out_dir, "adapter.json")
+    with open(path) as f:
+        d = json.load(f)
+    known = {f.name for f in fields(LoraConfig)}
+    if not set(d) <= known:
+        raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}")
+    return LoraConfig(**d), load_file(os.path.join(out_dir, "adapter.safetensors"))
+
+
+def has_adapter(out_dir):
+    return os.path.isfile(os.path.join(out_dir, "adapter.json"))

@@ -1,0 +1,131 @@
+"""SmolLM2-135M-Instruct converted by pretrained.py, checked against an independent implementation:
+Hugging Face transformers loading the same GGUF file (its own dequantization, tensor mapping, RoPE
+and tokenizer). Each model is loaded once for the module (transformers takes about 20 s)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pretrained  # noqa: E402
+from isd import ar_generate, isd_generate  # noqa: E402
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 3,
+           "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 0 1 1 2 3 5 8",
+           "Paris est la capitale de la France ; 東京 est celle du Japon. Ünïcödé, emoji 🎉!"]
+TEXTS = PROMPTS + [
+    "", " ", "  leading spaces", "trailing spaces   ", "tabs\tand\nnew\n\n\nlines\r\n",
+    "x 12345 y  7\n\n 2024-11-23, 3.14159, ½ ² ٣", "a  1 b   22", "I'm, you're, they'll, it's, we've, he'd",
+    "<|im_start|>user\nnot special here<|im_end|>", "a\x04b \x1d c", "Ωμέγα, Привет, مرحبا, नमस्ते, 한국어",
+    "https://example.org/path?q=1&r=two#frag", "    indented code {\n\treturn;\n}", "!!!???...---",
+]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return pretrained.load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+    folder, name = os.path.split(pretrained.gguf_path())
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+    folder, name = os.path.split(pretrained.gguf_path())
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def test_config(ours):
+    model, enc = ours
+    cfg = model.cfg
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.d_ff) == (30, 9, 3, 576, 1536)
+    assert (enc.n_vocab, cfg.mask_token_id, cfg.vocab_size, cfg.rope_theta) == (49152, 49152, 49153, 1e5)
+    emb = model.embed_tokens.weight
+    assert torch.allclose(emb[-1], emb[:-1].mean(0), atol=1e-6)  # the new MASK row
+
+
+@torch.no_grad()
+def test_logits_match_transformers(ours, hf_model):
+    model, enc = ours
+    for text in PROMPTS:
+        ids = torch.tensor([enc.encode_ordinary(text)])
+        a = model(ids)[0, :, :enc.n_vocab]
+        b = hf_model(ids).logits[0]
+        assert a.shape == b.shape
+        assert (a - b).abs().max() < 1e-3, text
+
+
+def test_greedy_continuation_matches_transformers(ours, hf_model):
+    model, enc = ours
+    ids = enc.encode_ordinary("Once upon a time, in a small village by the sea,")
+    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                            attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert ar_generate(model, ids, 20, temperature=0) == ref
+
+
+def test_chat_template_and_answer(ours, hf_tokenizer):
+    model, enc = ours
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = pretrained.chat_ids(enc, messages)
+    assert ids == hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=False)
+    with_system = [{"role": "system", "content": "Be brief."}] + messages
+    assert pretrained.chat_ids(enc, with_system) == hf_tokenizer.apply_chat_template(
+        with_system, tokenize=True, add_generation_prompt=True, return_dict=False)
+    out = ar_generate(model, ids, 30, temperature=0, stop_ids=pretrained.stop_ids(enc))
+    assert out[-1] == enc.encode_single_token("<|im_end|>")
+    assert "Paris" in enc.decode(out)
+
+
+def test_tokenizer_matches_transformers(ours, hf_tokenizer):
+    """Same ids as Hugging Face's tokenizer built from the same GGUF metadata. transformers gives a
+    GGUF with pre-tokenizer "smollm" the plain GPT-2 split; SmolLM2's own tokenizer.json (and
+    llama.cpp's "smollm") also isolates every digit, which only changes whitespace before digits.
+    So: equal ids with SmolLM2's pre-tokenizer set on the Hugging Face tokenizer, and equal ids with
+    transformers' as loaded on digit-free text."""
+    from tokenizers import pre_tokenizers
+    _, enc = ours
+    backend = hf_tokenizer.backend_tokenizer
+    as_loaded, smollm = (type(backend).from_str(backend.to_str()) for _ in range(2))
+    smollm.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    special = smollm.encode("<|im_start|><|endoftext|>", add_special_tokens=False).ids
+    as_loaded.encode_special_tokens = smollm.encode_special_tokens = True  # special-token text is text
+    differs = 0
+    for text in TEXTS:
+        ids = enc.encode_ordinary(text)
+        assert ids == smollm.encode(text, add_special_tokens=False).ids, repr(text)
+        plain = as_loaded.encode(text, add_special_tokens=False).ids
+        if not any(c.isdigit() for c in text):
+            assert ids == plain, repr(text)
+        differs += ids != plain
+        if "\x04" not in text:
+            assert enc.decode(ids) == text
+    assert differs > 0  # the digit rule was exercised
+    assert enc.encode("<|im_start|><|endoftext|>", allowed_special="all") == special == [1, 0]
+    assert pretrained.stop_ids(enc) == [0, 2]
+
+
+def test_risd_on_smollm2_is_lossless(ours):
+    """Greedy ISD on SmolLM2 + a random non-zero gated adapter == greedy AR of SmolLM2 itself."""
+    import copy
+
+    import lora
+    base, enc = ours
+    model = lora.add_adapter(copy.deepcopy(base), lora.LoraConfig(rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.lora.B.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    ids = pretrained.chat_ids(enc, [{"role": "user", "content": "Name three colours."}])
+    ref = ar_generate(base, ids, 12, temperature=0)
+    out, st = isd_generate(model, ids, 12, 4, temperature=0)
+    assert out == ref
+    assert st["forwards"] < 12 or st["rounds_r"] > 0  # drafts were verified, not only cold starts
