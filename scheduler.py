@@ -27,6 +27,7 @@ from collections import deque
 import torch
 
 import isd
+import pretrained
 
 REASONS = ("stop", "length", "cancelled", "error")
 
@@ -74,6 +75,7 @@ class Scheduler:
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.model, self.enc, self.stride = model.eval(), enc, stride
+        self.stop_ids = tuple(pretrained.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
         # a row holds at most max_seq_len - 1 committed tokens plus one window of 2N-1
         self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + 2 * stride)
@@ -111,7 +113,7 @@ class Scheduler:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
-        req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, (self.enc.eot_token,))
+        req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
         isd.check_prompt(self.model, req.prompt, max_tokens)
         job = Job(req, stop, listener)
         self.inbox.put(job)

@@ -32,8 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-import tokenizer as tok
-from model import Model
+import pretrained
 from scheduler import REASONS, Scheduler
 
 CHAT_STOP = "\n\n"  # a speech ends at a blank line (see chat_prompt)
@@ -155,6 +154,9 @@ def make_app(sched, enc, model_name):
         if not body.messages:
             raise ApiError(400, "'messages' must hold at least one message", "messages")
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        if "<|im_start|>" in enc.special_tokens_set:  # a model with a ChatML template (e.g. smollm2)
+            ids = pretrained.chat_ids(enc, [m.model_dump() for m in body.messages])
+            return await generate(request, body, ids, max_tokens, [], chat=True)
         return await generate(request, body, chat_prompt(body.messages), max_tokens, [CHAT_STOP], chat=True)
 
     async def generate(request, body, prompt, max_tokens, stops, chat):
@@ -163,7 +165,8 @@ def make_app(sched, enc, model_name):
                            "model_not_found")
         if body.n not in (None, 1):
             raise ApiError(400, f"'n' must be 1, got {body.n}", "n")
-        ids = enc.encode_ordinary(prompt) or [enc.eot_token]  # an empty prompt starts a new document
+        # token ids (a chat template's) or text; an empty text starts a new document
+        ids = prompt if isinstance(prompt, list) else enc.encode_ordinary(prompt) or [enc.eot_token]
         param = "messages" if chat else "prompt"
         if len(ids) >= context:
             raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {context}", param,
@@ -286,7 +289,9 @@ def metrics_text(m):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py (default out)")
+    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
+                                                    "adapter (its base model + the adapter) (default out)")
+    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
     p.add_argument("--max_batch", type=int, default=16, help="slots of the resident batch (default 16)")
     p.add_argument("--prefill_budget", type=int, default=256,
@@ -298,13 +303,12 @@ def main(argv=None):
                    help="on SIGINT/SIGTERM, seconds to let running requests finish before cancelling them (default 10)")
     a = p.parse_args(argv)
     try:
-        model = Model.load(a.out_dir, device=a.device).eval()
-        enc = tok.load(a.out_dir)
+        model, enc = pretrained.load_model(a.init_from or a.out_dir, device=a.device)
         sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    name = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
+    name = a.init_from or os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
     app = make_app(sched.start(), enc, name)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                                            timeout_graceful_shutdown=a.shutdown_timeout))

@@ -129,3 +129,27 @@ def test_risd_on_smollm2_is_lossless(ours):
     out, st = isd_generate(model, ids, 12, 4, temperature=0)
     assert out == ref
     assert st["forwards"] < 12 or st["rounds_r"] > 0  # drafts were verified, not only cold starts
+
+
+def test_server_chat_on_smollm2(ours, hf_tokenizer):
+    """serve.py on SmolLM2: /v1/chat/completions uses the ChatML template (ids checked against
+    transformers' apply_chat_template) and stops at <|im_end|>; at temperature 0 the reply equals
+    the base model's greedy AR reply."""
+    from fastapi.testclient import TestClient
+
+    import serve
+    from scheduler import Scheduler
+    model, enc = ours
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    want = ar_generate(model, ids, 30, temperature=0, stop_ids=pretrained.stop_ids(enc))
+    assert want[-1] == enc.encode_single_token("<|im_end|>")
+    sched = Scheduler(model, enc, stride=3, max_batch=2).start()
+    with TestClient(serve.make_app(sched, enc, "smollm2")) as client:
+        r = client.post("/v1/chat/completions", json={"model": "smollm2", "messages": messages,
+                                                       "max_tokens": 30, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+    assert body["choices"][0]["message"]["content"] == enc.decode(want[:-1])
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == len(ids) and "Paris" in body["choices"][0]["message"]["content"]
