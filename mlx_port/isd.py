@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import isd
+import tokenizer as tok
 from mlx_port.model import Model, pick_device
 
 
