@@ -251,6 +251,14 @@ def load_pretrained(path, what):
     return mcfg, enc, weights
 
 
+def progress_line(step, cfg, losses, lr, tps, eta):
+    """One line of progress: step, losses (loss, task, clean; no task for the AR objective), lr, speed, ETA."""
+    parts = f"task {losses[1]:.4f} clean {losses[2]:.4f}" if cfg["objective"] == "idlm" else f"clean {losses[2]:.4f}"
+    speed = f"{tps / 1e3:.1f}k" if tps >= 1000 else f"{tps:.1f}"
+    return (f"step {step}/{cfg['max_iters']} | loss {losses[0]:.4f} {parts} | lr {lr:.2e} | {speed} tok/s"
+            f" | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+
+
 def main(argv=None):
     cfg, given = parse_args(argv)
     check_options(cfg)
@@ -381,8 +389,7 @@ def main(argv=None):
             n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
             tps = n * rows * cfg["seq_len"] / (now - t_last)
             eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
-            log(f"step {it + 1}/{cfg['max_iters']} | loss {stats[0]:.4f} task {stats[1]:.4f} clean {stats[2]:.4f}"
-                f" | lr {lr:.2e} | {tps / 1e3:.1f}k tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+            log(progress_line(it + 1, cfg, [float(v) for v in stats], lr, tps, eta), flush=True)
             t_last = now
     if cfg["max_iters"] > start or not cfg["resume"]:
         checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg, device, rank, world))

@@ -25,7 +25,7 @@ import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, pick_device
 from train import (MODEL_KEYS, RESUMABLE, UsageError, check_options, load_pretrained, lr_at, parse_args,
-                   read_train_state)
+                   progress_line, read_train_state)
 
 
 def get_batch(ids, offsets, seq_len):
@@ -190,9 +190,7 @@ def main(argv=None):
             n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
             tps = n * rows * cfg["seq_len"] / (now - t_last)
             eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
-            print(f"step {it + 1}/{cfg['max_iters']} | loss {stats[0].item():.4f} task {stats[1].item():.4f} "
-                  f"clean {stats[2].item():.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k tok/s | "
-                  f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+            print(progress_line(it + 1, cfg, [v.item() for v in stats], lr, tps, eta), flush=True)
             t_last = now
     if cfg["max_iters"] > start or not cfg["resume"]:
         checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg))
