@@ -14,15 +14,14 @@ is unchanged and a model without an adapter runs exactly as before. Only the ada
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from model import _atomic
+from model import save_module
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,12 +85,7 @@ def add_adapter(model, cfg: LoraConfig, state=None):
 
 def save_adapter(lora, out_dir, metadata=None):
     """Write adapter.safetensors + adapter.json atomically."""
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora.state_dict().items()}
-    _atomic(os.path.join(out_dir, "adapter.safetensors"),
-            lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-    _atomic(os.path.join(out_dir, "adapter.json"),
-            lambda f: Path(f).write_text(json.dumps(asdict(lora.cfg), indent=2) + "\n"))
+    save_module(lora, lora.cfg, out_dir, "adapter.safetensors", "adapter.json", metadata)
 
 
 def load_adapter(out_dir):

@@ -207,12 +207,7 @@ class Model(nn.Module):
 
     def save(self, out_dir, metadata=None):
         """Write model.safetensors + config.json atomically (temporary file, then rename)."""
-        os.makedirs(out_dir, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(os.path.join(out_dir, "model.safetensors"),
-                lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-        _atomic(os.path.join(out_dir, "config.json"),
-                lambda f: Path(f).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+        save_module(self, self.cfg, out_dir, "model.safetensors", "config.json", metadata)
 
     @classmethod
     def load(cls, out_dir, device="cpu"):
@@ -224,6 +219,16 @@ class Model(nn.Module):
         model = cls(cfg).to(device=device, dtype=state["embed_tokens.weight"].dtype)
         model.load_state_dict(state)
         return model
+
+
+def save_module(module, cfg, out_dir, weights_name, config_name, metadata=None):
+    """Write a module's tensors (safetensors, `metadata` as strings) and its config dataclass (JSON),
+    each atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    _atomic(os.path.join(out_dir, weights_name),
+            lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    _atomic(os.path.join(out_dir, config_name), lambda f: Path(f).write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
 
 
 def load_config(out_dir):

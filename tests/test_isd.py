@@ -14,7 +14,6 @@ False-failure rate of the statistical checks: each chi-square check asserts p > 
 randomness one check fails wrongly with probability 1e-4. Every seed here is fixed, so the tests are
 deterministic: they either always pass or always fail for a given isd.py.
 """
-import itertools
 import math
 import os
 import sys
