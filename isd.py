@@ -342,7 +342,7 @@ def main(argv=None, load_model=None, doc=__doc__):
         out, st, trace = isd_generate(model, ids, a.max_new_tokens, a.stride, trace=True, **kw)
     except ValueError as e:
         p.error(str(e))
-    text = enc.decode(out)
+    text = enc.decode(out[:-1] if out and out[-1] in kw["stop_ids"] else out)  # the stop token is not text
     if a.json:
         print(json.dumps({"text": text, "tokens": out, "stats": st}))
     elif a.visualize == "-":
