@@ -233,7 +233,8 @@ def bench_smollm2(a):
     if not a.no_hf:
         from transformers import AutoModelForCausalLM
         folder, name = os.path.split(pretrained.gguf_path())
-        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                  local_files_only=True).eval()  # a local file, never the hub
 
         def hf_generate(p):
             out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),

@@ -32,14 +32,14 @@ def ours():
 def hf_model():
     from transformers import AutoModelForCausalLM
     folder, name = os.path.split(pretrained.gguf_path())
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True).eval()
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     from transformers import AutoTokenizer
     folder, name = os.path.split(pretrained.gguf_path())
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
 
 
 def test_config(ours):
