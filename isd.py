@@ -14,6 +14,7 @@ SAMPLED from their q. So every committed token is distributed exactly as p( . | 
 """
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import verify
+
+MIN_TEMPERATURE = 1e-6  # below it (but above 0, which is greedy) logits / temperature can overflow
 
 
 def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=None):
@@ -96,6 +99,15 @@ class Request:
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                             f"got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if len(self.prompt) == 0:

@@ -105,12 +105,6 @@ class Scheduler:
         here, never in the scheduler thread."""
         if self.closed:
             raise RuntimeError("the scheduler is shutting down")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is not None and not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
@@ -221,6 +215,12 @@ class Scheduler:
         hits = [i for i in (job.text.find(s) for s in job.stop) if i >= 0]
         if hits:
             job.text = job.text[:min(hits)]
+            # usage counts the tokens up to the one that completed the stop string, not the rest of the step
+            k = next((k for k in range(len(req.out) - len(new) + 1, len(req.out)) if any(
+                s in self.enc.decode([t for t in req.out[:k] if t not in req.stop_ids], errors="replace")
+                for s in job.stop)), len(req.out))
+            self.counters["completion_tokens"] -= len(req.out) - k
+            del req.out[k:]
             self._finish(job, "stop")
         elif req.done:
             self._finish(job, "stop" if req.out[-1] in req.stop_ids else "length")

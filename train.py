@@ -10,9 +10,11 @@
 Every option is `--key=value`; a preset gives the defaults, any option given overrides it.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ import lora
 import pretrained
 import tokenizer as tok
 from isd import ar_generate
-from model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, load_config
+from model import Model, ModelConfig, ar_loss, idlm_loss, load_config
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
@@ -54,7 +56,8 @@ DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None
                 seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
                 lora=0, lora_alpha=16.0)
 # options that may change when resuming; every other one must match the checkpoint
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite"}
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite",
+             "out_dir"}  # out_dir: the same folder may be named from another working directory
 
 
 class UsageError(ValueError):
@@ -108,7 +111,7 @@ def parse_args(argv=None, doc=__doc__):
     return cfg, set(args)
 
 
-def check_options(cfg):
+def check_options(cfg, given):
     if cfg["stride"] < 1:
         raise UsageError(f"--stride must be >= 1, got {cfg['stride']}")
     if cfg["objective"] == "idlm" and cfg["stride"] < 2:
@@ -127,6 +130,10 @@ def check_options(cfg):
         raise UsageError(f"--lora must be >= 0, got {cfg['lora']}")
     if cfg["lora"] and not (cfg["init_from"] or cfg["resume"]):
         raise UsageError("--lora adapts a frozen model: give it with --init_from (e.g. --init_from=smollm2)")
+    if cfg["lora"] and cfg["init_from"] and os.path.abspath(cfg["init_from"]) == os.path.abspath(cfg["out_dir"]):
+        raise UsageError("--lora saves only the adapter, which refers to its base: --out_dir must not be --init_from")
+    if "lora_alpha" in given and not cfg["lora"]:
+        raise UsageError("--lora_alpha scales the adapter: give it with --lora=RANK")
     if cfg["lora"] and cfg["objective"] == "ar":
         raise UsageError("--lora adapters act only at MASK positions: they need --objective=idlm")
     if cfg["preset"] == "smollm2" and not (cfg["init_from"] or cfg["resume"]):
@@ -184,22 +191,42 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
 # checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
 
 def save_checkpoint(out_dir, model, enc, opt, state):
-    """Write every file to a temporary name first, then rename them all: an interrupted run never
-    corrupts the last good checkpoint. `it` is stamped into both tensor files to detect a mix.
-    With an adapter (--lora), only the adapter is saved, not the frozen base."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the checkpoint's files (with an adapter, --lora: the adapter, not the frozen base).
+    `it` is stamped into both tensor files to detect a mix."""
     meta = {"iter": str(state["iter"])}
-    if hasattr(model, "lora"):
-        lora.save_adapter(model.lora, out_dir, metadata=meta)
-    else:
-        model.save(out_dir, metadata=meta)
-    tok.save(enc, out_dir)
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    _atomic(os.path.join(out_dir, "optimizer.safetensors"), lambda f: save_file(tensors, f, metadata=meta))
-    text = json.dumps({**state, "param_groups": groups}, indent=1)
-    _atomic(os.path.join(out_dir, "train_state.json"), lambda f: Path(f).write_text(text))
+    text = json.dumps({**state, "param_groups": sd["param_groups"]}, indent=1)
+    with staged(out_dir) as stage:
+        if hasattr(model, "lora"):
+            lora.save_adapter(model.lora, stage, metadata=meta)
+        else:
+            model.save(stage, metadata=meta)
+        tok.save(enc, stage)
+        save_file(tensors, os.path.join(stage, "optimizer.safetensors"), metadata=meta)
+        Path(stage, "train_state.json").write_text(text)
+
+
+@contextlib.contextmanager
+def staged(out_dir):
+    """Files written into the yielded folder replace out_dir's only once all are written (by renames,
+    train_state.json last): an interrupted write leaves the last good checkpoint as it was. Files of
+    the other kind of checkpoint (a full model vs an adapter) go, so loading never picks up a stale
+    adapter left by an earlier run in out_dir."""
+    stage = os.path.join(out_dir, ".staging")
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    try:
+        yield stage
+        names = sorted(os.listdir(stage), key=lambda n: n == "train_state.json")
+        for n in names:
+            os.replace(os.path.join(stage, n), os.path.join(out_dir, n))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    stale = ("model.safetensors", "config.json") if "adapter.json" in names else ("adapter.safetensors", "adapter.json")
+    for n in stale:
+        if os.path.exists(os.path.join(out_dir, n)):
+            os.remove(os.path.join(out_dir, n))
 
 
 def read_train_state(out_dir, framework="pytorch"):
@@ -229,9 +256,8 @@ def load_optimizer(out_dir, opt, state):
     opt.load_state_dict(sd)
 
 
-def load_pretrained(path, what):
-    """(model config, tokenizer, weights) from a checkpoint folder or a pretrained name (smollm2),
-    or a one-line UsageError."""
+def checkpoint_folder(path, what):
+    """`path`, or the converted checkpoint folder of a pretrained name (smollm2); a UsageError if none."""
     if path == pretrained.NAME:
         try:
             path = pretrained.smollm2_dir()
@@ -239,6 +265,13 @@ def load_pretrained(path, what):
             raise UsageError(f"{what}={pretrained.NAME}: {e}") from None
     if not os.path.isdir(path):
         raise UsageError(f"{what}={path}: no such folder")
+    return path
+
+
+def load_pretrained(path, what):
+    """(model config, tokenizer, weights) from a checkpoint folder or a pretrained name (smollm2),
+    or a one-line UsageError."""
+    path = checkpoint_folder(path, what)
     try:
         mcfg = load_config(path)
         enc = tok.load(path)
@@ -255,13 +288,14 @@ def progress_line(step, cfg, losses, lr, tps, eta):
     """One line of progress: step, losses (loss, task, clean; no task for the AR objective), lr, speed, ETA."""
     parts = f"task {losses[1]:.4f} clean {losses[2]:.4f}" if cfg["objective"] == "idlm" else f"clean {losses[2]:.4f}"
     speed = f"{tps / 1e3:.1f}k" if tps >= 1000 else f"{tps:.1f}"
+    minutes, seconds = divmod(round(eta), 60)
     return (f"step {step}/{cfg['max_iters']} | loss {losses[0]:.4f} {parts} | lr {lr:.2e} | {speed} tok/s"
-            f" | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+            f" | ETA {minutes}m{seconds:02d}s")
 
 
 def main(argv=None):
     cfg, given = parse_args(argv)
-    check_options(cfg)
+    check_options(cfg, given)
     ddp = "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = pick_device(cfg["device"])
@@ -289,7 +323,10 @@ def main(argv=None):
                              + "; drop those options or use another --out_dir")
         cfg = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
         if cfg["lora"]:  # the frozen base, then the adapter trained so far
-            lcfg, adapter = lora.load_adapter(out_dir)
+            try:
+                lcfg, adapter = lora.load_adapter(out_dir)
+            except (OSError, ValueError, TypeError) as e:
+                raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
             mcfg, enc, weights = load_pretrained(lcfg.base, "--resume: the adapter's base model")
         else:
             mcfg, enc, weights = load_pretrained(out_dir, "--resume")
@@ -307,6 +344,9 @@ def main(argv=None):
             raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
     if enc is not None and "tokenizer" in given and cfg["tokenizer"] != enc.name.split("-")[0]:
         raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
+    if enc is not None and "vocab_size" in given and cfg["vocab_size"] != enc.n_vocab:
+        raise UsageError(f"--vocab_size={cfg['vocab_size']} contradicts the checkpoint's tokenizer {enc.name} "
+                         f"({enc.n_vocab} tokens)")
 
     try:
         enc, train_ids, val_ids = data.load_corpus(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
@@ -322,7 +362,8 @@ def main(argv=None):
     if weights is not None:
         model.load_state_dict(weights)
     if cfg["lora"]:  # R-ISD: freeze the base, train only the gated adapter
-        base = cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"])
+        base = lcfg.base if state is not None else (  # the base as resolved when the run began
+            cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"]))
         lora.add_adapter(model, lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), adapter)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]

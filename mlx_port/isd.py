@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 import isd
+import lora
+import pretrained
 import tokenizer as tok
 from mlx_port.model import Model, pick_device
 
@@ -57,11 +59,15 @@ def ar_generate(model, *args, **kw):
     return isd.ar_generate(TorchView(model), *args, **kw)
 
 
-def load_model(out_dir, device=None):
-    """(The MLX model of a checkpoint folder (written by train.py or mlx_port.train), seen as torch,
-    its tokenizer)."""
+def load_model(source, device=None):
+    """(The MLX model of a checkpoint folder (written by train.py or mlx_port.train) or of a pretrained
+    name (smollm2), seen as torch, its tokenizer). Gated LoRA adapters (R-ISD) are PyTorch only."""
     mx.set_default_device(pick_device(device))
-    return TorchView(Model.load(out_dir)), tok.load(out_dir)
+    folder = pretrained.smollm2_dir() if source == pretrained.NAME else source
+    if lora.has_adapter(folder):
+        raise ValueError(f"{folder} holds a gated LoRA adapter, which the MLX port does not run: "
+                         f"decode it with python isd.py --out_dir={folder}")
+    return TorchView(Model.load(folder)), tok.load(folder)
 
 
 if __name__ == "__main__":

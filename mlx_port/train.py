@@ -23,9 +23,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import data
 import tokenizer as tok
 from mlx_port.isd import ar_generate
-from mlx_port.model import Model, ModelConfig, _atomic, ar_loss, idlm_loss, pick_device
-from train import (MODEL_KEYS, RESUMABLE, UsageError, check_options, load_pretrained, lr_at, parse_args,
-                   progress_line, read_train_state)
+from mlx_port.model import Model, ModelConfig, ar_loss, idlm_loss, pick_device
+from train import (MODEL_KEYS, RESUMABLE, UsageError, check_options, checkpoint_folder, load_pretrained, lr_at,
+                   parse_args, progress_line, read_train_state, staged)
 
 
 def get_batch(ids, offsets, seq_len):
@@ -61,20 +61,17 @@ def evaluate(model, val, cfg):
 # checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
 
 def save_checkpoint(out_dir, model, enc, opt, state):
-    """train.py's files, each written atomically; `it` is stamped into both tensor files. The
-    optimizer state is MLX's, so train_state.json says framework "mlx" (train.py will not resume it)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """train.py's files, replacing out_dir's together (train.staged); `it` is stamped into both tensor
+    files. The optimizer state is MLX's, so train_state.json says framework "mlx" (train.py will not
+    resume it)."""
     meta = {"iter": str(state["iter"])}
-    model.save(out_dir, metadata=meta)
-    tok.save(enc, out_dir)
     tensors = dict(tree_flatten(opt.state))
-
-    def write(f):
-        with open(f, "wb") as fh:
-            mx.save_safetensors(fh, tensors, metadata=meta)
-    _atomic(os.path.join(out_dir, "optimizer.safetensors"), write)
     text = json.dumps({**state, "framework": "mlx"}, indent=1)
-    _atomic(os.path.join(out_dir, "train_state.json"), lambda f: Path(f).write_text(text))
+    with staged(out_dir) as stage:
+        model.save(stage, metadata=meta)
+        tok.save(enc, stage)
+        mx.save_safetensors(os.path.join(stage, "optimizer.safetensors"), tensors, metadata=meta)
+        Path(stage, "train_state.json").write_text(text)
 
 
 def load_optimizer(out_dir, opt, state):
@@ -89,9 +86,11 @@ def load_optimizer(out_dir, opt, state):
 
 def main(argv=None):
     cfg, given = parse_args(argv, doc=__doc__)
-    check_options(cfg)
+    check_options(cfg, given)
     if cfg["compile"]:
         raise UsageError("--compile is torch.compile: the MLX port runs without it")
+    if cfg["lora"]:
+        raise UsageError("--lora: gated LoRA (R-ISD) training is in train.py; the MLX port trains whole models")
     try:
         mx.set_default_device(pick_device(cfg["device"]))
     except ValueError as e:
@@ -100,7 +99,7 @@ def main(argv=None):
 
     # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
     enc, weights, state = None, None, None
-    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json"))
+    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or os.path.isfile(os.path.join(out_dir, "adapter.json"))
     if cfg["resume"]:
         if not has_ckpt:
             raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
@@ -118,8 +117,9 @@ def main(argv=None):
         raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out_dir")
     elif cfg["init_from"]:
-        mcfg, enc, _ = load_pretrained(cfg["init_from"], "--init_from")
-        weights = mx.load(os.path.join(cfg["init_from"], "model.safetensors"))
+        folder = checkpoint_folder(cfg["init_from"], "--init_from")  # smollm2: its converted folder
+        mcfg, enc, _ = load_pretrained(folder, "--init_from")
+        weights = mx.load(os.path.join(folder, "model.safetensors"))
         clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
         if clash:
             raise UsageError(f"--init_from={cfg['init_from']} has "

@@ -554,6 +554,15 @@ def test_errors():
         isd_generate(model, [1, 2], 5, temperature=-0.5)
     with pytest.raises(ValueError, match="temperature"):
         ar_generate(model, [1, 2], 5, temperature=-1)
+    for bad in (float("inf"), float("nan"), 1e-300):  # logits / T would overflow: inf, NaN, MASK emitted
+        with pytest.raises(ValueError, match="temperature must be 0 .greedy. or a finite number"):
+            isd_generate(model, [1, 2], 5, temperature=bad)
+    for kw, msg in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), "top_p must be in"),
+                    (dict(top_p=1.5), "top_p must be in"), (dict(seed=-1), "seed must be in")):
+        with pytest.raises(ValueError, match=msg):
+            isd_generate(model, [1, 2], 5, **kw)
+        with pytest.raises(ValueError, match=msg):
+            ar_generate(model, [1, 2], 5, **kw)
     # exactly at the context limit is allowed, and still exact (positions past max_seq_len are
     # only ever MASK slots that get rolled back)
     prompt = [(3 * i) % 15 for i in range(54)]

@@ -94,20 +94,29 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     train.main(tiny + [f"--out_dir={tmp_path}/base", "--max_iters=20", "--lr=1e-2"])
     base_state = {k: v.clone() for k, v in pretrained.load_model(f"{tmp_path}/base")[0].state_dict().items()}
     out = f"{tmp_path}/adapter"
-    train.main(tiny + [f"--init_from={tmp_path}/base", "--lora=4", f"--out_dir={out}", "--max_iters=6",
+    monkeypatch.chdir(tmp_path)  # relative paths: the adapter must record where its base is
+    train.main(tiny + ["--init_from=base", "--lora=4", "--out_dir=adapter", "--max_iters=6",
                        "--eval_interval=3", "--lr=1e-2"])
     assert sorted(os.listdir(out)) == ["adapter.json", "adapter.safetensors", "optimizer.safetensors",
                                        "tokenizer.json", "train_state.json"]
     cfg = json.load(open(f"{out}/adapter.json"))
     assert cfg["rank"] == 4 and cfg["base"] == os.path.abspath(f"{tmp_path}/base")
-    train.main([f"--out_dir={out}", "--resume", "--max_iters=8"])
+    os.mkdir(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # resumed from another folder: the base is still found
+    train.main(["--out_dir=../adapter", "--resume", "--max_iters=8"])
     assert json.load(open(f"{out}/train_state.json"))["iter"] == 8
+    assert json.load(open(f"{out}/adapter.json"))["base"] == os.path.abspath(f"{tmp_path}/base")
     model, enc = pretrained.load_model(out)
     assert all(p.abs().max() > 0 for n, p in model.lora.B.items())
     assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items() if not k.startswith("lora."))
     base = pretrained.load_model(f"{tmp_path}/base")[0]
     prompt = enc.encode_ordinary("HAMLET.\n")
     assert isd_generate(model, prompt, 15, 4, temperature=0)[0] == ar_generate(base, prompt, 15, temperature=0)
+    # a full model trained over the adapter's folder (--overwrite) leaves no stale adapter behind
+    train.main(tiny + [f"--out_dir={out}", "--overwrite", "--max_iters=2"])
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "optimizer.safetensors",
+                                       "tokenizer.json", "train_state.json"]
+    assert not hasattr(pretrained.load_model(out)[0], "lora")
 
 
 def test_lora_usage_errors(tmp_path):
@@ -115,5 +124,9 @@ def test_lora_usage_errors(tmp_path):
         train.main(["--preset=tiny", "--lora=4", f"--out_dir={tmp_path}/x"])
     with pytest.raises(train.UsageError, match="objective=idlm"):
         train.main(["--preset=tiny", "--lora=4", "--init_from=smollm2", "--objective=ar", f"--out_dir={tmp_path}/x"])
+    with pytest.raises(train.UsageError, match="must not be --init_from"):
+        train.main(["--preset=tiny", "--lora=4", f"--init_from={tmp_path}/x", f"--out_dir={tmp_path}/x/"])
+    with pytest.raises(train.UsageError, match="--lora_alpha"):
+        train.main(["--preset=tiny", "--lora_alpha=8", f"--out_dir={tmp_path}/x"])
     with pytest.raises(ValueError, match="rank"):
         lora.LoraConfig(rank=0)

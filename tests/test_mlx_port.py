@@ -238,3 +238,24 @@ def test_isd_command_line_matches_pytorch(start):
         bad = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and err in bad.stderr.strip().splitlines()[-1], bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_pretrained_names_and_adapters(start, tmp_path, monkeypatch):
+    """--init_from=smollm2 means the converted folder in both trainers and decoders (stood in for here by
+    the tiny checkpoint: the real one is tested in test_pretrained.py); adapters are PyTorch only and say so."""
+    import lora
+    import pretrained
+    monkeypatch.setattr(pretrained, "smollm2_dir", lambda cache_dir=None: start[2])
+    args = ["--init_from=smollm2", "--max_iters=1"]
+    got = run_train(mlx_train.main, args + [f"--out_dir={tmp_path}/mlx"], start, monkeypatch)
+    ref = run_train(train.main, args + [f"--out_dir={tmp_path}/torch"], start, monkeypatch)
+    assert got["history"][0][1:] == pytest.approx(ref["history"][0][1:], abs=1e-4)
+    model, enc = mlx_isd.load_model("smollm2", "cpu")
+    want = isd.ar_generate(TorchModel.load(start[2]), enc.encode_ordinary("ROMEO:"), 6, temperature=0)
+    assert isd.ar_generate(model, enc.encode_ordinary("ROMEO:"), 6, temperature=0) == want  # a TorchView
+    with pytest.raises(train.UsageError, match="--lora"):
+        mlx_train.main(TINY + [f"--init_from={start[2]}", "--lora=4", f"--out_dir={tmp_path}/x"])
+    lora.save_adapter(lora.add_adapter(TorchModel.load(start[2]), lora.LoraConfig(4, 16.0, start[2])).lora,
+                      tmp_path / "adapter")
+    with pytest.raises(ValueError, match="python isd.py"):
+        mlx_isd.load_model(str(tmp_path / "adapter"), "cpu")

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import isd  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
@@ -117,6 +118,28 @@ def test_stop_strings_and_streamed_text(me):
         stop = free.text[10:13]
         job, streamed = run_streamed(s, ids, 60, temperature=1.0, seed=7, stop=[stop])
         assert job.text == streamed == free.text[:free.text.find(stop)]
+
+
+def test_usage_counts_tokens_up_to_the_stop_string(me, monkeypatch):
+    """A step commits several tokens; when one of them completes a stop string, the usage counts the
+    tokens up to it, not the rest of the step. Every draft is accepted here (a forced, inexact verify)
+    so that each step commits N = 4 tokens."""
+    model, enc = me
+    monkeypatch.setattr(isd, "verify", lambda p, q, d, u, g, t: (torch.ones(len(d), dtype=torch.bool),
+                                                                 torch.full_like(d, -1), torch.ones(len(d))))
+    ids = enc.encode_ordinary("But soft")
+    with Scheduler(model, enc, stride=4, max_batch=2) as s:
+        free = s.submit(ids, 40, temperature=0)
+        free.result(60)
+        out, t = list(free.req.out), free.text
+        for a in range(4, 28, 3):
+            stop = t[a:a + 2]
+            job = s.submit(ids, 40, temperature=0, stop=[stop])
+            job.result(60)
+            n = next(k for k in range(1, len(out) + 1) if stop in shown(enc, out[:k]))
+            assert job.text == t[:t.find(stop)] and job.completion_tokens == n, (stop, job.completion_tokens, n)
+        assert s.metrics()["completion_tokens"] == len(out) + sum(
+            next(k for k in range(1, len(out) + 1) if t[a:a + 2] in shown(enc, out[:k])) for a in range(4, 28, 3))
 
 
 def test_held_back():

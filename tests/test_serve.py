@@ -197,6 +197,9 @@ BAD = [  # path, body (a dict is sent as JSON), status, words of the message, pa
      "model's context is", "prompt"),
     ("/v1/completions", {"model": "{name}", "prompt": "a", "temperature": -0.5}, 400, "temperature must be >= 0",
      "temperature"),
+    ("/v1/completions", '{"model": "{name}", "prompt": "a", "temperature": 1e999}', 400, "finite", "temperature"),
+    ("/v1/completions", '{"model": "{name}", "prompt": "a", "temperature": NaN}', 400, "finite", "temperature"),
+    ("/v1/completions", {"model": "{name}", "prompt": "a", "temperature": 1e-300}, 400, "finite", "temperature"),
     ("/v1/completions", {"model": "{name}", "prompt": "a", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"model": "{name}", "prompt": "a", "top_k": 0}, 400, "top_k", "top_k"),
     ("/v1/completions", {"model": "{name}", "prompt": "a", "n": 2}, 400, "'n' must be 1", "n"),
@@ -218,8 +221,7 @@ BAD = [  # path, body (a dict is sent as JSON), status, words of the message, pa
 def test_bad_input_gets_4xx_with_an_openai_error(server, ckpt):
     name = os.path.basename(ckpt)
     for path, body, status, words, param in BAD:
-        if isinstance(body, dict):
-            body = json.dumps(body).replace("{name}", name)
+        body = (json.dumps(body) if isinstance(body, dict) else body).replace("{name}", name)
         r = httpx.post(f"{server}{path}", content=body, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == status, (path, body, r.text)
         err = r.json()["error"]
