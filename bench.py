@@ -174,7 +174,7 @@ def bench_serve(a):
             asyncio.run(load(url, model, 4, 4, a.max_tokens, a.temperature))  # warm-up
             results[label] = []
             for c in a.concurrency:
-                n = max(c, a.min_requests)
+                n = max(a.per_client * c, a.min_requests)
                 tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
                 lat.sort()
                 results[label].append((tokens / wall, statistics.mean(lat), lat[int(0.9 * (len(lat) - 1))]))
@@ -188,7 +188,7 @@ def bench_serve(a):
             proc.wait()
     (la, lb, lc) = [label for label, _ in SERVERS]
     print(f"\n{a.out_dir}: {a.max_tokens} tokens per request, temperature {a.temperature}, "
-          f"max(concurrency, {a.min_requests}) requests per point, server threads {a.threads}")
+          f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, server threads {a.threads}")
     print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
     print("\n| concurrency | (a) tok/s | (b) tok/s | (c) tok/s | (a)/(b) | (a) vs (a) at 1 "
           "| (a) latency s | (b) latency s | (c) latency s |")
@@ -292,7 +292,11 @@ def main():
                    help="numbers of concurrent clients (default 1,2,4,8,16,32)")
     s.add_argument("--max_tokens", type=int, default=64, help="tokens per request, fewer at EOS (default 64)")
     s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; request i has seed i (default 0.8)")
-    s.add_argument("--min_requests", type=int, default=8, help="requests per point: max(concurrency, this) (default 8)")
+    s.add_argument("--per_client", type=int, default=4,
+                   help="requests each client sends back to back, so that the batch stays full while requests "
+                        "come and go, as in steady serving (default 4)")
+    s.add_argument("--min_requests", type=int, default=8,
+                   help="requests per point: max(per_client x concurrency, this) (default 8)")
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
     s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
     s = sub.add_parser("smollm2", help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
