@@ -166,29 +166,38 @@ def bench_serve(a):
     """Aggregate tokens/s and latency of serve.py at each concurrency for SERVERS; a table and a plot."""
     import httpx
     model = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
-    results = {}  # label -> [(tokens/s, mean latency, p90 latency)] per concurrency
-    tpf = {}
-    for label, options in SERVERS:
-        proc, url = start_server(a.out_dir, options, a.threads)
-        try:
+    runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies) per repeat
+    servers = {}  # all three run at once; an idle one sleeps
+    try:
+        for label, options in SERVERS:
+            servers[label] = start_server(a.out_dir, options, a.threads)
+        for label, (_, url) in servers.items():
             asyncio.run(load(url, model, 4, 4, a.max_tokens, a.temperature))  # warm-up
-            results[label] = []
-            for c in a.concurrency:
-                n = max(a.per_client * c, a.min_requests)
-                tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
-                lat.sort()
-                results[label].append((tokens / wall, statistics.mean(lat), lat[int(0.9 * (len(lat) - 1))]))
-                print(f"{label} | concurrency {c:3d} | {n} requests, {tokens} tokens in {wall:.1f} s | "
-                      f"{tokens / wall:.0f} tok/s | latency mean {statistics.mean(lat):.2f} s", flush=True)
+        for c in a.concurrency:
+            n = max(a.per_client * c, a.min_requests)
+            for rep in range(a.repeats):  # the servers take turns, so that drift hits all of them alike
+                for label, (_, url) in servers.items():
+                    tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
+                    runs[label][c].append((tokens / wall, lat))
+                    print(f"{label} | concurrency {c:3d} | {n} requests, {tokens} tokens in {wall:.1f} s | "
+                          f"{tokens / wall:.0f} tok/s | latency mean {statistics.mean(lat):.2f} s", flush=True)
+        tpf = {}
+        for label, (_, url) in servers.items():
             m = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
                      if not line.startswith("#"))
             tpf[label] = float(m["idlm_tokens_per_forward"])
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
+    # label -> [(median tokens/s over the repeats, mean latency over all their requests)] per concurrency
+    results = {label: [(statistics.median(t for t, _ in runs[label][c]),
+                        statistics.mean(x for _, lat in runs[label][c] for x in lat)) for c in a.concurrency]
+               for label in runs}
     (la, lb, lc) = [label for label, _ in SERVERS]
     print(f"\n{a.out_dir}: {a.max_tokens} tokens per request, temperature {a.temperature}, "
-          f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, server threads {a.threads}")
+          f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, median of {a.repeats} "
+          f"repeats (the servers take turns), server threads {a.threads}")
     print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
     print("\n| concurrency | (a) tok/s | (b) tok/s | (c) tok/s | (a)/(b) | (a) vs (a) at 1 "
           "| (a) latency s | (b) latency s | (c) latency s |")
@@ -295,6 +304,7 @@ def main():
     s.add_argument("--per_client", type=int, default=4,
                    help="requests each client sends back to back, so that the batch stays full while requests "
                         "come and go, as in steady serving (default 4)")
+    s.add_argument("--repeats", type=int, default=3, help="runs per point; the table shows the median (default 3)")
     s.add_argument("--min_requests", type=int, default=8,
                    help="requests per point: max(per_client x concurrency, this) (default 8)")
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
