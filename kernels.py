@@ -49,10 +49,12 @@ def verify_reference(p_logits, q_logits, drafts, u, gumbel, temperature):
     pd, qd = p.gather(-1, drafts[:, None])[:, 0], q.gather(-1, drafts[:, None])[:, 0]
     ratio = (pd / qd).clamp(max=1.0)
     accept = u < ratio
-    residual = (p - q).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    correction = (residual.log() + gumbel).argmax(-1)
-    return accept, torch.where(accept, -1, correction), ratio
+    correction = torch.full_like(drafts, -1)
+    rej = (~accept).nonzero()[:, 0]  # the correction only where a draft was rejected
+    residual = (p[rej] - q[rej]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rej])
+    correction[rej] = (residual.log() + gumbel[rej]).argmax(-1)
+    return accept, correction, ratio
 
 
 if triton is not None:
