@@ -2,6 +2,7 @@
 
     python bench.py train                 # training tokens/s: objective ar vs idlm (CPU preset shapes)
     python bench.py decode --out_dir=out  # ISD TPF / acceptance per stride and temperature; ISD vs AR tok/s
+    python bench.py step --out_dir=out    # one batched ISD / AR step (the scheduler's unit): ms per batch size
     python bench.py serve --out_dir=out   # serve.py under load: tokens/s and latency per concurrency
     python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
 """
@@ -20,7 +21,7 @@ import torch
 
 import data
 import tokenizer as tok
-from isd import ar_generate, isd_generate
+from isd import Request, ar_generate, isd_generate, isd_step, prefill
 from model import Model, ModelConfig, ar_loss, idlm_loss, idlm_mask
 from train import MODEL_KEYS, PRESETS
 
@@ -109,6 +110,42 @@ def bench_decode(a):
     isd_tps, ar_tps = toks["isd"] / t["isd"], toks["ar"] / t["ar"]
     print(f"batch 1, greedy: ISD stride {a.speed_stride} {isd_tps:.0f} tok/s | AR {ar_tps:.0f} tok/s | "
           f"ISD/AR = {isd_tps / ar_tps:.2f}x")
+
+
+def bench_step(a):
+    """What one step of the batched core costs (isd.isd_step, as the scheduler runs it) on B rows: ISD at
+    --stride vs AR (stride 1), and how much of it is the model's forward. Best of --repeats."""
+    model, enc = Model.load(a.out_dir).eval(), tok.load(a.out_dir)
+    forward, spent = model.forward, []
+
+    def timed_forward(*args, **kw):
+        t0 = time.perf_counter()
+        out = forward(*args, **kw)
+        spent.append(time.perf_counter() - t0)
+        return out
+    model.forward = timed_forward
+    print(f"{a.out_dir}: {a.steps} steps per run, temperature {a.temperature}, {torch.get_num_threads()} thread(s)")
+    print(f"\n| batch | ISD (stride {a.stride}) step ms | its forward ms | tokens per row-step | AR step ms "
+          f"| its forward ms | ISD tok/s | AR tok/s | ISD/AR |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B in a.batch:
+        best = {}
+        for stride in (a.stride, 1):
+            for rep in range(a.repeats + 1):  # run 0 warms up
+                reqs = [Request(enc.encode_ordinary(PROMPTS[i % len(PROMPTS)]), a.stride * a.steps, a.temperature,
+                                seed=i) for i in range(B)]
+                cache = model.new_cache(B, model.cfg.max_seq_len + 2 * a.stride)
+                prefill(model, cache, list(range(B)), reqs)
+                spent.clear()
+                t0 = time.perf_counter()
+                tokens = sum(len(new) for _ in range(a.steps) for new in isd_step(model, cache, list(range(B)), reqs, stride))
+                run = ((time.perf_counter() - t0) / a.steps, sum(spent) / a.steps, tokens)
+                if rep and (stride not in best or run[0] < best[stride][0]):
+                    best[stride] = run
+        (ti, fi, ni), (ta, fa, na) = best[a.stride], best[1]
+        isd_tps, ar_tps = ni / (ti * a.steps), na / (ta * a.steps)
+        print(f"| {B} | {1e3 * ti:.1f} | {1e3 * fi:.1f} | {ni / (B * a.steps):.2f} | {1e3 * ta:.1f} | {1e3 * fa:.1f} "
+              f"| {isd_tps:.0f} | {ar_tps:.0f} | {isd_tps / ar_tps:.2f}x |")
 
 
 SERVERS = [  # label, serve.py options
@@ -295,6 +332,13 @@ def main():
     d.add_argument("--speed_stride", type=int, default=4)
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
+    s = sub.add_parser("step", help="the cost of one batched ISD / AR step, and of its forward, per batch size")
+    s.add_argument("--out_dir", default="out")
+    s.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32])
+    s.add_argument("--stride", type=int, default=4)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--steps", type=int, default=16, help="steps per run (default 16)")
+    s.add_argument("--repeats", type=int, default=5, help="runs per point; the best is shown (default 5)")
     s = sub.add_parser("serve", help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time")
     s.add_argument("--out_dir", default="out", help="checkpoint folder to serve (default out)")
     s.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
@@ -319,7 +363,8 @@ def main():
     a = p.parse_args()
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")
-    {"train": bench_train, "decode": bench_decode, "serve": bench_serve, "smollm2": bench_smollm2}[a.what](a)
+    {"train": bench_train, "decode": bench_decode, "step": bench_step, "serve": bench_serve,
+     "smollm2": bench_smollm2}[a.what](a)
 
 
 if __name__ == "__main__":
