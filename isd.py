@@ -149,12 +149,15 @@ def isd_step(model, cache, rows, requests, stride):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
 
     # exact acceptance of every request's drafts in one batched call
-    p_rows, q_rows, d_rows, u_rows, g_rows, owner = [], [], [], [], [], []
-    procs = []
+    procs, groups = [None] * len(requests), {}  # filtered logits: once per group of rows with equal settings
     for i, r in enumerate(requests):
-        K = len(r.drafts)
-        proc = process_logits(logits[i, :N + K], mask_id, r.temperature, r.top_k, r.top_p)
-        procs.append(proc)
+        groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+    for (temperature, top_k, top_p), members in groups.items():
+        for i, proc in zip(members, process_logits(logits[members], mask_id, temperature, top_k, top_p)):
+            procs[i] = proc
+    p_rows, q_rows, d_rows, u_rows, g_rows, owner = [], [], [], [], [], []
+    for i, r in enumerate(requests):
+        K, proc = len(r.drafts), procs[i]
         if K:
             p_rows.append(proc[:K])
             q_rows.append(r.q)
@@ -199,10 +202,10 @@ def isd_step(model, cache, rows, requests, stride):
             j = 0
             st.rounds_c += 1
         if j == K:  # every draft passed (or none): the clean token, and new drafts from the masks
-            new.append(int(sample(proc[K], r.temperature, r.gen)))
+            clean, *r.drafts = sample(proc[K:K + N], r.temperature, r.gen).tolist()  # one draw for all N
+            new.append(clean)
             kinds.append("clean")
             r.q = proc[K + 1:K + N]
-            r.drafts = sample(r.q, r.temperature, r.gen).view(-1).tolist() if N > 1 else []
             if K:
                 st.rounds_v += 1
         # stop at the first stop id or at max_new_tokens; drop what came after it in this step
