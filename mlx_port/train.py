@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import data
+import lora
 import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ModelConfig, ar_loss, idlm_loss, pick_device
@@ -99,7 +100,7 @@ def main(argv=None):
 
     # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
     enc, weights, state = None, None, None
-    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or os.path.isfile(os.path.join(out_dir, "adapter.json"))
+    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
     if cfg["resume"]:
         if not has_ckpt:
             raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
