@@ -165,18 +165,21 @@ def isd_step(model, cache, rows, requests, stride):
             if r.temperature > 0:  # the random numbers are inputs of verify (so kernel and reference agree)
                 u_rows.append(torch.rand(K, generator=r.gen, dtype=proc.dtype).to(dev))
                 g_rows.append(gumbel((K, proc.shape[-1]), r.gen, proc.dtype, dev))
-            else:
-                u_rows.append(torch.zeros(K, dtype=proc.dtype, device=dev))
-                g_rows.append(torch.zeros(K, proc.shape[-1], dtype=proc.dtype, device=dev))
+            else:  # greedy verification draws nothing
+                u_rows.append(None)
+                g_rows.append(None)
             owner.append(i)
     verdicts = {}
     by_temp = {}
     for j, i in enumerate(owner):  # one verify call per temperature (greedy and sampled differ)
         by_temp.setdefault(requests[i].temperature, []).append(j)
     for temp, js in by_temp.items():
-        acc, cor, ratio = verify(torch.cat([p_rows[j] for j in js]), torch.cat([q_rows[j] for j in js]),
-                                 torch.cat([d_rows[j] for j in js]), torch.cat([u_rows[j] for j in js]),
-                                 torch.cat([g_rows[j] for j in js]), temp)
+        p, q, d = (torch.cat([x[j] for j in js]) for x in (p_rows, q_rows, d_rows))
+        if temp > 0:
+            u, g = torch.cat([u_rows[j] for j in js]), torch.cat([g_rows[j] for j in js])
+        else:  # unused by greedy verification: zeros of the contract's shapes
+            u, g = p.new_zeros(len(d)), torch.zeros_like(p)
+        acc, cor, ratio = verify(p, q, d, u, g, temp)
         at = 0
         for j in js:
             K = len(d_rows[j])
