@@ -351,7 +351,7 @@ def main(argv=None, load_model=None, doc=__doc__):
         model, enc = load_model(a.init_from or a.out_dir, a.device)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    if a.chat and "<|im_start|>" not in enc.special_tokens_set:
+    if a.chat and not pretrained.has_chat_template(enc):
         p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
     ids = pretrained.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=pretrained.stop_ids(enc))

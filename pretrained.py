@@ -139,6 +139,11 @@ def load_smollm2(device="cpu", cache_dir=None):
     return Model.load(folder, device=device).eval(), tok.load(folder)
 
 
+def has_chat_template(enc):
+    """Whether the tokenizer has ChatML's special tokens (SmolLM2's does; our BPE and gpt2 do not)."""
+    return {"<|im_start|>", "<|im_end|>"} <= enc.special_tokens_set
+
+
 def chat_ids(enc, messages, system=DEFAULT_SYSTEM):
     """Token ids of `messages` ([{"role", "content"}]) in the ChatML template, ending with the
     assistant's header. As in SmolLM2's template, a default system message comes first when there is

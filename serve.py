@@ -154,7 +154,7 @@ def make_app(sched, enc, model_name):
         if not body.messages:
             raise ApiError(400, "'messages' must hold at least one message", "messages")
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        if "<|im_start|>" in enc.special_tokens_set:  # a model with a ChatML template (e.g. smollm2)
+        if pretrained.has_chat_template(enc):  # e.g. smollm2
             ids = pretrained.chat_ids(enc, [m.model_dump() for m in body.messages])
             return await generate(request, body, ids, max_tokens, [], chat=True)
         return await generate(request, body, chat_prompt(body.messages), max_tokens, [CHAT_STOP], chat=True)
