@@ -20,8 +20,10 @@ from collections import Counter
 import torch
 
 import data
+import distill
+import pretrained
 import tokenizer as tok
-from isd import Request, ar_generate, isd_generate, isd_step, prefill
+from isd import Request, ar_generate, cache_length, isd_generate, isd_step, prefill
 from model import Model, ModelConfig, ar_loss, idlm_loss, idlm_mask
 from train import MODEL_KEYS, PRESETS
 
@@ -77,45 +79,71 @@ def lookahead_accuracy(model, enc, out_dir, rows=16):
           + " | ".join(f"{m + 2} ahead {mask_hit[:, offset == m].float().mean():.3f}" for m in range(b)))
 
 
-def bench_decode(a):
-    model, enc = Model.load(a.out_dir).eval(), tok.load(a.out_dir)
-    lookahead_accuracy(model, enc, a.out_dir)
-    prompts = [enc.encode_ordinary(p) for p in PROMPTS]
-    n = min(a.max_new_tokens, model.cfg.max_seq_len - max(map(len, prompts)))
-    print(f"{a.out_dir}: {len(prompts)} prompts x {n} new tokens, seed {a.seed}")
-    print("stride  temp   TPF   accept   V    R    C")
-    for stride in a.strides:
-        for temp in (0.0, 0.8):
-            tot = {"tokens": 0, "forwards": 0, "drafts_verified": 0, "acceptance_sum": 0.0,
-                   "rounds_v": 0, "rounds_r": 0, "rounds_c": 0}
-            for i, p in enumerate(prompts):
-                st = isd_generate(model, p, n, stride, temperature=temp, seed=a.seed + i)[1]
-                for k in tot:
-                    tot[k] += st[k]
-            f = tot["forwards"]
-            print(f"{stride:6d} {temp:5.1f} {tot['tokens'] / f:5.2f}  {tot['acceptance_sum'] / max(1, tot['drafts_verified']):6.3f}"
-                  f" {tot['rounds_v'] / f:4.0%} {tot['rounds_r'] / f:4.0%} {tot['rounds_c'] / f:4.0%}")
-    # speed at batch 1, ISD and AR alternated on the same prompts (greedy), a few rounds
-    t = {"isd": 0.0, "ar": 0.0}
-    toks = {"isd": 0, "ar": 0}
-    for rep in range(a.repeats + 1):
+def validation_prompts(out_dir, enc, n, length=16, seed=1):
+    """n held-out prompts of `length` tokens from the validation split of the checkpoint's data."""
+    _, _, val = data.load_corpus(distill.training_config(out_dir).get("data"), enc=enc, log=lambda *_: None)
+    return [row.tolist() for row in data.get_batch(val, data.batch_offsets(len(val), length, n, seed), length)]
+
+
+def decode_stats(model, prompts, n, stride, temperature, seed):
+    """ISD statistics summed over prompts (request i has seed + i)."""
+    tot = Counter()
+    for i, p in enumerate(prompts):
+        st = isd_generate(model, p, n, stride, temperature=temperature, seed=seed + i)[1]
+        tot.update({k: st[k] for k in ("tokens", "forwards", "drafts_verified", "acceptance_sum",
+                                       "rounds_v", "rounds_r", "rounds_c")})
+    return {**tot, "tpf": tot["tokens"] / tot["forwards"],
+            "acceptance_rate": tot["acceptance_sum"] / max(1, tot["drafts_verified"])}
+
+
+def speed(runs, prompts, n, repeats):
+    """tok/s of each (name, generate(prompt, n) -> tokens) in `runs`, alternated prompt by prompt."""
+    t, toks = Counter(), Counter()
+    for rep in range(repeats + 1):  # round 0 warms up
         for p in prompts:
-            for k in t:
+            for name, gen in runs:
                 t0 = time.perf_counter()
-                out = isd_generate(model, p, n, a.speed_stride, temperature=0)[0] if k == "isd" else \
-                    ar_generate(model, p, n, temperature=0)
-                if rep:  # round 0 warms up
-                    t[k] += time.perf_counter() - t0
-                    toks[k] += len(out)
-    isd_tps, ar_tps = toks["isd"] / t["isd"], toks["ar"] / t["ar"]
-    print(f"batch 1, greedy: ISD stride {a.speed_stride} {isd_tps:.0f} tok/s | AR {ar_tps:.0f} tok/s | "
-          f"ISD/AR = {isd_tps / ar_tps:.2f}x")
+                out = gen(p, n)
+                if rep:
+                    t[name] += time.perf_counter() - t0
+                    toks[name] += len(out)
+    return {name: toks[name] / t[name] for name, _ in runs}
+
+
+def bench_decode(a):
+    """Base vs self-distilled model on held-out validation prompts: ISD statistics per stride and
+    temperature, then batch-1 speed of ISD against the base model's AR (greedy, alternated)."""
+    base, enc = pretrained.load_model(a.out_dir)
+    models = [("base", base)]
+    folder = pretrained.distilled_or_base(a.out_dir)
+    if folder != a.out_dir:
+        models.append(("distilled", pretrained.load_model(folder)[0]))
+    lookahead_accuracy(base, enc, a.out_dir)
+    prompts = validation_prompts(a.out_dir, enc, a.prompts)
+    print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} new tokens, seed {a.seed}; "
+          f"models: " + ", ".join(f"{name} ({folder if name == 'distilled' else a.out_dir})" for name, _ in models))
+    print("\n| model | stride | temperature | TPF | acceptance | V | R | C |\n|---|---|---|---|---|---|---|---|")
+    for name, model in models:
+        for stride in a.strides:
+            for temp in a.temperatures:
+                st = decode_stats(model, prompts, a.max_new_tokens, stride, temp, a.seed)
+                f = st["forwards"]
+                print(f"| {name} | {stride} | {temp} | {st['tpf']:.2f} | {st['acceptance_rate']:.3f} | "
+                      f"{st['rounds_v'] / f:.0%} | {st['rounds_r'] / f:.0%} | {st['rounds_c'] / f:.0%} |")
+    runs = [("AR (base)", lambda p, n: ar_generate(base, p, n, temperature=0))]
+    runs += [(f"ISD {name}", lambda p, n, m=model: isd_generate(m, p, n, a.speed_stride, temperature=0)[0])
+             for name, model in models]
+    tps = speed(runs, prompts[:a.speed_prompts], a.max_new_tokens, a.repeats)
+    print(f"\nbatch 1, greedy, stride {a.speed_stride}, {torch.get_num_threads()} thread(s): "
+          + " | ".join(f"{k} {v:.0f} tok/s ({v / tps['AR (base)']:.2f}x)" for k, v in tps.items()))
 
 
 def bench_step(a):
     """What one step of the batched core costs (isd.isd_step, as the scheduler runs it) on B rows: ISD at
-    --stride vs AR (stride 1), and how much of it is the model's forward. Best of --repeats."""
-    model, enc = Model.load(a.out_dir).eval(), tok.load(a.out_dir)
+    --stride vs AR (stride 1), and how much of it is the model's forward. Best of --repeats. The model is
+    the distilled one where there is one (AR through it runs the base weights only)."""
+    source = pretrained.distilled_or_base(a.out_dir)
+    model, enc = pretrained.load_model(source)
     forward, spent = model.forward, []
 
     def timed_forward(*args, **kw):
@@ -124,7 +152,7 @@ def bench_step(a):
         spent.append(time.perf_counter() - t0)
         return out
     model.forward = timed_forward
-    print(f"{a.out_dir}: {a.steps} steps per run, temperature {a.temperature}, {torch.get_num_threads()} thread(s)")
+    print(f"{source}: {a.steps} steps per run, temperature {a.temperature}, {torch.get_num_threads()} thread(s)")
     print(f"\n| batch | ISD (stride {a.stride}) step ms | its forward ms | tokens per row-step | AR step ms "
           f"| its forward ms | ISD tok/s | AR tok/s | ISD/AR |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -134,7 +162,7 @@ def bench_step(a):
             for rep in range(a.repeats + 1):  # run 0 warms up
                 reqs = [Request(enc.encode_ordinary(PROMPTS[i % len(PROMPTS)]), a.stride * a.steps, a.temperature,
                                 seed=i) for i in range(B)]
-                cache = model.new_cache(B, model.cfg.max_seq_len + 2 * a.stride)
+                cache = model.new_cache(B, cache_length(model, reqs, a.stride))
                 prefill(model, cache, list(range(B)), reqs)
                 spent.clear()
                 t0 = time.perf_counter()
@@ -326,10 +354,13 @@ def main():
     t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     t.add_argument("--steps", type=int, default=10)
     d = sub.add_parser("decode", help="ISD statistics per stride, and ISD vs AR speed")
-    d.add_argument("--out_dir", default="out")
-    d.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=[2, 3, 4, 6, 8])
+    d.add_argument("--out_dir", default="out", help="base checkpoint; its distilled/ adapter is measured too")
+    d.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
+    d.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.8])
+    d.add_argument("--prompts", type=int, default=16, help="held-out validation prompts (default 16)")
     d.add_argument("--max_new_tokens", type=int, default=100)
     d.add_argument("--speed_stride", type=int, default=4)
+    d.add_argument("--speed_prompts", type=int, default=4, help="prompts in the speed runs (default 4)")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
     s = sub.add_parser("step", help="the cost of one batched ISD / AR step, and of its forward, per batch size")

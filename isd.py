@@ -13,6 +13,7 @@ normalize((p_j - q_j)+), and the N-1 masks after the last clean token propose th
 SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix).
 """
 import argparse
+import functools
 import json
 import math
 import sys
@@ -89,11 +90,15 @@ class Request:
     top_p: float = None
     seed: int = None
     stop_ids: tuple = ()
-    out: list = field(default_factory=list)  # committed new tokens; the last one is pending
-    drafts: list = field(default_factory=list)
-    q: torch.Tensor = None  # (len(drafts), V) processed draft logits
+    out: list = field(default_factory=list)  # committed new tokens
+    drafts: list = field(default_factory=list)  # d_1..d_K, proposed by the last forward's masks
+    q: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from
+    prefilled: int = 0  # prompt tokens already in the cache
     done: bool = False
-    trace: list = None  # per step: [(token, kind)], kind in "accepted", "correction", "clean"; None = off
+    # per forward: [(token, kind)]; kind: "accepted" (a draft that passed), "correction" (drawn from
+    # (p-q)+ for the first rejected draft), "clean" (drawn from p), "rejected" (a draft thrown away,
+    # not committed); None = off
+    trace: list = None
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -116,115 +121,198 @@ class Request:
         self.gen.manual_seed(self.seed) if self.seed is not None else self.gen.seed()
         self.stop_ids = set(self.stop_ids or ())
 
+    @property
+    def pending(self):
+        """The last committed token (or the prompt's last): in the window, not yet in the cache."""
+        return (self.out or self.prompt)[-1]
+
+    def commit(self, new):
+        """Append a forward's tokens up to the first stop id or max_new_tokens (what the same
+        forward produced after it is dropped); returns what was kept."""
+        for t, n in enumerate(new):
+            if n in self.stop_ids or len(self.out) + t + 1 >= self.max_new_tokens:
+                new, self.done = new[:t + 1], True
+                break
+        self.out.extend(new)
+        self.stats.forwards += 1
+        self.stats.tokens += len(new)
+        return new
+
+
+def window_size(stride):
+    """W = N*N tokens per request per forward: pending + N-1 drafts, and N-1 masks after each of those N."""
+    return stride * stride
+
+
+@functools.lru_cache(maxsize=None)
+def window_layout(stride, n_drafts):
+    """(relative positions (W,), attention inside the window (W, W)) of a window with K = n_drafts:
+
+        [pending, d_1 .. d_K | group 0 | group 1 | .. | group K | padding]
+
+    Clean token c (c = 0 is pending, c = j is d_j) sits at position c and sees clean tokens 0..c.
+    Group g holds N-1 masks at positions g+1 .. g+N-1: they see clean tokens 0..g and the earlier
+    masks of their group, exactly as a training block of masks sees the clean prefix before it
+    (model.idlm_mask). So whichever token ends up committed at position g+1 (the correction of a
+    rejected d_{g+1}, or the clean token when all K drafts pass, g = K), group g has already proposed
+    the N-1 drafts that follow it: there is no cold start. Padding (K < N-1) sees only itself."""
+    N, K, b = stride, n_drafts, stride - 1
+    W = window_size(N)
+    pos, mask = torch.zeros(W, dtype=torch.long), torch.eye(W, dtype=torch.bool)
+    pos[:K + 1] = torch.arange(K + 1)
+    mask[:K + 1, :K + 1] = torch.ones(K + 1, K + 1, dtype=torch.bool).tril()
+    for g in range(K + 1):
+        at = K + 1 + g * b
+        pos[at:at + b] = torch.arange(g + 1, g + 1 + b)
+        mask[at:at + b, :g + 1] = True
+        mask[at:at + b, at:at + b] = torch.ones(b, b, dtype=torch.bool).tril()
+    return pos, mask
+
+
+def group_rows(stride, n_drafts, g):
+    """Window indices of the N-1 masks of group g (see window_layout)."""
+    at = n_drafts + 1 + g * (stride - 1)
+    return slice(at, at + stride - 1)
+
 
 @torch.no_grad()
 def prefill(model, cache, rows, requests, chunk=None):
     """Put each prompt but its last token (the first `pending`) into the cache, continuing from
     what the row already holds. `chunk` caps the tokens each row takes in this call, so that a
-    scheduler can prefill a long prompt over several steps while other rows keep decoding."""
+    scheduler can prefill a long prompt over several steps while other rows keep decoding; a prompt
+    longer than the cache leaves goes in several forwards (the cache keeps what is in context)."""
     rows = torch.as_tensor(rows)
-    start = cache.lengths[rows].tolist()
-    todo = [r.prompt[s:len(r.prompt) - 1][:chunk] for r, s in zip(requests, start)]
-    n = max(map(len, todo))
-    if n > 0:
+    dev = cache.lengths.device  # the model's input device (PyTorch's cache, or mlx_port's torch view of one)
+    done = [r.prefilled for r in requests]
+    todo = [r.prompt[d:len(r.prompt) - 1][:chunk] for r, d in zip(requests, done)]
+    step = max(1, cache.max_len - model.cfg.max_seq_len + 1)  # what make_room can always free
+    for at in range(0, max(map(len, todo)), step):
+        part = [t[at:at + step] for t in todo]
+        n = max(map(len, part))
         pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
-        ids = torch.tensor([t + [pad] * (n - len(t)) for t in todo])
-        dev = cache.lengths.device  # the model's input device (PyTorch's cache, or mlx_port's torch view of one)
+        ids = torch.tensor([t + [pad] * (n - len(t)) for t in part])
         model(ids.to(dev), cache=cache, rows=rows.to(dev))
-        cache.truncate([s + len(t) for s, t in zip(start, todo)], rows)
+        cache.truncate((cache.lengths[rows.to(dev)] - n + torch.tensor([len(t) for t in part], device=dev)).tolist(),
+                       rows.to(dev))
+    for r, t in zip(requests, todo):
+        r.prefilled += len(t)
 
 
 @torch.no_grad()
 def isd_step(model, cache, rows, requests, stride):
-    """One forward of W = 2N-1 tokens for every request (row `rows[i]` of the cache holds
-    requests[i]); verifies drafts, commits tokens, proposes new drafts, rolls the cache back.
-    Returns the tokens each request committed in this step."""
-    N, mask_id = stride, model.cfg.mask_token_id
-    W = 2 * N - 1
+    """One ISD forward for every request (cache row `rows[i]` holds requests[i]); returns the tokens
+    each request committed. The phases of the algorithm:
+
+      1. window: [pending, d_1..d_K, N-1 masks after each of those] (window_layout), one forward
+      2. p: the clean positions' distributions, filtered (temperature / top-k / top-p act on p and
+         q alike)
+      3. verify: keep d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right, up to the
+         first rejection (kernels.verify)
+      4. commit: the j accepted drafts, then one more token: the correction of the rejected draft,
+         drawn from normalize((p - q)+), or, when every draft passed, the clean token drawn from p.
+         The masks after the last committed draft give the next N-1 drafts, SAMPLED from their q.
+      5. roll back: the cache keeps pending + accepted drafts; rejected drafts and masks go.
+    Logits are computed only where they are used: N clean positions and one group of N-1 masks."""
+    N, W, mask_id = stride, window_size(stride), model.cfg.mask_token_id
     dev = cache.lengths.device
-    windows = [[(r.out or r.prompt)[-1]] + r.drafts + [mask_id] * (W - 1 - len(r.drafts)) for r in requests]
     rows = torch.as_tensor(rows, device=dev)
-    start = cache.lengths[rows].tolist()
-    logits = model(torch.tensor(windows, device=dev), cache=cache, rows=rows)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
 
-    # exact acceptance of every request's drafts in one batched call
-    procs, groups = [None] * len(requests), {}  # filtered logits: once per group of rows with equal settings
-    for i, r in enumerate(requests):
-        groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
-    for (temperature, top_k, top_p), members in groups.items():
-        for i, proc in zip(members, process_logits(logits[members], mask_id, temperature, top_k, top_p)):
-            procs[i] = proc
-    p_rows, q_rows, d_rows, u_rows, g_rows, owner = [], [], [], [], [], []
-    for i, r in enumerate(requests):
-        K, proc = len(r.drafts), procs[i]
-        if K:
-            p_rows.append(proc[:K])
-            q_rows.append(r.q)
-            d_rows.append(torch.tensor(r.drafts, device=dev))
-            if r.temperature > 0:  # the random numbers are inputs of verify (so kernel and reference agree)
-                u_rows.append(torch.rand(K, generator=r.gen, dtype=proc.dtype).to(dev))
-                g_rows.append(gumbel((K, proc.shape[-1]), r.gen, proc.dtype, dev))
-            else:  # greedy verification draws nothing
-                u_rows.append(None)
-                g_rows.append(None)
-            owner.append(i)
+    # 1. window
+    layouts = [window_layout(N, len(r.drafts)) for r in requests]
+    ids = torch.tensor([[r.pending, *r.drafts] + [mask_id] * (W - 1 - len(r.drafts)) for r in requests], device=dev)
+    pos, mask = (torch.stack(x).to(dev) for x in zip(*layouts))
+    hidden = model(ids, pos=pos, mask=mask, cache=cache, rows=rows, hidden_only=True)
+
+    # 2. p at positions 0..N-1 (with K = 0 drafts, positions 1..N-1 are group 0's masks: never read as p)
+    p = filtered(model, hidden[:, :N], requests)
+
+    # 3. verify, one batched call per temperature
     verdicts = {}
-    by_temp = {}
-    for j, i in enumerate(owner):  # one verify call per temperature (greedy and sampled differ)
-        by_temp.setdefault(requests[i].temperature, []).append(j)
-    for temp, js in by_temp.items():
-        p, q, d = (torch.cat([x[j] for j in js]) for x in (p_rows, q_rows, d_rows))
-        if temp > 0:
-            u, g = torch.cat([u_rows[j] for j in js]), torch.cat([g_rows[j] for j in js])
-        else:  # unused by greedy verification: zeros of the contract's shapes
-            u, g = p.new_zeros(len(d)), torch.zeros_like(p)
-        acc, cor, ratio = verify(p, q, d, u, g, temp)
-        at = 0
-        for j in js:
-            K = len(d_rows[j])
-            verdicts[owner[j]] = (acc[at:at + K].tolist(), cor[at:at + K].tolist(), ratio[at:at + K].tolist())
-            at += K
+    for (temperature,), members in grouped(requests, "temperature").items():
+        members = [i for i in members if requests[i].drafts]
+        if members:
+            verdicts.update(zip(members, verify_drafts([requests[i] for i in members], [p[i] for i in members],
+                                                       temperature)))
+    accepted = [verdicts.get(i, (0,))[0] for i in range(len(requests))]
 
-    committed, keep = [], []
+    # 4. commit, and the next drafts from the masks after the last committed draft
+    q = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), j)] for i, (r, j)
+                                     in enumerate(zip(requests, accepted))]), requests)
+    committed = []
     for i, r in enumerate(requests):
-        K, proc, st = len(r.drafts), procs[i], r.stats
-        new, kinds, n_keep = [], [], 1  # n_keep: cache entries kept = pending + accepted drafts
-        if K:
-            acc, cor, ratio = verdicts[i]
-            j = acc.index(False) if False in acc else K
-            st.drafts_verified += K
-            st.acceptance_sum += sum(ratio)
-            new, kinds, n_keep = r.drafts[:j], ["accepted"] * j, 1 + j
-            if j < K:  # rejection: commit the correction, next step is a cold start
-                new.append(cor[j])
-                kinds.append("correction")
-                r.drafts, r.q = [], None
-                st.rounds_r += 1
-        else:
-            j = 0
-            st.rounds_c += 1
-        if j == K:  # every draft passed (or none): the clean token, and new drafts from the masks
-            clean, *r.drafts = sample(proc[K:K + N], r.temperature, r.gen).tolist()  # one draw for all N
-            new.append(clean)
-            kinds.append("clean")
-            r.q = proc[K + 1:K + N]
-            if K:
-                st.rounds_v += 1
-        # stop at the first stop id or at max_new_tokens; drop what came after it in this step
-        for t, n in enumerate(new):
-            if n in r.stop_ids or len(r.out) + t + 1 >= r.max_new_tokens:
-                new, kinds, r.done = new[:t + 1], kinds[:t + 1], True
-                break
-        r.out.extend(new)
-        st.forwards += 1
-        st.tokens += len(new)
-        if r.trace is not None:
-            r.trace.append(list(zip(new, kinds)))
+        K, drafts, j = len(r.drafts), r.drafts, accepted[i]
+        _, correction, ratios = verdicts.get(i, (0, None, []))
+        r.stats.drafts_verified += len(ratios)
+        r.stats.acceptance_sum += sum(ratios)
+        if correction is not None:  # d_{j+1} was rejected: its correction, then fresh drafts
+            new, kinds = drafts[:j] + [correction], ["accepted"] * j + ["correction"]
+            r.drafts = sample(q[i], r.temperature, r.gen).tolist()
+            r.stats.rounds_r += 1
+        else:  # all K drafts passed (or K = 0): the clean token from p; drafts in the same draw
+            clean, *r.drafts = sample(torch.cat([p[i][K:K + 1], q[i]]), r.temperature, r.gen).tolist()
+            new, kinds = drafts + [clean], ["accepted"] * K + ["clean"]
+            r.stats.rounds_v += K > 0
+            r.stats.rounds_c += K == 0
+        r.q = q[i]
+        new = r.commit(new)
+        if r.trace is not None:  # what this forward committed, then the drafts verification threw away
+            r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
         committed.append(new)
-        keep.append(start[i] + n_keep)
-    cache.truncate(keep, rows)  # roll back rejected drafts and every MASK slot
+
+    # 5. roll back: each row keeps pending + its accepted drafts
+    cache.truncate((cache.lengths[rows] - W + 1 + torch.tensor(accepted, device=dev)).tolist(), rows)
     return committed
+
+
+def filtered(model, hidden, requests):
+    """Logits of hidden states (B, n, d), filtered by each request's settings (process_logits, once
+    per group of requests with equal settings); float32 at least (float64 stays)."""
+    logits = model.head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    out = [None] * len(requests)
+    for (temperature, top_k, top_p), members in grouped(requests, "temperature", "top_k", "top_p").items():
+        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, temperature, top_k, top_p)):
+            out[i] = proc
+    return out
+
+
+def grouped(requests, *settings):
+    """{values of `settings`: [indices of the requests that have them]}."""
+    groups = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(tuple(getattr(r, s) for s in settings), []).append(i)
+    return groups
+
+
+def verify_drafts(requests, procs, temperature):
+    """Verify the drafts of requests that share a temperature in one kernels.verify call. Returns,
+    per request, (j = drafts accepted before the first rejection, the correction token or None,
+    min(1, p/q) of the drafts verification reached: d_1..d_{j+1}, or all K)."""
+    dev = procs[0].device
+    p = torch.cat([proc[:len(r.drafts)] for r, proc in zip(requests, procs)])  # p_j sits just before d_j
+    q = torch.cat([r.q for r in requests])
+    d = torch.tensor([t for r in requests for t in r.drafts], device=dev)
+    if temperature > 0:  # the random numbers are inputs of verify, drawn from each request's own stream
+        u = torch.cat([torch.rand(len(r.drafts), generator=r.gen, dtype=p.dtype) for r in requests]).to(dev)
+        g = torch.cat([gumbel((len(r.drafts), p.shape[-1]), r.gen, p.dtype, dev) for r in requests])
+    else:  # greedy verification reads neither
+        u, g = p.new_zeros(len(d)), p.new_zeros(1, 1).expand_as(p)
+    acc, cor, ratio = (x.tolist() for x in verify(p, q, d, u, g, temperature))
+    out, at = [], 0
+    for r in requests:
+        K = len(r.drafts)
+        a = acc[at:at + K]
+        j = a.index(False) if False in a else K
+        out.append((j, cor[at + j] if j < K else None, ratio[at:at + min(j + 1, K)]))
+        at += K
+    return out
+
+
+def cache_length(model, requests, stride):
+    """Cache slots per row for decoding `requests`: all they can hold, but at most two contexts (past
+    that, the cache drops tokens that have left the context; see model.KVCache.make_room)."""
+    need = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    return min(need, 2 * model.cfg.max_seq_len) + window_size(stride)
 
 
 @torch.no_grad()
@@ -233,11 +321,8 @@ def decode(model, requests, stride):
     and random stream, so a row gives exactly what it gives alone with the same seed."""
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    for r in requests:
-        check_prompt(model, r.prompt, r.max_new_tokens)
     t0 = time.time()
-    max_len = max(len(r.prompt) + r.max_new_tokens for r in requests) + 2 * stride
-    cache = model.new_cache(len(requests), max_len)
+    cache = model.new_cache(len(requests), cache_length(model, requests, stride))
     prefill(model, cache, list(range(len(requests))), requests)
     active = list(range(len(requests)))
     while active:
@@ -250,18 +335,11 @@ def decode(model, requests, stride):
 
 def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, top_k=None, top_p=None,
                  seed=None, stop_ids=None, trace=False):
-    """ISD for one prompt: (new token ids, stats dict)."""
+    """ISD for one prompt: (new token ids, stats dict), and the trace (see Request) if asked for."""
     r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()),
                 trace=[] if trace else None)
     decode(model, [r], stride)
     return (r.out, r.stats.as_dict()) if not trace else (r.out, r.stats.as_dict(), r.trace)
-
-
-def check_prompt(model, prompt_ids, max_new_tokens):
-    need = len(prompt_ids) + max_new_tokens
-    if need > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the context of {model.cfg.max_seq_len} tokens")
 
 
 @torch.no_grad()
@@ -269,22 +347,20 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
                 seed=None, stop_ids=None):
     """The baseline: one token per forward over a KV cache. Returns the new token ids."""
     r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
-    check_prompt(model, r.prompt, max_new_tokens)
-    cache = model.new_cache(1, len(r.prompt) + max_new_tokens)
-    dev = cache.lengths.device
-    logits = model(torch.tensor([r.prompt], device=dev), cache=cache)[0, -1]
-    while True:
+    cache = model.new_cache(1, cache_length(model, [r], 1))
+    prefill(model, cache, [0], [r])
+    while not r.done:
+        logits = model(torch.tensor([[r.pending]], device=cache.lengths.device), cache=cache)[0, -1]
         p = process_logits(logits, model.cfg.mask_token_id, temperature, top_k, top_p)
-        r.out.append(int(sample(p, temperature, r.gen)))
-        if r.out[-1] in r.stop_ids or len(r.out) == max_new_tokens:
-            return r.out
-        logits = model(torch.tensor([[r.out[-1]]], device=dev), cache=cache)[0, -1]
+        r.commit([int(sample(p, temperature, r.gen))])
+    return r.out
 
 
 # ----------------------------------------------------------------------------------------------
 # command line: sample from a checkpoint, show the statistics, compare with AR, visualize ISD
 
-COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8")}
+COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8"),
+          "rejected": ("\033[9;2m", "#eeeeee")}  # rejected drafts: struck through, not committed
 
 
 def stats_line(st, stride):
@@ -295,7 +371,8 @@ def stats_line(st, stride):
 
 
 def show_trace(trace, enc):
-    """Each step on its own line: accepted drafts green, corrections red, clean tokens blue."""
+    """Each forward on its own line: accepted drafts green, corrections red, clean tokens blue, then
+    the drafts verification rejected, struck through."""
     for step, toks in enumerate(trace):
         parts = "".join(f"{COLORS[k][0]}{enc.decode([t])}\033[0m" for t, k in toks)
         print(f"{step:4d} {parts.replace(chr(10), '⏎')}")
@@ -306,9 +383,9 @@ def trace_html(trace, enc, prompt, st, stride):
     import html
     rows = []
     for step, toks in enumerate(trace):
-        spans = "".join(f'<span style="background:{COLORS[k][1]}" title="{k}">{html.escape(enc.decode([t]))}</span>'
-                        for t, k in toks)
-        rows.append(f"<tr><td>{step}</td><td>{len(toks)}</td><td><pre>{spans}</pre></td></tr>")
+        spans = "".join(f'<span style="background:{COLORS[k][1]}{";text-decoration:line-through" if k == "rejected" else ""}"'
+                        f' title="{k}">{html.escape(enc.decode([t]))}</span>' for t, k in toks)
+        rows.append(f"<tr><td>{step}</td><td>{sum(k != 'rejected' for _, k in toks)}</td><td><pre>{spans}</pre></td></tr>")
     legend = " ".join(f'<span style="background:{c[1]}">{k}</span>' for k, c in COLORS.items())
     return (f"<!doctype html><meta charset=utf-8><title>ISD trace</title>"
             f"<style>body{{font-family:sans-serif}}pre{{margin:0;white-space:pre-wrap}}td{{vertical-align:top;padding:2px 8px}}</style>"
@@ -324,6 +401,8 @@ def main(argv=None, load_model=None, doc=__doc__):
     p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
                                                     "adapter (its base model + the adapter) (default out)")
     p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
+    p.add_argument("--base", action="store_true", help="decode with the base checkpoint without its self-distilled "
+                   "adapter (out_dir/distilled, loaded by default: the same tokens, more of them per forward)")
     p.add_argument("--chat", action="store_true", help="put --prompt as a user message in the chat template (ChatML)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
@@ -334,13 +413,16 @@ def main(argv=None, load_model=None, doc=__doc__):
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu); for python -m mlx_port.isd: "
                    "auto, cpu, gpu (default auto: MLX's default device, the GPU on a Mac)")
-    p.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
+    p.add_argument("--json", action="store_true", help='print {"model", "text", "tokens", "stats"} as JSON')
     p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
     p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
                    help="show each forward's accepted drafts / corrections / clean tokens; with a file, write HTML")
     a = p.parse_args(argv)
     import pretrained
+    source = a.init_from or a.out_dir
     if load_model is None:
+        source = source if a.base else pretrained.distilled_or_base(source)
+
         def load_model(source, device):
             return pretrained.load_model(source, device=device or "cpu")
     if a.stride < 1:
@@ -348,7 +430,7 @@ def main(argv=None, load_model=None, doc=__doc__):
     if a.temperature < 0:
         p.error(f"--temperature must be >= 0, got {a.temperature}")
     try:
-        model, enc = load_model(a.init_from or a.out_dir, a.device)
+        model, enc = load_model(source, a.device)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     if a.chat and not pretrained.has_chat_template(enc):
@@ -362,7 +444,7 @@ def main(argv=None, load_model=None, doc=__doc__):
         p.error(str(e))
     text = enc.decode(out[:-1] if out and out[-1] in kw["stop_ids"] else out)  # the stop token is not text
     if a.json:
-        print(json.dumps({"text": text, "tokens": out, "stats": st}))
+        print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st}))
     elif a.visualize == "-":
         show_trace(trace, enc)
     else:
@@ -372,7 +454,7 @@ def main(argv=None, load_model=None, doc=__doc__):
             f.write(trace_html(trace, enc, a.prompt, st, a.stride))
         print(f"wrote {a.visualize}", file=sys.stderr)
     if not a.json:
-        print(stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
+        print(f"model {source} | " + stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
     if a.compare:
         t0 = time.time()
         ar = ar_generate(model, ids, a.max_new_tokens, **kw)

@@ -30,7 +30,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0  # the scale s is alpha / rank
-    base: str = "smollm2"  # the frozen model: a pretrained name or a checkpoint folder
+    base: str = "smollm2"  # the frozen model: a pretrained name, or a checkpoint folder (relative: to the adapter's)
     targets: tuple = TARGETS
 
     def __post_init__(self):
@@ -54,17 +54,23 @@ class GatedLoRA(nn.Module):
                 key = name.replace(".", "_")  # ParameterDict keys cannot hold dots
                 self.A[key] = nn.Parameter(torch.empty(cfg.rank, m.in_features).uniform_(-1, 1) / math.sqrt(m.in_features))
                 self.B[key] = nn.Parameter(torch.zeros(m.out_features, cfg.rank))
-        self.gate = None
+        self.rows = None
 
     def set_gate(self, model, args, kwargs):
-        """Forward pre-hook of the model: the gate (B, T, 1) of this forward's token ids."""
+        """Forward pre-hook of the model: where this forward's MASK tokens are (flat indices into
+        its B*T positions), or None when it has none (then the adapter costs nothing)."""
         idx = args[0] if args else kwargs["idx"]
-        self.gate = (idx == self.mask_id).unsqueeze(-1).to(self.A[next(iter(self.A))].dtype)
+        rows = (idx.flatten() == self.mask_id).nonzero()[:, 0]
+        self.rows = rows if len(rows) else None
 
     def adapt(self, key, module, inputs, out):
-        """Forward hook of a target projection: out + s * B(gate * A x)."""
-        delta = F.linear(self.gate * F.linear(inputs[0], self.A[key]), self.B[key])
-        return out + self.scale * delta.to(out.dtype)
+        """Forward hook of a target projection: out + s * B(A x), at the MASK positions only (the
+        gate is 0 everywhere else, so nothing is computed there)."""
+        if self.rows is None:
+            return out
+        x = inputs[0].flatten(0, -2).index_select(0, self.rows)
+        delta = self.scale * F.linear(F.linear(x, self.A[key]), self.B[key])
+        return out.flatten(0, -2).index_add(0, self.rows, delta.to(out.dtype)).view_as(out)
 
 
 def add_adapter(model, cfg: LoraConfig, state=None):
@@ -97,6 +103,14 @@ def load_adapter(out_dir):
     if not set(d) <= known:
         raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}")
     return LoraConfig(**d), load_file(os.path.join(out_dir, "adapter.safetensors"))
+
+
+def base_of(out_dir, cfg: LoraConfig):
+    """The base model of the adapter in out_dir: a pretrained name, an absolute folder, or a folder
+    relative to out_dir (distill.py writes out/distilled/ with base "..")."""
+    if cfg.base == "smollm2" or os.path.isabs(cfg.base):
+        return cfg.base
+    return os.path.normpath(os.path.join(out_dir, cfg.base))
 
 
 def has_adapter(out_dir):

@@ -76,9 +76,12 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for B rows, each row with its own length.
 
-    `lengths[b]` tokens of row b are valid. A forward appends its T new tokens at each row's own
-    length; `truncate` moves a row's length back (ISD's rollback: rejected drafts and MASK slots
-    are simply forgotten and later overwritten)."""
+    `lengths[b]` tokens of row b are valid; slot s of row b holds the token at position
+    `offsets[b] + s`. A forward appends its T new tokens at each row's own length; `truncate` moves
+    a row's length back (ISD's rollback: rejected drafts and MASK slots are simply forgotten and
+    later overwritten). When a row is full, `make_room` drops its oldest tokens, but only those
+    that lie outside the model's context (`max_seq_len`) for every new query, so decoding can go on
+    past the context without changing any distribution."""
 
     def __init__(self, cfg, batch_size, max_len=None, device="cpu", dtype=torch.float32):
         self.max_len = max_len or cfg.max_seq_len
@@ -86,6 +89,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def truncate(self, lengths, rows=None):
         """Roll rows (default all) back to `lengths` tokens, each <= the row's current length."""
@@ -94,6 +98,25 @@ class KVCache:
         if (lengths > self.lengths[rows]).any() or (lengths < 0).any():
             raise ValueError(f"truncate to {lengths.tolist()} but rows hold {self.lengths[rows].tolist()}")
         self.lengths[rows] = lengths
+
+    def make_room(self, rows, T, context):
+        """Make room for T new tokens in each of `rows` by dropping each row's oldest tokens; a query
+        at position P sees keys at positions > P - context, so the first L - context + 1 tokens of a
+        row holding L can go. Raises (changing nothing) if that is not enough."""
+        need = self.lengths[rows] + T - self.max_len
+        if int(need.max()) <= 0:
+            return
+        spare = self.lengths[rows] - context + 1
+        if bool((need > spare).any()):
+            raise ValueError(f"KV cache overflow: {self.lengths[rows].tolist()} + {T} > {self.max_len} "
+                             f"and the context ({context}) needs every cached token")
+        for r, d in zip(torch.as_tensor(rows).tolist(), need.tolist()):
+            if d > 0:  # shift the row left by d slots; positions stay with their tokens
+                n = int(self.lengths[r]) - d
+                self.k[:, r, :, :n] = self.k[:, r, :, d:d + n].clone()
+                self.v[:, r, :, :n] = self.v[:, r, :, d:d + n].clone()
+                self.lengths[r] -= d
+                self.offsets[r] += d
 
 
 class Attention(nn.Module):
@@ -165,26 +188,25 @@ class Model(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx, pos=None, mask=None, cache=None, rows=None):
-        """Logits (B, T, vocab) for token ids `idx` (B, T).
+    def forward(self, idx, pos=None, mask=None, cache=None, rows=None, hidden_only=False):
+        """Logits (B, T, vocab) for token ids `idx` (B, T) (with hidden_only: the final hidden states,
+        to which `head` gives logits; ISD takes logits only where it needs them).
 
         Without a cache: `pos` defaults to 0..T-1 and `mask` (True = may attend; (T, T) or
-        (B, T, T)) to causal. With a cache: the T tokens are appended at each row's own length,
-        attend causally to [cache | window], and the cache's lengths advance by T (truncate
-        afterwards to keep fewer). `rows` picks which cache rows the B inputs belong to (all)."""
+        (B, T, T)) to causal. With a cache, the T tokens form a *window* appended at each row's own
+        length: `pos` ((T,) or (B, T), default 0..T-1) are positions relative to the row's next
+        position and `mask` (default causal) says which window tokens each one sees; every window
+        token also sees the row's whole cache, within the context (`max_seq_len`: a query at
+        position P sees keys at positions > P - max_seq_len). The cache's lengths advance by T
+        (truncate afterwards to keep fewer). `rows` picks which cache rows the B inputs belong to."""
         B, T = idx.shape
         dev = idx.device
         if cache is not None:
-            if pos is not None or mask is not None:
-                raise ValueError("with a cache, positions and mask follow from the cache lengths")
             rows = torch.arange(B, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
             if len(rows) != B:
                 raise ValueError(f"{B} input rows but {len(rows)} cache rows")
-            if int(cache.lengths[rows].max()) + T > cache.max_len:
-                raise ValueError(f"KV cache overflow: {int(cache.lengths[rows].max())} + {T} > {cache.max_len}")
-            pos = cache.lengths[rows][:, None] + torch.arange(T, device=dev)
-            S = int(pos.max()) + 1
-            mask = torch.arange(S, device=dev)[None, None, :] <= pos[:, :, None]  # (B, T, S)
+            cache.make_room(rows, T, self.cfg.max_seq_len)  # only tokens that left the context go
+            pos, mask = window_positions_and_mask(cache, rows, T, self.cfg.max_seq_len, pos, mask)
         else:
             if pos is None:
                 pos = torch.arange(T, device=dev)
@@ -199,7 +221,12 @@ class Model(nn.Module):
             x = block(x, cos, sin, mask, cache, rows, i)
         if cache is not None:
             cache.lengths[rows] += T
-        return F.linear(self.norm(x), self.embed_tokens.weight)  # tied output layer
+        x = self.norm(x)
+        return x if hidden_only else self.head(x)
+
+    def head(self, x):
+        """Logits of final hidden states: the output layer is tied to the embedding."""
+        return F.linear(x, self.embed_tokens.weight)
 
     def new_cache(self, batch_size, max_len=None):
         p = self.embed_tokens.weight
@@ -219,6 +246,25 @@ class Model(nn.Module):
         model = cls(cfg).to(device=device, dtype=state["embed_tokens.weight"].dtype)
         model.load_state_dict(state)
         return model
+
+
+def window_positions_and_mask(cache, rows, T, context, rel_pos=None, window_mask=None):
+    """Absolute positions (B, T) and attention mask (B, T, S) of a T-token window appended to cache
+    rows `rows`. Slot s of a row is its cached token s (s < L), window token s - L (s < L + T), or
+    unused; S covers the longest row plus the window. A query sees keys within `context` positions."""
+    dev = cache.lengths.device
+    rel = torch.arange(T, device=dev) if rel_pos is None else torch.as_tensor(rel_pos, device=dev)
+    win = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if window_mask is None else window_mask
+    B, L, off = len(rows), cache.lengths[rows], cache.offsets[rows]
+    pos = (off + L)[:, None] + rel.expand(B, T)
+    S = int(L.max()) + T
+    slot = torch.arange(S, device=dev)
+    w = slot[None, :] - L[:, None]  # (B, S): the slot's index in the window
+    in_cache, in_window, wc = w < 0, (w >= 0) & (w < T), w.clamp(0, T - 1)
+    seen = win.expand(B, T, T).gather(2, wc[:, None, :].expand(B, T, S))
+    mask = in_cache[:, None, :] | (in_window[:, None, :] & seen)
+    key_pos = torch.where(in_cache, off[:, None] + slot[None, :], pos.gather(1, wc))
+    return pos, mask & (pos[:, :, None] - key_pos[:, None, :] < context)
 
 
 def save_module(module, cfg, out_dir, weights_name, config_name, metadata=None):
@@ -281,26 +327,35 @@ def _shifted_ce(logits, labels):
                            ignore_index=-100, reduction="sum")
 
 
-def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
-    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
+def idlm_logits(model, x0, labels=None, stride=4):
+    """Logits of the introspective forward: (xt half, x0 half), each (B, L, V).
 
-    `labels` (default x0) marks where loss is wanted (-100 elsewhere). xt = x0 with every labelled
-    token replaced by MASK; the input [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with
-    b = stride - 1 masks per block. The mask at offset m of block B learns token B*b+m+1 (2..N
-    ahead of the last clean token it sees); the clean half is the ordinary AR loss. Both terms are
-    divided by the number of labelled (shifted) targets. alpha="auto" weights the clean term by
-    (task/clean).detach(), so both terms carry equal weight."""
+    xt = x0 with every labelled token (labels != -100; default all) replaced by MASK; the input
+    [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with b = stride - 1 masks per block."""
     if stride < 2:
         raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
     labels = x0 if labels is None else labels
-    B, L = x0.shape
+    L = x0.shape[1]
     mask_id = getattr(model, "module", model).cfg.mask_token_id  # model may be wrapped in DDP
     xt = torch.where(labels != -100, torch.full_like(x0, mask_id), x0)
     pos = torch.arange(L, device=x0.device).repeat(2)
     logits = model(torch.cat([xt, x0], dim=1), pos=pos, mask=idlm_mask(L, stride - 1, x0.device))
+    return logits[:, :L], logits[:, L:]
+
+
+def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
+    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
+
+    `labels` (default x0) marks where loss is wanted (-100 elsewhere); see idlm_logits for the
+    input. The mask at offset m of block B learns token B*b+m+1 (2..N ahead of the last clean token
+    it sees); the clean half is the ordinary AR loss. Both terms are divided by the number of
+    labelled (shifted) targets. alpha="auto" weights the clean term by (task/clean).detach(), so
+    both terms carry equal weight."""
+    labels = x0 if labels is None else labels
+    xt_logits, x0_logits = idlm_logits(model, x0, labels, stride)
     n = (labels[:, 1:] != -100).sum().clamp(min=1)
-    task = _shifted_ce(logits[:, :L], labels) / n
-    clean = _shifted_ce(logits[:, L:], labels) / n
+    task = _shifted_ce(xt_logits, labels) / n
+    clean = _shifted_ce(x0_logits, labels) / n
     weight = (task / clean).detach() if alpha == "auto" else alpha
     return task + weight * clean, task, clean
 

@@ -172,9 +172,18 @@ def load_model(source, device="cpu"):
         return load_smollm2(device)
     if lora.has_adapter(source):
         lcfg, state = lora.load_adapter(source)
-        model, enc = load_model(lcfg.base, device)
+        model, enc = load_model(lora.base_of(source, lcfg), device)
         return lora.add_adapter(model, lcfg, state).eval(), enc
     return Model.load(source, device=device).eval(), tok.load(source)
+
+
+def distilled_or_base(source):
+    """The folder to decode with for `source`: its self-distilled adapter (source/distilled, written
+    by distill.py and by the default train.py run) when there is one, else source itself. Both give
+    the same tokens (the adapter is lossless); the adapter gives more tokens per forward."""
+    import lora
+    folder = os.path.join(source, "distilled")
+    return folder if source != NAME and lora.has_adapter(folder) else source
 
 
 # ----------------------------------------------------------------------------------------------

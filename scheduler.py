@@ -10,7 +10,7 @@ One KV cache of `max_batch` rows (slots) stays allocated. Each step of the backg
   1. moves new requests from a thread-safe inbox to a FIFO queue and drops cancelled requests;
   2. gives free slots to queued requests and prefills their prompts, at most `prefill_budget`
      prompt tokens per step in all (a long prompt takes several steps, running rows keep stepping);
-  3. runs ONE forward for every row whose prompt is in: isd.isd_step, W = 2N-1 tokens per row
+  3. runs ONE forward for every row whose prompt is in: isd.isd_step, W = N*N tokens per row
      whatever each accepted last step, each row with its own cache length, rollback, settings and
      random stream, so a request gives exactly what it gives alone with the same seed;
   4. turns the committed tokens into text, cuts it at the first stop string, streams it out, and
@@ -77,8 +77,8 @@ class Scheduler:
         self.model, self.enc, self.stride = model.eval(), enc, stride
         self.stop_ids = tuple(pretrained.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
-        # a row holds at most max_seq_len - 1 committed tokens plus one window of 2N-1
-        self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + 2 * stride)
+        # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
+        self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + isd.window_size(stride) + prefill_budget)
         self.slots = [None] * max_batch
         self.queue = deque()  # FIFO of jobs waiting for a slot
         self.prefilling = []  # jobs in a slot whose prompt is not all in the cache, oldest first
@@ -108,7 +108,6 @@ class Scheduler:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
-        isd.check_prompt(self.model, req.prompt, max_tokens)
         job = Job(req, stop, listener)
         self.inbox.put(job)
         return job
@@ -187,7 +186,7 @@ class Scheduler:
         # prefill, oldest admission first, at most prefill_budget prompt tokens in this step
         budget = self.prefill_budget
         for job in list(self.prefilling):
-            left = job.prompt_tokens - 1 - int(self.cache.lengths[job.slot])
+            left = job.prompt_tokens - 1 - job.req.prefilled
             n = min(left, budget)
             if n > 0:
                 isd.prefill(self.model, self.cache, [job.slot], [job.req], chunk=n)

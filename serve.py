@@ -292,6 +292,8 @@ def main(argv=None):
     p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
                                                     "adapter (its base model + the adapter) (default out)")
     p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
+    p.add_argument("--base", action="store_true", help="serve the base checkpoint without its self-distilled adapter "
+                   "(out_dir/distilled, loaded by default: the same outputs, more tokens per forward)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
     p.add_argument("--max_batch", type=int, default=16, help="slots of the resident batch (default 16)")
     p.add_argument("--prefill_budget", type=int, default=256,
@@ -303,7 +305,8 @@ def main(argv=None):
                    help="on SIGINT/SIGTERM, seconds to let running requests finish before cancelling them (default 10)")
     a = p.parse_args(argv)
     try:
-        model, enc = pretrained.load_model(a.init_from or a.out_dir, device=a.device)
+        source = a.init_from or (a.out_dir if a.base else pretrained.distilled_or_base(a.out_dir))
+        model, enc = pretrained.load_model(source, device=a.device)
         sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
@@ -315,7 +318,7 @@ def main(argv=None):
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: ignore it then
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    print(f"serving model '{name}' (stride {a.stride}, {a.max_batch} slots) on http://{a.host}:{a.port}/v1",
+    print(f"serving model '{name}' from {source} (stride {a.stride}, {a.max_batch} slots) on http://{a.host}:{a.port}/v1",
           file=sys.stderr, flush=True)
     server.run()
     sched.stop()

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
 
 import data
+import distill
 import lora
 import pretrained
 import tokenizer as tok
@@ -36,7 +37,7 @@ PRESETS = {
     # alpha 1: at this size it beat the paper's 0.2 on BOTH validation losses (README, Results)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
-                eval_interval=200, eval_iters=8, alpha="1"),
+                eval_interval=200, eval_iters=8, alpha="1", distill_iters=300),
     # a few seconds; for tests and for trying the code paths
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
                  vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
@@ -54,10 +55,10 @@ PRESETS = {
 DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
                 seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
-                lora=0, lora_alpha=16.0)
+                lora=0, lora_alpha=16.0, distill_iters=0)
 # options that may change when resuming; every other one must match the checkpoint
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite",
-             "out_dir"}  # out_dir: the same folder may be named from another working directory
+             "out_dir", "distill_iters"}  # out_dir: the same folder may be named from another working directory
 
 
 class UsageError(ValueError):
@@ -86,6 +87,9 @@ def parse_args(argv=None, doc=__doc__):
                                "(attention and MLP projections, active only at MASK positions); saves only "
                                "adapter.safetensors + adapter.json (default 0 = off, train every weight)")
     a("--lora_alpha", type=float, help="LoRA scale numerator: the adapter's output is scaled by alpha/rank (default 16)")
+    a("--distill_iters", type=int, help="after training, self-distil the masks (distill.py: greedy rollouts of the "
+                                        "model, a gated LoRA adapter in out_dir/distilled) for this many steps; "
+                                        "0 = off (default: 300 for the cpu preset, else 0)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
     for k in MODEL_KEYS:
@@ -121,6 +125,10 @@ def check_options(cfg, given):
             float(cfg["alpha"])
         except ValueError:
             raise UsageError(f"--alpha must be a number or 'auto', got {cfg['alpha']!r}") from None
+    if cfg["distill_iters"] < 0:
+        raise UsageError(f"--distill_iters must be >= 0, got {cfg['distill_iters']}")
+    if "distill_iters" in given and cfg["distill_iters"] and (cfg["lora"] or cfg["objective"] == "ar"):
+        raise UsageError("--distill_iters distils the masks of a full I-DLM: not with --lora or --objective=ar")
     for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters", "log_interval"):
         if cfg[k] < 1:
             raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
@@ -327,7 +335,7 @@ def main(argv=None):
                 lcfg, adapter = lora.load_adapter(out_dir)
             except (OSError, ValueError, TypeError) as e:
                 raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
-            mcfg, enc, weights = load_pretrained(lcfg.base, "--resume: the adapter's base model")
+            mcfg, enc, weights = load_pretrained(lora.base_of(out_dir, lcfg), "--resume: the adapter's base model")
         else:
             mcfg, enc, weights = load_pretrained(out_dir, "--resume")
     elif has_ckpt and not cfg["overwrite"]:
@@ -440,6 +448,10 @@ def main(argv=None):
         prompt = enc.encode_ordinary("\n")
         out = ar_generate(model, prompt, min(100, mcfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
         print("sample:\n" + enc.decode(out))
+        if cfg["distill_iters"] and cfg["objective"] == "idlm" and not cfg["lora"]:
+            log(f"self-distillation: the masks learn the model's own greedy continuations ({cfg['distill_iters']} steps)")
+            distill.distill(out_dir, distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"],
+                                                           seed=cfg["seed"]), cfg["stride"], cfg["data"])
     if ddp:
         dist.destroy_process_group()
 

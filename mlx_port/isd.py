@@ -28,6 +28,10 @@ class CacheView:
     def lengths(self):
         return torch.from_numpy(np.array(self.cache.lengths))
 
+    @property
+    def max_len(self):
+        return self.cache.max_len
+
     def truncate(self, lengths, rows=None):
         self.cache.truncate(lengths, None if rows is None else np.asarray(rows))
 
@@ -41,12 +45,20 @@ class TorchView:
     def new_cache(self, batch_size, max_len=None):
         return CacheView(self.model.new_cache(batch_size, max_len))
 
-    def __call__(self, idx, cache=None, rows=None):
-        logits = self.model(mx.array(idx.numpy()), cache=None if cache is None else cache.cache,
-                            rows=None if rows is None else np.asarray(rows))
-        if logits.dtype != mx.float64:
-            logits = logits.astype(mx.float32)  # numpy has no bfloat16
-        return torch.from_numpy(np.array(logits))
+    def __call__(self, idx, pos=None, mask=None, cache=None, rows=None, hidden_only=False):
+        as_mx = lambda t: None if t is None else mx.array(t.numpy())  # noqa: E731
+        return as_torch(self.model(mx.array(idx.numpy()), pos=as_mx(pos), mask=as_mx(mask), hidden_only=hidden_only,
+                                   cache=None if cache is None else cache.cache,
+                                   rows=None if rows is None else np.asarray(rows)))
+
+    def head(self, x):
+        return as_torch(self.model.head(mx.array(x.numpy())))
+
+
+def as_torch(x):
+    if x.dtype not in (mx.float64, mx.float32):
+        x = x.astype(mx.float32)  # numpy has no bfloat16
+    return torch.from_numpy(np.array(x))
 
 
 def isd_generate(model, *args, **kw):

@@ -52,9 +52,12 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for B rows, each row with its own length.
 
-    `lengths[b]` tokens of row b are valid. A forward appends its T new tokens at each row's own
-    length; `truncate` moves a row's length back (ISD's rollback: rejected drafts and MASK slots
-    are simply forgotten and later overwritten). One array per layer, updated by index assignment."""
+    `lengths[b]` tokens of row b are valid; slot s of row b holds the token at position
+    `offsets[b] + s`. A forward appends its T new tokens at each row's own length; `truncate` moves
+    a row's length back (ISD's rollback: rejected drafts and MASK slots are simply forgotten and
+    later overwritten). When a row is full, `make_room` drops its oldest tokens, but only those
+    that lie outside the model's context (`max_seq_len`) for every new query. One array per layer,
+    updated by index assignment."""
 
     def __init__(self, cfg, batch_size, max_len=None, dtype=mx.float32):
         self.max_len = max_len or cfg.max_seq_len
@@ -62,6 +65,7 @@ class KVCache:
         self.k = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [mx.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)]
         self.lengths = mx.zeros(batch_size, dtype=mx.int64)
+        self.offsets = mx.zeros(batch_size, dtype=mx.int64)
 
     def truncate(self, lengths, rows=None):
         """Roll rows (default all) back to `lengths` tokens, each <= the row's current length."""
@@ -70,6 +74,26 @@ class KVCache:
         if (lengths > self.lengths[rows]).any() or (lengths < 0).any():
             raise ValueError(f"truncate to {lengths.tolist()} but rows hold {self.lengths[rows].tolist()}")
         self.lengths[rows] = lengths
+
+    def make_room(self, rows, T, context):
+        """Make room for T new tokens in each of `rows` by dropping each row's oldest tokens; a query
+        at position P sees keys at positions > P - context, so the first L - context + 1 tokens of a
+        row holding L can go. Raises (changing nothing) if that is not enough."""
+        need = self.lengths[rows] + T - self.max_len
+        if need.max().item() <= 0:
+            return
+        spare = self.lengths[rows] - context + 1
+        if (need > spare).any().item():
+            raise ValueError(f"KV cache overflow: {self.lengths[rows].tolist()} + {T} > {self.max_len} "
+                             f"and the context ({context}) needs every cached token")
+        for r, d in zip(np.asarray(rows).tolist(), need.tolist()):
+            if d > 0:  # shift the row left by d slots; positions stay with their tokens
+                n = self.lengths[r].item() - d
+                for layer in range(len(self.k)):
+                    self.k[layer][r, :, :n] = self.k[layer][r, :, d:d + n]
+                    self.v[layer][r, :, :n] = self.v[layer][r, :, d:d + n]
+                self.lengths[r] = self.lengths[r] - d
+                self.offsets[r] = self.offsets[r] + d
 
 
 class Attention(nn.Module):
@@ -139,26 +163,24 @@ class Model(nn.Module):
                 flat[name] = std * mx.random.normal(p.shape)
         self.load_weights(list(flat.items()))
 
-    def __call__(self, idx, pos=None, mask=None, cache=None, rows=None):
-        """Logits (B, T, vocab) for token ids `idx` (B, T).
+    def __call__(self, idx, pos=None, mask=None, cache=None, rows=None, hidden_only=False):
+        """Logits (B, T, vocab) for token ids `idx` (B, T) (with hidden_only: the final hidden states,
+        to which `head` gives logits; ISD takes logits only where it needs them).
 
         Without a cache: `pos` defaults to 0..T-1 and `mask` (True = may attend; (T, T) or
-        (B, T, T)) to causal. With a cache: the T tokens are appended at each row's own length,
-        attend causally to [cache | window], and the cache's lengths advance by T (truncate
-        afterwards to keep fewer). `rows` picks which cache rows the B inputs belong to (all)."""
+        (B, T, T)) to causal. With a cache, the T tokens form a *window* appended at each row's own
+        length: `pos` ((T,) or (B, T), default 0..T-1) are positions relative to the row's next
+        position and `mask` (default causal) says which window tokens each one sees; every window
+        token also sees the row's whole cache, within the context (`max_seq_len`: a query at
+        position P sees keys at positions > P - max_seq_len). The cache's lengths advance by T
+        (truncate afterwards to keep fewer). `rows` picks which cache rows the B inputs belong to."""
         B, T = idx.shape
         if cache is not None:
-            if pos is not None or mask is not None:
-                raise ValueError("with a cache, positions and mask follow from the cache lengths")
             rows = mx.arange(B) if rows is None else mx.array(np.asarray(rows))
             if rows.size != B:
                 raise ValueError(f"{B} input rows but {rows.size} cache rows")
-            top = cache.lengths[rows].max().item()
-            if top + T > cache.max_len:
-                raise ValueError(f"KV cache overflow: {top} + {T} > {cache.max_len}")
-            pos = cache.lengths[rows][:, None] + mx.arange(T)
-            S = top + T
-            mask = mx.arange(S)[None, None, :] <= pos[:, :, None]  # (B, T, S)
+            cache.make_room(rows, T, self.cfg.max_seq_len)  # only tokens that left the context go
+            pos, mask = window_positions_and_mask(cache, rows, T, self.cfg.max_seq_len, pos, mask)
         else:
             if pos is None:
                 pos = mx.arange(T)
@@ -173,7 +195,12 @@ class Model(nn.Module):
             x = block(x, cos, sin, mask, cache, rows, i)
         if cache is not None:
             cache.lengths[rows] = cache.lengths[rows] + T
-        return self.embed_tokens.as_linear(self.norm(x))  # tied output layer
+        x = self.norm(x)
+        return x if hidden_only else self.head(x)
+
+    def head(self, x):
+        """Logits of final hidden states: the output layer is tied to the embedding."""
+        return self.embed_tokens.as_linear(x)
 
     def new_cache(self, batch_size, max_len=None):
         return KVCache(self.cfg, batch_size, max_len, dtype=self.embed_tokens.weight.dtype)
@@ -205,6 +232,24 @@ class Model(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The introspective loss (SPEC section 1)
 
+def window_positions_and_mask(cache, rows, T, context, rel_pos=None, window_mask=None):
+    """Absolute positions (B, T) and attention mask (B, T, S) of a T-token window appended to cache
+    rows `rows`. Slot s of a row is its cached token s (s < L), window token s - L (s < L + T), or
+    unused; S covers the longest row plus the window. A query sees keys within `context` positions."""
+    rel = mx.arange(T) if rel_pos is None else mx.array(np.asarray(rel_pos))
+    win = mx.tril(mx.ones((T, T), dtype=mx.bool_)) if window_mask is None else mx.array(np.asarray(window_mask))
+    B, L, off = rows.size, cache.lengths[rows], cache.offsets[rows]
+    pos = (off + L)[:, None] + mx.broadcast_to(rel, (B, T))
+    S = L.max().item() + T
+    slot = mx.arange(S)
+    w = slot[None, :] - L[:, None]  # (B, S): the slot's index in the window
+    in_cache, in_window, wc = w < 0, (w >= 0) & (w < T), mx.clip(w, 0, T - 1)
+    seen = mx.take_along_axis(mx.broadcast_to(win, (B, T, T)), mx.broadcast_to(wc[:, None, :], (B, T, S)), axis=2)
+    mask = in_cache[:, None, :] | (in_window[:, None, :] & seen)
+    key_pos = mx.where(in_cache, off[:, None] + slot[None, :], mx.take_along_axis(pos, wc, axis=1))
+    return pos, mask & (pos[:, :, None] - key_pos[:, None, :] < context)
+
+
 def idlm_mask(L, b):
     """Boolean attention mask (2L, 2L) over [xt | x0], True = may attend; blk(i) = i // b.
 
@@ -231,25 +276,34 @@ def _shifted_ce(logits, labels):
     return mx.where(valid, ce, 0).sum()
 
 
-def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
-    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
+def idlm_logits(model, x0, labels=None, stride=4):
+    """Logits of the introspective forward: (xt half, x0 half), each (B, L, V).
 
-    `labels` (default x0) marks where loss is wanted (-100 elsewhere). xt = x0 with every labelled
-    token replaced by MASK; the input [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with
-    b = stride - 1 masks per block. The mask at offset m of block B learns token B*b+m+1 (2..N
-    ahead of the last clean token it sees); the clean half is the ordinary AR loss. Both terms are
-    divided by the number of labelled (shifted) targets. alpha="auto" weights the clean term by
-    stop_gradient(task/clean), so both terms carry equal weight."""
+    xt = x0 with every labelled token (labels != -100; default all) replaced by MASK; the input
+    [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with b = stride - 1 masks per block."""
     if stride < 2:
         raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
     labels = x0 if labels is None else labels
-    B, L = x0.shape
+    L = x0.shape[1]
     xt = mx.where(labels != -100, model.cfg.mask_token_id, x0)
     pos = mx.concatenate([mx.arange(L), mx.arange(L)])
     logits = model(mx.concatenate([xt, x0], axis=1), pos=pos, mask=idlm_mask(L, stride - 1))
+    return logits[:, :L], logits[:, L:]
+
+
+def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
+    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
+
+    `labels` (default x0) marks where loss is wanted (-100 elsewhere); see idlm_logits for the
+    input. The mask at offset m of block B learns token B*b+m+1 (2..N ahead of the last clean token
+    it sees); the clean half is the ordinary AR loss. Both terms are divided by the number of
+    labelled (shifted) targets. alpha="auto" weights the clean term by stop_gradient(task/clean),
+    so both terms carry equal weight."""
+    labels = x0 if labels is None else labels
+    xt_logits, x0_logits = idlm_logits(model, x0, labels, stride)
     n = mx.maximum((labels[:, 1:] != -100).sum(), 1)
-    task = _shifted_ce(logits[:, :L], labels) / n
-    clean = _shifted_ce(logits[:, L:], labels) / n
+    task = _shifted_ce(xt_logits, labels) / n
+    clean = _shifted_ce(x0_logits, labels) / n
     weight = mx.stop_gradient(task / clean) if alpha == "auto" else alpha
     return task + weight * clean, task, clean
 

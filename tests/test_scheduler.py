@@ -193,8 +193,6 @@ def test_bad_requests_are_refused_at_submit(me):
             s.submit([1, 2], 5, **kw)
     with pytest.raises(ValueError, match="max_new_tokens"):
         s.submit([1, 2], 0)
-    with pytest.raises(ValueError, match="exceeds the context"):
-        s.submit([1] * 100, 29)
     with pytest.raises(ValueError, match="empty"):
         s.submit([], 5)
     assert s.inbox.empty()

@@ -1,0 +1,188 @@
+"""Self-distillation: the masks learn the model's own continuations, through a gated LoRA adapter.
+
+    python distill.py --out_dir=out                              # greedy rollouts, hard targets -> out/distilled
+    python distill.py --out_dir=out --rollouts=sampled --target=soft --temperature=0.8
+    python distill.py --out_dir=out --rollouts=none --target=soft   # no rollouts: soft targets on the training text
+
+ISD keeps a draft when the model agrees with its own proposal, so the best thing a MASK position can
+predict is what the model itself would write there, not what the corpus says. Three steps:
+  1. rollouts: the model continues prompts cut from its training text (batched AR decoding);
+  2. targets for the mask that drafts position i: `hard`, the rollout's token there (for greedy
+     rollouts: the clean stream's argmax, so greedy drafts can be accepted every time), or `soft`,
+     the clean stream's whole distribution p(. | x_<i) at temperature T. Along the model's own
+     sampled rollouts, that is an unbiased, low-noise estimate of its k-ahead marginal, the q that
+     makes sampled drafts pass most often. It is read from the x0 half of the same forward;
+  3. a gated LoRA adapter (lora.py) is trained on the xt half; the base stays frozen, so the clean
+     stream, and with it everything ISD outputs, is exactly the base model's.
+The adapter is written to `<out_dir>/distilled/`; isd.py, serve.py and bench.py load it by default.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import lora
+import tokenizer as tok
+from isd import Request, decode
+from model import Model, idlm_logits
+
+FOLDER = "distilled"  # the adapter's folder inside the base checkpoint's folder
+
+
+@dataclass
+class DistillConfig:
+    rollouts: str = "greedy"  # greedy | sampled | none (the training text itself)
+    target: str = "hard"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`
+    temperature: float = 0.8  # of sampled rollouts and of soft targets
+    n_rollouts: int = 768
+    prompt_len: int = 16  # rollouts continue prompts of this many tokens of training text
+    seq_len: int = 128  # prompt + continuation
+    rank: int = 16
+    lora_alpha: float = 16.0
+    lr: float = 3e-3
+    iters: int = 300
+    batch_size: int = 16
+    seed: int = 1337
+
+    def __post_init__(self):
+        if self.rollouts not in ("greedy", "sampled", "none"):
+            raise ValueError(f"rollouts must be greedy, sampled or none, got {self.rollouts!r}")
+        if self.target not in ("hard", "soft"):
+            raise ValueError(f"target must be hard or soft, got {self.target!r}")
+        if self.rollouts == "none" and self.target == "hard":
+            raise ValueError("rollouts=none with target=hard is ordinary training: use target=soft")
+        if not 0 < self.prompt_len < self.seq_len:
+            raise ValueError(f"need 0 < prompt_len < seq_len, got {self.prompt_len} and {self.seq_len}")
+        for k in ("n_rollouts", "rank", "iters", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@torch.no_grad()
+def rollouts(model, train_ids, cfg: DistillConfig, log=print):
+    """(rows (n, seq_len), labels): `prompt_len` tokens of training text, then the model's own
+    continuation (greedy, or sampled at cfg.temperature); labels are -100 on the prompt."""
+    offsets = data.batch_offsets(len(train_ids), cfg.seq_len, cfg.n_rollouts, seed=cfg.seed)
+    text = data.get_batch(train_ids, offsets, cfg.seq_len)
+    if cfg.rollouts == "none":
+        return text, text
+    temperature = 0.0 if cfg.rollouts == "greedy" else cfg.temperature
+    n_new, rows, t0 = cfg.seq_len - cfg.prompt_len, [], time.time()
+    for at in tqdm(range(0, cfg.n_rollouts, 256), desc=f"{cfg.rollouts} rollouts", disable=log is None):
+        reqs = [Request(row[:cfg.prompt_len].tolist(), n_new, temperature, seed=cfg.seed + at + i)
+                for i, row in enumerate(text[at:at + 256])]
+        decode(model, reqs, stride=1)  # stride 1: batched AR
+        rows += [r.prompt + r.out for r in reqs]
+    rows = torch.tensor(rows)
+    labels = rows.clone()
+    labels[:, :cfg.prompt_len] = -100  # the masks learn the model's continuation, not the prompt
+    if log:
+        log(f"{len(rows)} {cfg.rollouts} rollouts of {n_new} tokens in {time.time() - t0:.1f}s")
+    return rows, labels
+
+
+def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0):
+    """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets
+    (the clean stream's distribution at temperature T at the same position: the mask at position i
+    drafts token i+1, which the clean stream at position i predicts). MASK is never a target."""
+    xt, x0_logits = idlm_logits(model, x0, labels, stride)
+    keep = torch.arange(xt.shape[-1], device=x0.device) != model.cfg.mask_token_id
+    valid = labels[:, 1:] != -100
+    student = xt[:, :-1][valid][:, keep].float()
+    if target == "hard":
+        return F.cross_entropy(student, labels[:, 1:][valid])
+    teacher = (x0_logits[:, :-1][valid][:, keep].float().detach() / temperature).softmax(-1)
+    return -(teacher * (student / temperature).log_softmax(-1)).sum(-1).mean()
+
+
+def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
+    """Freeze `model`, attach a gated LoRA adapter and train it with distill_loss; returns the model."""
+    lora.add_adapter(model, lora.LoraConfig(cfg.rank, cfg.lora_alpha, base=".."))
+    model.train()
+    params = list(model.lora.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.iters, pct_start=0.05)
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})", disable=log is None)
+    for _ in bar:
+        idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=g)
+        loss = distill_loss(model, rows[idx], labels[idx], stride, cfg.target, cfg.temperature)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def save(model, out_dir):
+    """Write the adapter to out_dir/distilled/, replacing an earlier one only once it is complete."""
+    final = os.path.join(out_dir, FOLDER)
+    stage, old = final + ".staging", final + ".old"
+    shutil.rmtree(stage, ignore_errors=True)
+    lora.save_adapter(model.lora, stage)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def distill(out_dir, cfg: DistillConfig, stride, data_path=None, log=print):
+    """The whole step on the checkpoint in out_dir: rollouts, adapter, out_dir/distilled/."""
+    torch.manual_seed(cfg.seed)
+    model, enc = Model.load(out_dir).eval(), tok.load(out_dir)
+    cfg.seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
+    _, train_ids, _ = data.load_corpus(data_path, enc=enc, log=lambda *a: None)
+    t0 = time.time()
+    rows, labels = rollouts(model, train_ids, cfg, log)
+    train_adapter(model, rows, labels, stride, cfg, log)
+    folder = save(model, out_dir)
+    if log:
+        log(f"self-distillation ({cfg.rollouts} rollouts, {cfg.target} targets, {cfg.iters} steps) in "
+            f"{time.time() - t0:.0f}s: adapter in {folder}/")
+    return folder
+
+
+def training_config(out_dir):
+    """train.py's options for the checkpoint in out_dir ({} if it has no train_state.json)."""
+    path = os.path.join(out_dir, "train_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["config"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = DistillConfig()
+    p.add_argument("--out_dir", default="out", help="the checkpoint to distil (written by train.py; default out)")
+    p.add_argument("--data", default=None, help="the text its prompts come from (default: the checkpoint's training data, Shakespeare)")
+    p.add_argument("--stride", type=int, default=None, help="N of the masks' blocks (default: the checkpoint's)")
+    for k, v in asdict(d).items():
+        if k != "seq_len":
+            p.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
+    a = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(a.out_dir, "config.json")):
+        p.error(f"no checkpoint in {a.out_dir} (config.json missing): run python train.py first")
+    try:
+        cfg = DistillConfig(**{k: getattr(a, k) for k in asdict(d) if k != "seq_len"})
+    except ValueError as e:
+        p.error(str(e))
+    trained = training_config(a.out_dir)
+    distill(a.out_dir, cfg, a.stride or trained.get("stride", 4), a.data if a.data is not None else trained.get("data"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
