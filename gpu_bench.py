@@ -58,7 +58,7 @@ SIZES = {
                 base=pretrained.NAME, n_replies=None, reply_tokens=192, reply_batch=128,
                 train_args=["--lora=16", "--lr=1e-3", "--max_iters=300", "--eval_interval=50", "--eval_iters=2",
                             "--log_interval=25"],
-                compare_reserve=80, n_held_out=None, max_new_tokens=128, stride=4, hf=True,
+                compare_reserve=100, n_held_out=None, max_new_tokens=128, stride=4, hf=True,
                 concurrency=[1, 2, 4, 8, 16, 32, 64], serve_tokens=64, min_requests=8),
     "dry_run": dict(device=None, vocabs=[1000, 5003], rows=[1, 4], repeats=1, check_rows=8,
                     check_temperatures=[0.0, 1.0], preset="tiny", train_steps=3,
@@ -168,10 +168,13 @@ def r_isd_recipe(base, work, z, share):
     info["train_command"] = " ".join(["python"] + cmd[1:])
     timeout = share.left() - z["compare_reserve"]
     t0 = time.perf_counter()
-    try:
-        subprocess.run(cmd, cwd=HERE, check=True, timeout=max(1.0, timeout))
-    except subprocess.TimeoutExpired:
-        share.say(f"adapter training stopped after {timeout:.0f} s, to leave {z['compare_reserve']} s for decoding")
+    if timeout < 10:
+        share.say(f"no adapter trained: {max(0, timeout):.0f} s left after leaving {z['compare_reserve']} s for decoding")
+    else:
+        try:
+            subprocess.run(cmd, cwd=HERE, check=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            share.say(f"adapter training stopped after {timeout:.0f} s, to leave {z['compare_reserve']} s for decoding")
     info["train_seconds"] = time.perf_counter() - t0
     state = os.path.join(out_dir, "train_state.json")
     if not os.path.isfile(state):
