@@ -97,7 +97,7 @@ class Share:
         self.mark = now
         if not self.stopped and now + self.last > self.end:
             self.stopped = True
-            self.say(f"stopped before {what}: it would overrun the {self.seconds:.0f} s share "
+            self.say(f"stopped before {what}: it would overrun the {self.seconds:.3g} s share "
                      f"({now - self.start:.0f} s spent)")
         return self.stopped
 
@@ -158,6 +158,9 @@ def r_isd_recipe(base, work, z, share):
     model, enc = pretrained.load_model(base, z["device"])
     prompts = [t.format(x) for x in pretrained.TOPICS for t in pretrained.TEMPLATES + EXTRA_TEMPLATES][:z["n_replies"]]
     data_path, out_dir = os.path.join(work, "replies.txt"), os.path.join(work, "rlora")
+    if os.path.exists(data_path):  # write_replies appends; a reused --work_dir starts afresh
+        os.remove(data_path)
+    shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
     pretrained.write_replies(model, enc, prompts, data_path, z["reply_tokens"], z["reply_batch"])
     info = {"replies": len(prompts), "reply_seconds": time.perf_counter() - t0,
@@ -352,6 +355,8 @@ def main(argv=None):
             r.update(error=r.get("error"), share_s=share.seconds, wall_s=time.perf_counter() - share.start,
                      stopped="; ".join(share.notes) or None)
             results["stages"][name] = r
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the stage's cached blocks back (train.py runs in a subprocess)
             write_results(path, results)
             print(f"[{i}/{len(names)}] {name}: {'error' if r.get('error') else 'stopped' if share.notes else 'done'} "
                   f"in {r['wall_s']:.0f} s; results so far in {path}", flush=True)

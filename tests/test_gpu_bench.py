@@ -72,3 +72,15 @@ def test_share_stops_work_that_would_overrun():
     s.stop()
     time.sleep(0.01)
     assert not s.stop() and not s.notes
+
+
+def test_stages_stop_at_their_share_and_say_so(tmp_path):
+    p = run(tmp_path, "--dry_run", "--budget=0.1", "--stages=kernel,train")  # 0.01 s, 0.016 s: over after one piece
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "kernel: stopped before the next cell" in p.stdout and "[2/2] train: stopped in" in p.stdout
+    r = gpu_bench.read_results(tmp_path / "gpu_bench.md")
+    assert list(r["stages"]) == ["kernel", "train"]
+    k, t = r["stages"]["kernel"], r["stages"]["train"]
+    assert "overrun" in k["stopped"] and len(k["timing"]) == 1 and k["check"] == []  # the first cell always runs
+    assert "overrun" in t["stopped"] and t["steps"] == 1 and t["ar"] > 0
+    assert "**stopped before the next cell" in (tmp_path / "gpu_bench.md").read_text()
