@@ -30,32 +30,50 @@ from train import MODEL_KEYS, PRESETS
 PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
 
 
-def bench_train(a):
-    """Alternate AR and I-DLM steps on the same random batch; report median tokens/s of each."""
-    pre = PRESETS[a.preset]
+def train_throughput(preset, steps, device="cpu", stop=lambda: False):
+    """Alternate AR and I-DLM steps on the same random batch of a train.py preset (bfloat16 autocast on
+    CUDA, as train.py); median tokens/s of each. `stop()` is asked before each step pair after the
+    warm-up; True ends the run early. Returns {"ar", "idlm": tok/s, "steps", "params", "tokens_per_step"}."""
+    pre = PRESETS[preset]
     V = pre["vocab_size"]
     cfg = ModelConfig(vocab_size=V + 1, mask_token_id=V, max_seq_len=pre["seq_len"], **{k: pre[k] for k in MODEL_KEYS if k in pre})
     torch.manual_seed(0)
-    x = torch.randint(0, V, (pre["batch_size"], pre["seq_len"]))
+    x = torch.randint(0, V, (pre["batch_size"], pre["seq_len"]), device=device)
     runs = {"ar": lambda m: ar_loss(m, x), "idlm": lambda m: idlm_loss(m, x, stride=4)[0]}
-    models = {k: Model(cfg) for k in runs}
+    models = {k: Model(cfg).to(device) for k in runs}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = {k: [] for k in runs}
-    for step in range(a.steps + 2):
+    for step in range(steps + 2):
+        if step > 2 and stop():
+            break
         for k, f in runs.items():
+            sync()
             t0 = time.perf_counter()
-            f(models[k]).backward()
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                loss = f(models[k])
+            loss.backward()
             opts[k].step()
             opts[k].zero_grad()
+            sync()
             if step >= 2:  # the first steps warm up the allocator
                 times[k].append(time.perf_counter() - t0)
-    tps = {k: pre["batch_size"] * pre["seq_len"] / statistics.median(v) for k, v in times.items()}
-    print(f"preset {a.preset}: {sum(p.numel() for p in models['ar'].parameters()) / 1e6:.2f}M params, "
-          f"{pre['batch_size']} x {pre['seq_len']} tokens per step, median of {a.steps} steps, "
-          f"{torch.get_num_threads()} threads")
-    for k in runs:
-        print(f"  {k:5s} {tps[k]:8.0f} tok/s (data tokens; idlm runs 2L per row)")
-    print(f"  idlm / ar = {tps['idlm'] / tps['ar']:.2f}x")
+    tokens = pre["batch_size"] * pre["seq_len"]
+    return {**{k: tokens / statistics.median(v) for k, v in times.items()}, "steps": len(times["ar"]),
+            "params": sum(p.numel() for p in models["ar"].parameters()), "tokens_per_step": tokens}
+
+
+def bench_train(a):
+    """Training tokens/s of the two objectives on a preset's shapes, and their ratio."""
+    r = train_throughput(a.preset, a.steps, a.device)
+    pre = PRESETS[a.preset]
+    print(f"preset {a.preset}: {r['params'] / 1e6:.2f}M params, "
+          f"{pre['batch_size']} x {pre['seq_len']} tokens per step, median of {r['steps']} steps, "
+          f"{torch.get_num_threads()} threads, {a.device}")
+    for k in ("ar", "idlm"):
+        print(f"  {k:5s} {r[k]:8.0f} tok/s (data tokens; idlm runs 2L per row)")
+    print(f"  idlm / ar = {r['idlm'] / r['ar']:.2f}x")
 
 
 @torch.no_grad()
@@ -294,57 +312,90 @@ CHAT_PROMPTS = ["What is the capital of France?", "Explain how a compass works."
                 "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of pretrained.py
 
 
-def bench_smollm2(a):
-    """Greedy chat replies of SmolLM2, side by side in one run: its AR decoding (our KV cache), Hugging
-    Face transformers' generate() (KV cache), and ISD on each model of --isd (a converted checkpoint,
-    a folder with an adapter = R-ISD, or smollm2 itself with its untrained MASK row)."""
+def hf_generate_fn(max_new_tokens, stops, device="cpu"):
+    """transformers' SmolLM2 (its own loader, from the same local GGUF file, never the hub) as a greedy
+    decoder: prompt ids -> (new ids, None), like the other methods of compare_decoders."""
     import pretrained
-    base, enc = pretrained.load_smollm2()
-    stops = pretrained.stop_ids(enc)
-    prompts = [pretrained.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
-    isd_models = {src: pretrained.load_model(src)[0] for src in a.isd}
-    runs = {"AR (ours)": lambda p: (ar_generate(base, p, a.max_new_tokens, temperature=0, stop_ids=stops), None)}
-    if not a.no_hf:
-        from transformers import AutoModelForCausalLM
-        folder, name = os.path.split(pretrained.gguf_path())
-        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                  local_files_only=True).eval()  # a local file, never the hub
+    from transformers import AutoModelForCausalLM
+    folder, name = os.path.split(pretrained.gguf_path())
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                              local_files_only=True).to(device).eval()
 
-        def hf_generate(p):
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=a.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=0)
-            return out[0, len(p):].tolist(), None
-        runs["transformers generate()"] = hf_generate
-    for src, m in isd_models.items():
-        runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
+    def hf_generate(p):
+        ids = torch.tensor([p], device=device)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=stops, pad_token_id=0)
+        return out[0, len(p):].tolist(), None
+    return hf_generate
+
+
+def compare_decoders(runs, prompts, repeats=1, stop=lambda: False):
+    """Run every method of `runs` ({name: prompt ids -> (new ids, stats dict or None)}) on every prompt,
+    interleaved so that each sees the same machine load; the first method is the reference of "same".
+    `stop()` is asked before each prompt; True ends early. Returns {name: {"tokens", "forwards", "tpf",
+    "acceptance" (None without drafts), "rounds_vrc" (fractions, or None), "tok_s", "vs_first", "same",
+    "prompts"}}."""
     for f in runs.values():  # warm-up
         f(prompts[0][:8])
     t = {k: 0.0 for k in runs}
     tot = {k: Counter() for k in runs}
     same = {k: 0 for k in runs}
+    n = 0
     with torch.no_grad():
-        for rep in range(a.repeats):
-            for p in prompts:
-                ref = None
-                for k, f in runs.items():  # interleaved: every method sees the same machine load
-                    t0 = time.perf_counter()
-                    out, st = f(p)
-                    t[k] += time.perf_counter() - t0
-                    ref = out if ref is None else ref
-                    same[k] += out == ref
-                    tot[k].update(st or {"tokens": len(out), "forwards": len(out)})
-    n_runs = a.repeats * len(prompts)
+        for p in [p for _ in range(repeats) for p in prompts]:
+            if stop():
+                break
+            ref = None
+            for k, f in runs.items():
+                t0 = time.perf_counter()
+                out, st = f(p)
+                t[k] += time.perf_counter() - t0
+                ref = out if ref is None else ref
+                same[k] += out == ref
+                tot[k].update(st or {"tokens": len(out), "forwards": len(out)})
+            n += 1
+    rows = {}
+    for k, c in tot.items():
+        f = max(1, c["forwards"])
+        rows[k] = {"tokens": c["tokens"], "forwards": c["forwards"], "tpf": c["tokens"] / f,
+                   "acceptance": c["acceptance_sum"] / c["drafts_verified"] if c.get("drafts_verified") else None,
+                   "rounds_vrc": [c[f"rounds_{x}"] / f for x in "vrc"] if "rounds_c" in c else None,
+                   "tok_s": c["tokens"] / t[k] if t[k] else 0.0, "same": same[k], "prompts": n}
+    first = rows[next(iter(rows))]["tok_s"]
+    for r in rows.values():
+        r["vs_first"] = r["tok_s"] / first if first else 0.0
+    return rows
+
+
+def decoder_table(rows):
+    """compare_decoders' result as a Markdown table."""
+    lines = ["| method | TPF | acceptance | V / R / C % | tok/s | vs AR | same tokens as AR |", "|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        vrc = " / ".join(f"{100 * x:.0f}" for x in r["rounds_vrc"]) if r["rounds_vrc"] else "-"
+        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
+        lines.append(f"| {k} | {r['tpf']:.2f} | {acc} | {vrc} | {r['tok_s']:.1f} | {r['vs_first']:.2f}x "
+                     f"| {r['same']}/{r['prompts']} |")
+    return "\n".join(lines)
+
+
+def bench_smollm2(a):
+    """Greedy chat replies of SmolLM2, side by side in one run: its AR decoding (our KV cache), Hugging
+    Face transformers' generate() (KV cache), and ISD on each model of --isd (a converted checkpoint,
+    a folder with an adapter = R-ISD, or smollm2 itself with its untrained MASK row)."""
+    import pretrained
+    base, enc = pretrained.load_smollm2(a.device)
+    stops = pretrained.stop_ids(enc)
+    prompts = [pretrained.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    runs = {"AR (ours)": lambda p: (ar_generate(base, p, a.max_new_tokens, temperature=0, stop_ids=stops), None)}
+    if not a.no_hf:
+        runs["transformers generate()"] = hf_generate_fn(a.max_new_tokens, stops, a.device)
+    for src in a.isd:
+        m = pretrained.load_model(src, a.device)[0]
+        runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
+    rows = compare_decoders(runs, prompts, a.repeats)
     print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts x {a.repeats} repeats, greedy, <= {a.max_new_tokens} "
-          f"new tokens, ISD stride {a.stride}, {torch.get_num_threads()} threads, {base.embed_tokens.weight.device}")
-    print(f"{'method':40s}   TPF  accept  V/R/C %        tok/s  vs AR  same as AR")
-    ar_tps = tot["AR (ours)"]["tokens"] / t["AR (ours)"]
-    for k in runs:
-        c, f = tot[k], max(1, tot[k]["forwards"])
-        tps = c["tokens"] / t[k]
-        mix = (f"{100 * c['rounds_v'] / f:3.0f}/{100 * c['rounds_r'] / f:3.0f}/{100 * c['rounds_c'] / f:3.0f}"
-               if "rounds_c" in c else "      -    ")
-        acc = f"{c['acceptance_sum'] / c['drafts_verified']:6.3f}" if c.get("drafts_verified") else "     -"
-        print(f"{k:40s} {c['tokens'] / f:5.2f}  {acc}  {mix}  {tps:9.1f}  {tps / ar_tps:4.2f}x  {same[k]}/{n_runs}")
+          f"new tokens, ISD stride {a.stride}, {torch.get_num_threads()} threads, {a.device}\n")
+    print(decoder_table(rows))
 
 
 def main():
@@ -353,6 +404,7 @@ def main():
     t = sub.add_parser("train", help="training throughput, ar vs idlm")
     t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     d = sub.add_parser("decode", help="ISD statistics per stride, and ISD vs AR speed")
     d.add_argument("--out_dir", default="out", help="base checkpoint; its distilled/ adapter is measured too")
     d.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
@@ -391,6 +443,7 @@ def main():
     s.add_argument("--max_new_tokens", type=int, default=48, help="reply length cap per prompt (default 48)")
     s.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default 1)")
     s.add_argument("--no_hf", action="store_true", help="leave out transformers' generate()")
+    s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     a = p.parse_args()
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")

@@ -19,6 +19,7 @@ CPU tensors: that is how the tests check it; set IDLM_VERIFY=triton to make `ver
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -168,32 +169,57 @@ def verify(p_logits, q_logits, drafts, u, gumbel, temperature):
 # ----------------------------------------------------------------------------------------------
 # benchmark: kernel vs reference, as ratios measured side by side
 
-def bench(vocabs, rows, repeats, dtype=torch.float32):
+def random_inputs(R, V, device, dtype=torch.float32, seed=0):
+    """Verifier inputs for R rows of a V-token vocabulary: p, q = p + noise, drafts sampled from q,
+    u and Gumbel noise. The same (R, V, seed) gives the same inputs on the same device."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    p = torch.randn(R, V, device=device, dtype=dtype, generator=gen)
+    q = p + 0.5 * torch.randn(R, V, device=device, dtype=dtype, generator=gen)
+    d = torch.multinomial(q.softmax(-1), 1, generator=gen)[:, 0]
+    u = torch.rand(R, device=device, dtype=dtype, generator=gen)
+    g = -torch.log(-torch.log(torch.rand(R, V, device=device, dtype=dtype, generator=gen)))
+    return p, q, d, u, g
+
+
+def bench(vocabs, rows, repeats, dtype=torch.float32, device="cuda", stop=lambda: False):
+    """Kernel vs reference time per (vocab, rows) cell, printed as a Markdown table and returned as
+    a list of dicts. `stop()` is asked before each cell; True ends the table there."""
     def timed(fn):
         fn()  # warm-up (and compilation)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        sync()
+        t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
+        sync()
+        return (time.perf_counter() - t0) / repeats * 1e3
 
-    print(f"device: {torch.cuda.get_device_name()} | float32 | temperature 1 | mean of {repeats} calls")
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu (Triton interpreter)"
+    print(f"device: {name} | {str(dtype).split('.')[-1]} | temperature 1 | mean of {repeats} calls")
     print("| vocab | rows | reference ms | kernel ms | kernel speed-up |")
     print("|---:|---:|---:|---:|---:|")
+    cells = []
     for V in vocabs:
         for R in rows:
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            p = torch.randn(R, V, device="cuda", dtype=dtype, generator=gen)
-            q = p + 0.5 * torch.randn(R, V, device="cuda", dtype=dtype, generator=gen)
-            d = torch.multinomial(q.softmax(-1), 1, generator=gen)[:, 0]
-            u = torch.rand(R, device="cuda", dtype=dtype, generator=gen)
-            g = -torch.log(-torch.log(torch.rand(R, V, device="cuda", dtype=dtype, generator=gen)))
+            if stop():
+                return cells
+            p, q, d, u, g = random_inputs(R, V, device, dtype)
             ref = timed(lambda: verify_reference(p, q, d, u, g, 1.0))
             ker = timed(lambda: verify_triton(p, q, d, u, g, 1.0))
+            cells.append({"vocab": V, "rows": R, "reference_ms": ref, "kernel_ms": ker, "speedup": ref / ker})
             print(f"| {V} | {R} | {ref:.3f} | {ker:.3f} | {ref / ker:.2f}x |", flush=True)
+    return cells
+
+
+def compare(V, R, temperature, device, seed=0):
+    """The kernel against the reference on the same random inputs, decision for decision: counts of
+    rows whose accept / correction differ, and the largest difference of ratio."""
+    p, q, d, u, g = random_inputs(R, V, device, seed=seed)
+    ra, rc, rr = verify_reference(p, q, d, u, g, temperature)
+    ka, kc, kr = verify_triton(p, q, d, u, g, temperature)
+    return {"vocab": V, "rows": R, "temperature": temperature, "accepted": int(ra.sum()),
+            "accept_differs": int((ra != ka).sum()), "correction_differs": int((rc != kc).sum()),
+            "max_ratio_diff": float((rr - kr).abs().max())}
 
 
 def main(argv=None):
