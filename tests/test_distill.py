@@ -1,0 +1,487 @@
+"""Self-distillation (distill.py) and the N*N ISD window it trains for, against independent references.
+
+The references are written here, not taken from the code under test:
+  - the window's rules (who sits where, who sees whom) stated slot by slot in plain loops;
+  - every slot of ISD's cached window forward vs one full forward, without a cache, of exactly the
+    tokens that slot sees, at their positions (a mask of group g sees the committed text, the clean
+    tokens 0..g of the window and the earlier masks of its group: a contiguous causal sequence);
+  - distill_loss's logits rebuilt position by position from full causal forwards of the context
+    each position sees, then hard / soft cross-entropies written out with MASK excluded by hand;
+  - greedy rollouts vs brute-force greedy decoding (one full forward per token, no cache);
+  - lossless adapters: greedy ISD through the trained adapter vs brute-force greedy of the base.
+Models are tiny random float64 models (as in tests/test_isd.py), so exact identities hold to 1e-9.
+"""
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import distill  # noqa: E402
+import isd  # noqa: E402
+import lora  # noqa: E402
+import pretrained  # noqa: E402
+from model import Model, ModelConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (independent of the code under test)
+
+def tiny_model(seed=0, vocab=16, std=0.5, max_seq_len=64, mask_token_id=None):
+    """A tiny random float64 model with large weights: peaked, context-dependent distributions."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                      max_seq_len=max_seq_len, mask_token_id=vocab - 1 if mask_token_id is None else mask_token_id)
+    model = Model(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, std)
+    return model
+
+
+@torch.no_grad()
+def plain_last_logits(model, seq):
+    """Logits at the last token of `seq`, by one full forward without a cache at positions
+    0..len-1; each token reads at most the last max_seq_len tokens (itself included)."""
+    i = torch.arange(len(seq))
+    mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < model.cfg.max_seq_len)
+    return model(torch.tensor([list(seq)]), mask=mask)[0, -1]
+
+
+def brute_greedy(model, prompt, n):
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = plain_last_logits(model, seq).clone()
+        logits[model.cfg.mask_token_id] = -math.inf
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def clean_tokens(gen, shape, model):
+    """Random ids that are never MASK."""
+    V, M = model.cfg.vocab_size, model.cfg.mask_token_id
+    t = torch.randint(0, V - 1, shape, generator=gen)
+    return t + (t >= M).long()  # skip the MASK id wherever it sits
+
+
+def contains(hay, needle):
+    hay, needle = list(hay), list(needle)
+    return any(hay[i:i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. the window: its layout, and what each of its slots computes
+
+def brute_layout(N, K):
+    """[(role, index, group, relative position)] per slot, and who sees whom, from the rules:
+    clean c (c = 0 pending, c = j draft d_j) at position c sees clean 0..c; group g's mask m
+    (m = 0..N-2) at position g+1+m sees clean 0..g and masks 0..m of group g; padding sees itself."""
+    slots = [("clean", c, None, c) for c in range(K + 1)]
+    for g in range(K + 1):
+        slots += [("mask", m, g, g + 1 + m) for m in range(N - 1)]
+    slots += [("pad", i, None, None) for i in range(N * N - len(slots))]
+    see = [[False] * len(slots) for _ in slots]
+    for a, (ra, ia, ga, _) in enumerate(slots):
+        for b, (rb, ib, gb, _) in enumerate(slots):
+            if ra == "clean":
+                see[a][b] = rb == "clean" and ib <= ia
+            elif ra == "mask":
+                see[a][b] = (rb == "clean" and ib <= ga) or (rb == "mask" and gb == ga and ib <= ia)
+            else:
+                see[a][b] = a == b
+    return slots, see
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5])
+def test_window_layout_matches_the_rules(N):
+    assert isd.window_size(N) == N * N
+    for K in range(N):
+        pos, mask = isd.window_layout(N, K)
+        slots, see = brute_layout(N, K)
+        assert len(slots) == N * N and pos.shape == (N * N,) and mask.shape == (N * N, N * N)
+        assert mask.tolist() == see, (N, K)
+        for s, (role, _, _, p) in enumerate(slots):
+            if p is not None:
+                assert int(pos[s]) == p, (N, K, s)
+        for g in range(K + 1):
+            rows = range(N * N)[isd.group_rows(N, K, g)]
+            assert [slots[s][:3] for s in rows] == [("mask", m, g) for m in range(N - 1)], (N, K, g)
+        # padding count: N * (N-1-K) slots; none of them is seen by any other slot
+        pads = [s for s, sl in enumerate(slots) if sl[0] == "pad"]
+        assert len(pads) == N * (N - 1 - K)
+        assert all(not see[a][b] for b in pads for a in range(N * N) if a != b)
+
+
+def captured_step(model, req, stride, n_drafts=None):
+    """Run isd_step once on `req` (already prefilled / stepped), first cutting its drafts to
+    `n_drafts`; returns (ids, rel_pos, window_mask, logits (W, V), committed sequence before the step)."""
+    seen = {}
+    real = model.forward
+
+    def spy(idx, pos=None, mask=None, cache=None, rows=None, hidden_only=False):
+        out = real(idx, pos=pos, mask=mask, cache=cache, rows=rows, hidden_only=hidden_only)
+        seen.update(len=int(cache.lengths[0]) - idx.shape[1], offset=int(cache.offsets[0]), ids=idx[0].tolist(),
+                    pos=pos[0].tolist(), mask=mask[0].clone(), logits=(model.head(out) if hidden_only else out)[0])
+        return out
+
+    if n_drafts is not None:
+        req.drafts, req.q = req.drafts[:n_drafts], (req.q[:n_drafts] if req.q is not None else None)
+    committed, drafts = req.prompt + req.out, list(req.drafts)
+    model.forward = spy
+    try:
+        isd.isd_step(model, req.cache, [0], [req], stride)
+    finally:
+        del model.forward
+    return seen, committed, drafts
+
+
+@pytest.mark.parametrize("stride,max_seq_len,prompt_len", [(2, 64, 5), (3, 64, 6), (4, 64, 4), (3, 10, 19)])
+@torch.no_grad()
+def test_window_forward_equals_full_forward_of_what_each_slot_sees(stride, max_seq_len, prompt_len):
+    """Every clean and mask slot of isd_step's cached window forward gives the logits of a plain
+    full forward of the tokens it sees; max_seq_len 10 also covers the sliding context."""
+    model = tiny_model(seed=stride + max_seq_len, max_seq_len=max_seq_len)
+    N, M = stride, model.cfg.mask_token_id
+    prompt = clean_tokens(torch.Generator().manual_seed(stride), (prompt_len,), model).tolist()
+    req = isd.Request(prompt, 40, temperature=0)
+    req.cache = model.new_cache(1, isd.cache_length(model, [req], N))
+    isd.prefill(model, req.cache, [0], [req])
+    checked, slid, Ks = 0, False, set()
+    for step in range(6):
+        K = None if step < 2 or N == 1 else step % N  # the natural K (0, then N-1) and cut ones
+        seen, committed, drafts = captured_step(model, req, N, K)
+        K = len(drafts)
+        Ks.add(K)
+        assert seen["ids"][1:K + 1] == drafts
+        assert seen["ids"][0] == committed[-1]  # pending
+        slots, see = brute_layout(N, K)
+        assert seen["mask"].tolist() == see
+        assert seen["offset"] + seen["len"] == len(committed) - 1  # the cache: every committed token but pending
+        slid = slid or seen["offset"] > 0
+        for s, (role, i, g, p) in enumerate(slots):
+            if role == "clean":
+                ctx = committed + drafts[:i]
+                assert seen["ids"][s] == ctx[-1]
+            elif role == "mask":
+                ctx = committed + drafts[:g] + [M] * (i + 1)
+                assert seen["ids"][s] == M
+            else:
+                continue
+            assert seen["pos"][s] == p
+            ref = plain_last_logits(model, ctx)
+            assert (seen["logits"][s] - ref).abs().max() < TOL, (stride, step, s, role)
+            checked += 1
+        if req.done:
+            break
+    assert Ks == set(range(N)) and checked > 0
+    assert slid == (max_seq_len == 10)  # the sliding context was really exercised (and only there)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. distill_loss
+
+@torch.no_grad()
+def slow_half_logits(model, x0, labels, stride):
+    """(xt logits, x0 logits), each (B, L, V), position by position: xt position i (block
+    B = i // b) sees clean x0[0 : B*b] and xt[B*b : i+1], where xt = x0 with labelled tokens
+    MASKed; x0 position i sees x0[0 : i+1]. Both are contiguous causal sequences."""
+    b, M = stride - 1, model.cfg.mask_token_id
+    Bsz, L = x0.shape
+    xt_out = torch.zeros(Bsz, L, model.cfg.vocab_size, dtype=torch.float64)
+    x0_out = torch.zeros_like(xt_out)
+    for r in range(Bsz):
+        row = x0[r].tolist()
+        xt = [M if int(labels[r, i]) != -100 else row[i] for i in range(L)]
+        for i in range(L):
+            start = (i // b) * b
+            xt_out[r, i] = model(torch.tensor([row[:start] + xt[start:i + 1]]))[0, -1]
+            x0_out[r, i] = model(torch.tensor([row[:i + 1]]))[0, -1]
+    return xt_out, x0_out
+
+
+def ref_distill_loss(model, x0, labels, stride, target, temperature):
+    xt, x0l = slow_half_logits(model, x0, labels, stride)
+    M, V = model.cfg.mask_token_id, model.cfg.vocab_size
+    keep = [v for v in range(V) if v != M]
+    terms = []
+    for r in range(x0.shape[0]):
+        for i in range(x0.shape[1] - 1):
+            y = int(labels[r, i + 1])
+            if y == -100:
+                continue
+            s = xt[r, i, keep]
+            if target == "hard":
+                terms.append(-(s[keep.index(y)] - torch.logsumexp(s, 0)))
+            else:
+                t = torch.softmax(x0l[r, i, keep] / temperature, 0)
+                terms.append(-(t * torch.log_softmax(s / temperature, 0)).sum())
+    return float(torch.stack(terms).mean())
+
+
+def _distill_case(mask_token_id, dtype_tol, cases=(("hard", 1.0), ("soft", 1.0), ("soft", 0.7))):
+    model = tiny_model(seed=11, vocab=12, mask_token_id=mask_token_id)
+    g = torch.Generator().manual_seed(5)
+    x0 = clean_tokens(g, (2, 9), model)
+    labels = x0.clone()
+    labels[0, :3] = -100  # a prompt that ends mid-block
+    labels[1, :1] = -100
+    for stride in (2, 3, 4):
+        for target, T in cases:
+            with torch.no_grad():
+                got = float(distill.distill_loss(model, x0, labels, stride, target, T))
+            ref = ref_distill_loss(model, x0, labels, stride, target, T)
+            assert abs(got - ref) < dtype_tol * max(1.0, abs(ref)), (stride, target, T, got, ref)
+    # the soft loss really depends on the temperature: the reference at another one is far off
+    ref_wrong = ref_distill_loss(model, x0, labels, 3, "soft", 0.7)
+    with torch.no_grad():
+        assert abs(float(distill.distill_loss(model, x0, labels, 3, "soft", 1.0)) - ref_wrong) > 1e-4
+
+
+def test_distill_loss_matches_slow_reference_float32_tolerance():
+    _distill_case(None, 1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="distill_loss casts the logits with .float(), so a float64 model's loss is "
+                                       "computed in float32 (model._shifted_ce keeps float64 via promote_types); "
+                                       "agreement is ~1e-7, not 1e-9")
+def test_distill_loss_matches_slow_reference_float64():
+    _distill_case(None, TOL)
+
+
+def test_distill_loss_soft_with_mask_not_last_id():
+    _distill_case(5, 1e-5, cases=(("soft", 1.0), ("soft", 0.7)))
+
+
+@pytest.mark.xfail(strict=True, reason="hard targets: distill_loss drops the MASK column, then indexes the "
+                                       "remaining columns with the raw label ids: off by one for every id above "
+                                       "MASK (IndexError for the last id) when MASK is not the last id, which "
+                                       "ModelConfig allows (every checkpoint of this project has MASK last)")
+def test_distill_loss_hard_with_mask_not_last_id():
+    _distill_case(5, 1e-5, cases=(("hard", 1.0),))
+
+
+def test_distill_loss_has_gradients_only_through_the_masks():
+    model = lora.add_adapter(tiny_model(seed=2), lora.LoraConfig(rank=2, alpha=2, base=".."))
+    with torch.no_grad():
+        for p in model.lora.B.values():
+            p.normal_(0, 0.1)
+    x0 = clean_tokens(torch.Generator().manual_seed(1), (2, 8), model)
+    loss = distill.distill_loss(model, x0, x0.clone(), 3, "soft", 1.0)
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("lora."))
+    assert any(float(p.grad.abs().max()) > 0 for p in model.lora.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. rollouts
+
+def test_rollouts_greedy_are_the_models_greedy_continuations():
+    model = tiny_model(seed=4, vocab=16)
+    train_ids = np.random.default_rng(0).integers(0, 15, 400).astype(np.uint16)  # never MASK (15)
+    cfg = distill.DistillConfig(n_rollouts=260, prompt_len=3, seq_len=9, seed=7)  # two batches of 256
+    rows, labels = distill.rollouts(model, train_ids, cfg, log=None)
+    assert rows.shape == (260, 9) and labels.shape == (260, 9)
+    assert (labels[:, :3] == -100).all() and torch.equal(labels[:, 3:], rows[:, 3:])
+    for r in range(260):
+        prompt = rows[r, :3].tolist()
+        assert contains(train_ids.tolist(), prompt)
+        ref = isd.ar_generate(model, prompt, 6, temperature=0)
+        assert rows[r, 3:].tolist() == ref, r
+        if r % 64 == 0:  # and a brute-force reference, no cache, for a few
+            assert rows[r, 3:].tolist() == brute_greedy(model, prompt, 6), r
+    assert len({tuple(r) for r in rows.tolist()}) > 10  # different prompts, different rows
+
+
+def test_rollouts_none_is_the_training_text():
+    model = tiny_model(seed=4, vocab=16)
+    train_ids = np.random.default_rng(1).integers(0, 15, 300).astype(np.uint16)
+    cfg = distill.DistillConfig(rollouts="none", target="soft", n_rollouts=20, prompt_len=3, seq_len=10)
+    rows, labels = distill.rollouts(model, train_ids, cfg, log=None)
+    assert rows.shape == (20, 10) and torch.equal(rows, labels)
+    assert all(contains(train_ids.tolist(), r) for r in rows.tolist())
+    with pytest.raises(ValueError, match="target=soft"):
+        distill.DistillConfig(rollouts="none", target="hard")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. lossless: the trained adapter changes q, never p
+
+def test_trained_adapter_is_lossless_and_only_runs_at_masks(monkeypatch):
+    base = tiny_model(seed=9, vocab=16, std=0.4)
+    model = copy.deepcopy(base)
+    train_ids = np.random.default_rng(2).integers(0, 15, 300).astype(np.uint16)
+    cfg = distill.DistillConfig(n_rollouts=16, prompt_len=3, seq_len=16, iters=6, batch_size=4, rank=4, lr=3e-2, seed=3)
+    rows, labels = distill.rollouts(model, train_ids, cfg, log=None)
+    distill.train_adapter(model, rows, labels, 3, cfg, log=None)
+    M = base.cfg.mask_token_id
+    assert not model.training
+    # the base weights are untouched and frozen
+    for (n, p), (n2, p2) in zip(base.named_parameters(), [(n, p) for n, p in model.named_parameters()
+                                                          if not n.startswith("lora.")]):
+        assert n == n2 and torch.equal(p, p2) and not p2.requires_grad
+    assert model.lora.cfg.base == ".."  # distill.save puts the adapter in <checkpoint>/distilled
+    assert any(float(b.detach().abs().max()) > 0 for b in model.lora.B.values())  # trained: B left zero
+    g = torch.Generator().manual_seed(8)
+    x = clean_tokens(g, (2, 10), base)
+    with torch.no_grad():
+        # no MASK in the input: exactly the base, and the adapter computes nothing
+        calls = []
+        real_linear = F.linear
+        fake = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+        fake.linear = lambda *a, **k: (calls.append(1), real_linear(*a, **k))[1]
+        monkeypatch.setattr(lora, "F", fake)
+        assert torch.equal(model(x), base(x)) and model.lora.rows is None and calls == []
+        # with MASKs: clean positions before any MASK unchanged bit for bit, q changed
+        xm = x.clone()
+        xm[0, 4:7] = M
+        xm[1, 8] = M
+        got, ref = model(xm), base(xm)
+        assert sorted(model.lora.rows.tolist()) == [4, 5, 6, 18]
+        assert len(calls) == 2 * len(model.lora.A)  # A then B, once per target projection
+        monkeypatch.undo()
+        assert torch.equal(got[0, :4], ref[0, :4]) and torch.equal(got[1, :8], ref[1, :8])
+        assert (got[0, 4:7] - ref[0, 4:7]).abs().max() > 1e-3  # the adapter changed q
+    # greedy ISD through the adapter == brute-force greedy AR of the base, token for token
+    forwards = tokens = 0
+    for k, stride in enumerate((2, 3, 4)):
+        prompt = clean_tokens(torch.Generator().manual_seed(20 + k), (4,), base).tolist()
+        out, st = isd.isd_generate(model, prompt, 24, stride=stride, temperature=0)
+        assert out == brute_greedy(base, prompt, 24), stride
+        assert out == isd.ar_generate(base, prompt, 24, temperature=0)
+        forwards, tokens = forwards + st["forwards"], tokens + st["tokens"]
+    assert tokens == 72 and forwards <= tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# 5 and 6. the folders: train.py distils, distill.save, relative base, command lines
+
+CORPUS = "".join(f"ROMEO: line {i} of the play, said the king to the queen.\nJULIET: and {i * 7 % 13} more.\n"
+                 for i in range(300))
+
+
+def cli(script, *args, cwd=ROOT, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`python train.py --preset=tiny --distill_iters=3 --max_iters=4`: a checkpoint and its adapter."""
+    d = tmp_path_factory.mktemp("distilled_run")
+    (d / "c.txt").write_text(CORPUS)
+    r = cli("train.py", "--preset=tiny", "--vocab_size=300", "--seq_len=32", "--distill_iters=3", "--max_iters=4",
+            f"--data={d / 'c.txt'}", f"--out_dir={d / 'out'}", env_extra={"IDLM_CACHE": str(d / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "out", d
+
+
+def test_train_writes_a_distilled_adapter_whose_base_is_the_checkpoint(trained):
+    out, _ = trained
+    folder = out / "distilled"
+    assert sorted(os.listdir(folder)) == ["adapter.json", "adapter.safetensors"]
+    cfg, state = lora.load_adapter(str(folder))
+    assert cfg.base == ".."
+    assert os.path.samefile(lora.base_of(str(folder), cfg), out)
+    assert not any(n.endswith((".staging", ".old")) for n in os.listdir(out))
+    assert pretrained.distilled_or_base(str(out)) == os.path.join(str(out), "distilled")
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if k.startswith("B."))  # trained
+
+
+def test_train_distill_usage_errors(tmp_path):
+    (tmp_path / "c.txt").write_text(CORPUS)
+    for args, needle in [(["--distill_iters=-1"], "--distill_iters must be >= 0"),
+                         (["--distill_iters=3", "--objective=ar"], "objective=ar")]:
+        r = cli("train.py", "--preset=tiny", "--max_iters=2", f"--data={tmp_path / 'c.txt'}",
+                f"--out_dir={tmp_path / 'o'}", *args, env_extra={"IDLM_CACHE": str(tmp_path / "cache")})
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and needle in err, (args, err)
+        assert not os.path.exists(tmp_path / "o")
+
+
+def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path):
+    out, _ = trained
+    shutil.copytree(out, tmp_path / "a")
+    os.rename(tmp_path / "a", tmp_path / "moved")  # the old folder name no longer exists
+    moved = str(tmp_path / "moved")
+    src = pretrained.distilled_or_base(moved)
+    assert src == os.path.join(moved, "distilled")
+    model, enc = pretrained.load_model(src)
+    base, _ = pretrained.load_model(moved)
+    assert pretrained.distilled_or_base(str(tmp_path)) == str(tmp_path)  # no adapter: the folder itself
+    assert hasattr(model, "lora") and not hasattr(base, "lora")
+    for (n, p), (n2, p2) in zip(base.named_parameters(), [(n, p) for n, p in model.named_parameters()
+                                                          if not n.startswith("lora.")]):
+        assert n == n2 and torch.equal(p, p2)
+    prompt = enc.encode_ordinary("ROMEO:")
+    assert isd.isd_generate(model, prompt, 12, stride=4, temperature=0)[0] == \
+        isd.ar_generate(base, prompt, 12, temperature=0)
+
+
+def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):
+    out, _ = trained
+    shutil.copytree(out, tmp_path / "ck")
+    ck = str(tmp_path / "ck")
+    model = lora.add_adapter(Model.load(ck), lora.LoraConfig(rank=2, alpha=2, base=".."))
+    with torch.no_grad():
+        for p in model.lora.B.values():
+            p.fill_(0.25)
+    folder = distill.save(model, ck)
+    assert folder == os.path.join(ck, "distilled")
+    assert json.load(open(os.path.join(folder, "adapter.json")))["base"] == ".."
+    assert sorted(os.listdir(ck)) == sorted(os.listdir(out))  # nothing left behind (.staging / .old)
+    loaded, _ = pretrained.load_model(pretrained.distilled_or_base(ck))
+    assert loaded.lora.cfg.rank == 2
+    assert all(torch.equal(loaded.lora.B[k], model.lora.B[k]) for k in model.lora.B)
+
+
+def test_isd_cli_names_the_folder_it_decodes_with(trained):
+    out, _ = trained
+    got = {}
+    for extra in ([], ["--base"]):
+        r = cli("isd.py", f"--out_dir={out}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=10", "--json",
+                *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[bool(extra)] = json.loads(r.stdout)
+    assert got[False]["model"] == os.path.join(str(out), "distilled")
+    assert got[True]["model"] == str(out)
+    assert got[False]["tokens"] == got[True]["tokens"]  # lossless
+
+
+def one_error_line(r, script):
+    """Exit 2, no traceback, and the one error line (argparse's usage lines may come before it)."""
+    lines = r.stderr.strip().splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(errors) == 1 and errors[0] == lines[-1] and lines[-1].startswith(f"{script}: error: "), r.stderr
+    return lines[-1]
+
+
+def test_distill_cli_on_an_empty_folder(tmp_path):
+    err = one_error_line(cli("distill.py", f"--out_dir={tmp_path}"), "distill.py")
+    assert "config.json missing" in err and str(tmp_path) in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_adapter_whose_base_is_missing_gives_a_clear_error(trained, tmp_path):
+    out, _ = trained
+    lonely = tmp_path / "lonely"
+    shutil.copytree(out / "distilled", lonely / "distilled")  # the adapter without its checkpoint
+    with pytest.raises(FileNotFoundError, match="config.json missing"):
+        pretrained.load_model(str(lonely / "distilled"))
+    err = one_error_line(cli("isd.py", f"--out_dir={lonely}", "--temperature=0", "--max_new_tokens=4"), "isd.py")
+    assert str(lonely) in err and "config.json missing" in err
