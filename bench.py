@@ -1,7 +1,9 @@
 """Benchmarks, measured side by side in one run so that the ratios are fair.
 
     python bench.py train                 # training tokens/s: objective ar vs idlm (CPU preset shapes)
-    python bench.py decode --out_dir=out  # ISD TPF / acceptance per stride and temperature; ISD vs AR tok/s
+    python bench.py decode --out_dir=out  # base vs distilled: TPF / acceptance per stride and temperature,
+                                          #   sampled drafts vs the exact-marginal ceiling, ISD vs AR tok/s
+    python bench.py temperature --out_dir=out --plot=figures/temperature.png   # TPF and ISD/AR against temperature
     python bench.py step --out_dir=out    # one batched ISD / AR step (the scheduler's unit): ms per batch size
     python bench.py serve --out_dir=out   # serve.py under load: tokens/s and latency per concurrency
     python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
@@ -23,7 +25,7 @@ import data
 import distill
 import pretrained
 import tokenizer as tok
-from isd import Request, ar_generate, cache_length, isd_generate, isd_step, prefill
+from isd import Request, ar_generate, cache_length, decode, isd_generate, isd_step, prefill, process_logits
 from model import Model, ModelConfig, ar_loss, idlm_loss, idlm_mask
 from train import MODEL_KEYS, PRESETS
 
@@ -114,6 +116,35 @@ def decode_stats(model, prompts, n, stride, temperature, seed):
             "acceptance_rate": tot["acceptance_sum"] / max(1, tot["drafts_verified"])}
 
 
+@torch.no_grad()
+def acceptance_ceiling(models, prompts, stride, temperature, samples=32, seed=0):
+    """How far the masks' sampled drafts are from the best any drafter that sees only the committed
+    prefix could do, per draft slot k = 2..N ahead of the last committed token.
+
+    For each prompt, `samples` continuations x_{t+1..t+N-1} are drawn from the model (batched AR at
+    `temperature`), and p_k = p(. | x_{<=t+k-1}) is its next-token distribution along each. A draft for
+    slot k drawn from q is accepted with probability sum_y min(p_k(y), q(y)) (speculative sampling);
+    the best q knowing only x_{<=t} is the model's own k-ahead marginal E[p_k], estimated here
+    leaving the continuation itself out. Returns {name: [mean acceptance for k = 2..N]} for each
+    (name, model) in `models` (their masks' q_k: one causal forward of [prompt, MASK x (N-1)]) and
+    for "exact marginal". The same random continuations serve every model (all share the base's p)."""
+    base, mask_id, b = models[0][1], models[0][1].cfg.mask_token_id, stride - 1
+    out = {name: torch.zeros(b) for name in [n for n, _ in models] + ["exact marginal"]}
+    for i, prompt in enumerate(prompts):
+        reqs = [Request(prompt, b, temperature, seed=seed + samples * i + m) for m in range(samples)]
+        decode(base, reqs, stride=1)
+        t = len(prompt) - 1
+        rows = torch.tensor([prompt + r.out for r in reqs])
+        probs = lambda logits: (process_logits(logits, mask_id, temperature) / temperature).softmax(-1)  # noqa: E731
+        p = probs(base(rows)[:, t + 1:t + stride].double())  # (samples, N-1, V): p_k along each continuation
+        loo = (p.sum(0, keepdim=True) - p) / (samples - 1)  # the k-ahead marginal without the row itself
+        out["exact marginal"] += torch.minimum(p, loo).sum(-1).mean(0)
+        for name, model in models:
+            q = probs(model(torch.tensor([prompt + [mask_id] * b]))[0, t + 1:t + stride].double())
+            out[name] += torch.minimum(p, q[None]).sum(-1).mean(0)
+    return {name: (v / len(prompts)).tolist() for name, v in out.items()}
+
+
 def speed(runs, prompts, n, repeats):
     """tok/s of each (name, generate(prompt, n) -> tokens) in `runs`, alternated prompt by prompt."""
     t, toks = Counter(), Counter()
@@ -148,12 +179,61 @@ def bench_decode(a):
                 f = st["forwards"]
                 print(f"| {name} | {stride} | {temp} | {st['tpf']:.2f} | {st['acceptance_rate']:.3f} | "
                       f"{st['rounds_v'] / f:.0%} | {st['rounds_r'] / f:.0%} | {st['rounds_c'] / f:.0%} |")
+    for temp in [t for t in a.temperatures if t > 0]:
+        ceil = acceptance_ceiling(models, prompts, a.speed_stride, temp)
+        print(f"\nsampled drafts at temperature {temp}, stride {a.speed_stride}: acceptance per slot k ahead of the last "
+              f"committed token (32 continuations per prompt)\n| q | " + " | ".join(f"k={k + 2}" for k in range(a.speed_stride - 1))
+              + " |\n|---|" + "---|" * (a.speed_stride - 1))
+        for name, acc in ceil.items():
+            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in acc) + " |")
     runs = [("AR (base)", lambda p, n: ar_generate(base, p, n, temperature=0))]
     runs += [(f"ISD {name}", lambda p, n, m=model: isd_generate(m, p, n, a.speed_stride, temperature=0)[0])
              for name, model in models]
     tps = speed(runs, prompts[:a.speed_prompts], a.max_new_tokens, a.repeats)
     print(f"\nbatch 1, greedy, stride {a.speed_stride}, {torch.get_num_threads()} thread(s): "
           + " | ".join(f"{k} {v:.0f} tok/s ({v / tps['AR (base)']:.2f}x)" for k, v in tps.items()))
+
+
+def bench_temperature(a):
+    """TPF and batch-1 ISD/AR speed against temperature, base vs distilled, on held-out prompts; a plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base, enc = pretrained.load_model(a.out_dir)
+    models = [("base", base)]
+    folder = pretrained.distilled_or_base(a.out_dir)
+    if folder != a.out_dir:
+        models.append(("distilled", pretrained.load_model(folder)[0]))
+    prompts = validation_prompts(a.out_dir, enc, a.prompts)
+    rows = []
+    print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} tokens, stride {a.stride}")
+    print("\n| temperature | model | TPF | acceptance | ISD tok/s | AR (base) tok/s | ISD/AR |\n|---|---|---|---|---|---|---|")
+    for temp in a.temperatures:
+        runs = [("AR", lambda p, n, i=0: ar_generate(base, p, n, temperature=temp, seed=a.seed))]
+        runs += [(name, lambda p, n, m=model: isd_generate(m, p, n, a.stride, temperature=temp, seed=a.seed)[0])
+                 for name, model in models]
+        tps = speed(runs, prompts[:a.speed_prompts], a.max_new_tokens, a.repeats)
+        for name, model in models:
+            st = decode_stats(model, prompts, a.max_new_tokens, a.stride, temp, a.seed)
+            rows.append(dict(temperature=temp, model=name, tpf=st["tpf"], acceptance=st["acceptance_rate"],
+                             isd_tps=tps[name], ar_tps=tps["AR"], ratio=tps[name] / tps["AR"]))
+            r = rows[-1]
+            print(f"| {temp} | {name} | {r['tpf']:.2f} | {r['acceptance']:.3f} | {r['isd_tps']:.0f} | "
+                  f"{r['ar_tps']:.0f} | {r['ratio']:.2f}x |", flush=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, _ in models:
+        rs = [r for r in rows if r["model"] == name]
+        ax1.plot([r["temperature"] for r in rs], [r["tpf"] for r in rs], "o-", label=name)
+        ax2.plot([r["temperature"] for r in rs], [r["ratio"] for r in rs], "o-", label=name)
+    ax1.set(xlabel="temperature", ylabel="tokens per forward", title=f"ISD, stride {a.stride}")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax2.set(xlabel="temperature", ylabel="ISD tok/s / base AR tok/s", title="batch 1 speed vs AR")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
+    print(f"wrote {a.plot}")
 
 
 def bench_step(a):
@@ -415,6 +495,16 @@ def main():
     d.add_argument("--speed_prompts", type=int, default=4, help="prompts in the speed runs (default 4)")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
+    s = sub.add_parser("temperature", help="TPF and ISD/AR speed against temperature, base vs distilled (plot)")
+    s.add_argument("--out_dir", default="out")
+    s.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    s.add_argument("--stride", type=int, default=4)
+    s.add_argument("--prompts", type=int, default=16, help="held-out validation prompts for TPF (default 16)")
+    s.add_argument("--speed_prompts", type=int, default=4, help="of them, in the speed runs (default 4)")
+    s.add_argument("--max_new_tokens", type=int, default=100)
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--plot", default="temperature.png", help="where to write the PNG plot (default temperature.png)")
     s = sub.add_parser("step", help="the cost of one batched ISD / AR step, and of its forward, per batch size")
     s.add_argument("--out_dir", default="out")
     s.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32])
@@ -447,7 +537,7 @@ def main():
     a = p.parse_args()
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")
-    {"train": bench_train, "decode": bench_decode, "step": bench_step, "serve": bench_serve,
+    {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step, "serve": bench_serve,
      "smollm2": bench_smollm2}[a.what](a)
 
 

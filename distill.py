@@ -96,12 +96,15 @@ def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0):
     (the clean stream's distribution at temperature T at the same position: the mask at position i
     drafts token i+1, which the clean stream at position i predicts). MASK is never a target."""
     xt, x0_logits = idlm_logits(model, x0, labels, stride)
-    keep = torch.arange(xt.shape[-1], device=x0.device) != model.cfg.mask_token_id
+    mask_id = model.cfg.mask_token_id
+    keep = torch.arange(xt.shape[-1], device=x0.device) != mask_id
     valid = labels[:, 1:] != -100
-    student = xt[:, :-1][valid][:, keep].float()
+    dtype = torch.promote_types(xt.dtype, torch.float32)  # float64 stays
+    student = xt[:, :-1][valid][:, keep].to(dtype)
     if target == "hard":
-        return F.cross_entropy(student, labels[:, 1:][valid])
-    teacher = (x0_logits[:, :-1][valid][:, keep].float().detach() / temperature).softmax(-1)
+        ids = labels[:, 1:][valid]
+        return F.cross_entropy(student, ids - (ids > mask_id).long())  # ids above MASK move down one column
+    teacher = (x0_logits[:, :-1][valid][:, keep].to(dtype).detach() / temperature).softmax(-1)
     return -(teacher * (student / temperature).log_softmax(-1)).sum(-1).mean()
 
 

@@ -255,9 +255,6 @@ def test_distill_loss_matches_slow_reference_float32_tolerance():
     _distill_case(None, 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="distill_loss casts the logits with .float(), so a float64 model's loss is "
-                                       "computed in float32 (model._shifted_ce keeps float64 via promote_types); "
-                                       "agreement is ~1e-7, not 1e-9")
 def test_distill_loss_matches_slow_reference_float64():
     _distill_case(None, TOL)
 
@@ -266,10 +263,6 @@ def test_distill_loss_soft_with_mask_not_last_id():
     _distill_case(5, 1e-5, cases=(("soft", 1.0), ("soft", 0.7)))
 
 
-@pytest.mark.xfail(strict=True, reason="hard targets: distill_loss drops the MASK column, then indexes the "
-                                       "remaining columns with the raw label ids: off by one for every id above "
-                                       "MASK (IndexError for the last id) when MASK is not the last id, which "
-                                       "ModelConfig allows (every checkpoint of this project has MASK last)")
 def test_distill_loss_hard_with_mask_not_last_id():
     _distill_case(5, 1e-5, cases=(("hard", 1.0),))
 
