@@ -5,7 +5,7 @@
     python train.py --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
     python train.py --init_from=smollm2 --data=my.txt --out_dir=out-smol         # convert SmolLM2-135M
     python train.py --init_from=smollm2 --lora=8 --lr=1e-3 --out_dir=out-rlora  # R-ISD: gated LoRA only
-    torchrun --nproc_per_node=2 train.py              # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=2 train.py --grad_accum=2  # DDP (gloo on CPU, nccl on CUDA): the same run, 2 processes
 
 Every option is `--key=value`; a preset gives the defaults, any option given overrides it.
 """
@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def parse_args(argv=None, doc=__doc__):
     for k in MODEL_KEYS:
         a(f"--{k}", type=float if k == "rope_theta" else int, help="model shape (from the preset)")
     a("--seq_len", type=int, help="tokens per training row L (the idlm input is 2L long)")
-    a("--batch_size", type=int, help="rows per micro-batch per process")
-    a("--grad_accum", type=int, help="micro-batches per optimizer step")
+    a("--batch_size", type=int, help="rows per micro-batch")
+    a("--grad_accum", type=int, help="micro-batches per optimizer step, over all processes (a multiple of their "
+                                     "number): batch_size*grad_accum rows per step whatever the number of processes")
     a("--max_iters", type=int, help="optimizer steps in all")
     a("--lr", type=float, help="peak learning rate (AdamW); linear warmup, then cosine to min_lr_frac*lr")
     a("--warmup_iters", type=int, help="warmup steps")
@@ -176,13 +178,13 @@ def losses(model, x, cfg):
 
 @torch.no_grad()
 def evaluate(model, val, cfg, device, rank=0, world=1):
-    """Mean validation task and clean losses over a fixed set of eval_iters * world batches (the
-    same every time, whatever the batch split); each process scores its share."""
+    """Mean validation task and clean losses over a fixed set of eval_iters batches (the same every
+    time, whatever the number of processes); process `rank` scores every world-th batch."""
     model.eval()
     bs = cfg["batch_size"]
-    offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * world * bs, seed=0)
+    offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * bs, seed=0)
     out = torch.zeros(2)
-    for i in range(rank, cfg["eval_iters"] * world, world):
+    for i in range(rank, cfg["eval_iters"], world):
         x = data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]).to(device)
         if cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
             _, task, clean = idlm_loss(model, x, stride=cfg["stride"])
@@ -192,20 +194,67 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
     if world > 1:
         dist.all_reduce(out)
     model.train()
-    return (out / (cfg["eval_iters"] * world)).tolist()
+    return (out / cfg["eval_iters"]).tolist()
+
+
+def micro_steps(cfg, world):
+    """Micro-batches per optimizer step in each of `world` processes: grad_accum / world, so that a
+    step sees batch_size * grad_accum rows whatever the number of processes (as in nanoGPT)."""
+    if cfg["grad_accum"] % world:
+        raise UsageError(f"--grad_accum={cfg['grad_accum']} is split among the {world} processes: make it a "
+                         f"multiple of {world} (the global batch, batch_size*grad_accum rows, stays the same)")
+    return cfg["grad_accum"] // world
+
+
+def step_offsets(n_ids, cfg, it):
+    """Where the rows of step `it`'s global batch start: a function of (seed, it) only, so --resume and
+    any number of processes see the same rows in the same order."""
+    rows = cfg["batch_size"] * cfg["grad_accum"]
+    return data.batch_offsets(n_ids, cfg["seq_len"], rows, seed=cfg["seed"] * 1_000_003 + it)
+
+
+def micro_batch(offsets, micro, rank, world, cfg):
+    """The offsets of micro-batch `micro` of process `rank`: the global batch dealt out row block by row block."""
+    i = (micro * world + rank) * cfg["batch_size"]
+    return offsets[i:i + cfg["batch_size"]]
+
+
+def decays(ndim, cfg):
+    """AdamW's weight decay for a parameter of `ndim` dimensions: matrices decay, vectors do not."""
+    return cfg["weight_decay"] if ndim >= 2 else 0.0
+
+
+BETAS = (0.9, 0.95)  # AdamW's, in both trainers
+
+
+def make_optimizer(model, cfg):
+    """AdamW over the trainable parameters (an adapter's only, with --lora), weight decay on matrices."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if decays(p.dim(), cfg) == wd], "weight_decay": wd}
+              for wd in (cfg["weight_decay"], 0.0)]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=BETAS)
 
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
+#
+# out_dir/<file> is a link to .checkpoint/<file>, and out_dir/.checkpoint a link to the hidden
+# folder out_dir/.checkpoint-<random> that holds the files: a save writes a new folder and switches
+# .checkpoint to it with one rename, so readers see the old checkpoint whole or the new one whole.
 
-def save_checkpoint(out_dir, model, enc, opt, state):
+CURRENT = ".checkpoint"
+KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
+FILES = KINDS[0] + KINDS[1] + ("tokenizer.json", "optimizer.safetensors", "train_state.json")
+
+
+def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
     """Write the checkpoint's files (with an adapter, --lora: the adapter, not the frozen base).
-    `it` is stamped into both tensor files to detect a mix."""
+    `it` is stamped into both tensor files to detect a mix. new_run: see staged."""
     meta = {"iter": str(state["iter"])}
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
     text = json.dumps({**state, "param_groups": sd["param_groups"]}, indent=1)
-    with staged(out_dir) as stage:
+    with staged(out_dir, new_run) as stage:
         if hasattr(model, "lora"):
             lora.save_adapter(model.lora, stage, metadata=meta)
         else:
@@ -215,26 +264,59 @@ def save_checkpoint(out_dir, model, enc, opt, state):
         Path(stage, "train_state.json").write_text(text)
 
 
+def relink(out_dir, name, target):
+    """Make out_dir/name a link to `target` in one rename (nothing to do if it already is)."""
+    path = os.path.join(out_dir, name)
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    tmp = os.path.join(out_dir, f".{name}.link")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def adopt_plain_files(out_dir):
+    """A checkpoint of plain files (an older train.py's, or copied): hard-link them into a folder of
+    their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
+    plain = [n for n in FILES if os.path.isfile(os.path.join(out_dir, n)) and not os.path.islink(os.path.join(out_dir, n))]
+    if plain:
+        folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
+        for n in plain:
+            os.link(os.path.join(out_dir, n), os.path.join(folder, n))
+        relink(out_dir, CURRENT, os.path.basename(folder))
+        for n in plain:
+            relink(out_dir, n, os.path.join(CURRENT, n))
+
+
 @contextlib.contextmanager
-def staged(out_dir):
-    """Files written into the yielded folder replace out_dir's only once all are written (by renames,
-    train_state.json last): an interrupted write leaves the last good checkpoint as it was. Files of
-    the other kind of checkpoint (a full model vs an adapter) go, so loading never picks up a stale
-    adapter left by an earlier run in out_dir."""
-    stage = os.path.join(out_dir, ".staging")
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
+def staged(out_dir, new_run=False):
+    """Files written into the yielded folder become out_dir's checkpoint together, in one rename (the
+    switch of out_dir/.checkpoint): an interrupted save leaves the last good checkpoint whole. The
+    files of the other kind (a full model vs an adapter) go, so loading never picks up a stale adapter;
+    the rest of out_dir stays, such as distill.py's out_dir/distilled/, unless new_run: the checkpoint
+    replaces another run's (--overwrite), and that run's distilled adapter goes with it."""
+    os.makedirs(out_dir, exist_ok=True)
+    adopt_plain_files(out_dir)
+    stage = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
     try:
         yield stage
-        names = sorted(os.listdir(stage), key=lambda n: n == "train_state.json")
-        for n in names:
-            os.replace(os.path.join(stage, n), os.path.join(out_dir, n))
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-    stale = ("model.safetensors", "config.json") if "adapter.json" in names else ("adapter.safetensors", "adapter.json")
-    for n in stale:
-        if os.path.exists(os.path.join(out_dir, n)):
+        raise
+    names = os.listdir(stage)
+    for n in names:  # links of a new kind dangle (the reader sees no such file) until the switch
+        relink(out_dir, n, os.path.join(CURRENT, n))
+    distilled = os.path.join(out_dir, distill.FOLDER)
+    if new_run and os.path.isdir(distilled):  # hidden first: gone with the old folders below
+        os.replace(distilled, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), distill.FOLDER))
+    relink(out_dir, CURRENT, os.path.basename(stage))  # the switch
+    for n in FILES:
+        if n not in names and os.path.lexists(os.path.join(out_dir, n)):
             os.remove(os.path.join(out_dir, n))
+    for n in os.listdir(out_dir):
+        if n.startswith(CURRENT + "-") and n != os.path.basename(stage):
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
 
 
 def read_train_state(out_dir, framework="pytorch"):
@@ -276,20 +358,103 @@ def checkpoint_folder(path, what):
     return path
 
 
-def load_pretrained(path, what):
+def load_pretrained(path, what, load_weights=load_file):
     """(model config, tokenizer, weights) from a checkpoint folder or a pretrained name (smollm2),
-    or a one-line UsageError."""
+    or a one-line UsageError. load_weights reads model.safetensors (the framework's own loader)."""
     path = checkpoint_folder(path, what)
     try:
         mcfg = load_config(path)
         enc = tok.load(path)
-        weights = load_file(os.path.join(path, "model.safetensors"))
+        weights = load_weights(os.path.join(path, "model.safetensors"))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UsageError(f"{what}={path} is not a checkpoint of this project: {e}") from None
     if mcfg.mask_token_id != enc.n_vocab or mcfg.vocab_size != enc.n_vocab + 1:
         raise UsageError(f"{what}={path}: config.json does not match its tokenizer "
                          f"({mcfg.vocab_size} ids vs {enc.n_vocab} + MASK)")
     return mcfg, enc, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# the start-up decision, shared with mlx_port/train.py
+
+def resumed_config(state, cfg, given):
+    """The options of the run being resumed, with the ones given that may change (RESUMABLE)."""
+    saved = state["config"]
+    diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
+    if diff:
+        raise UsageError(f"--resume: the checkpoint in {cfg['out_dir']} was trained with "
+                         + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
+                         + "; drop those options or use another --out_dir")
+    return {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
+
+
+def check_against(mcfg, enc, cfg, given):
+    """Refuse options that contradict the checkpoint the run starts from (--init_from or --resume)."""
+    if cfg["init_from"] and not cfg["resume"]:
+        clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
+        if clash:
+            raise UsageError(f"--init_from={cfg['init_from']} has "
+                             + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
+                             + ": drop the model-shape options that contradict it")
+        if cfg["seq_len"] > mcfg.max_seq_len:
+            raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
+    if "tokenizer" in given and cfg["tokenizer"] != enc.name.split("-")[0]:
+        raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
+    if "vocab_size" in given and cfg["vocab_size"] != enc.n_vocab:
+        raise UsageError(f"--vocab_size={cfg['vocab_size']} contradicts the checkpoint's tokenizer {enc.name} "
+                         f"({enc.n_vocab} tokens)")
+
+
+def start_from(cfg, given, framework="pytorch", load_weights=load_file):
+    """Where the run starts: the run in out_dir (--resume), another checkpoint (--init_from) or
+    scratch; a checkpoint already in out_dir is replaced only with --overwrite. Returns (cfg, model
+    config, tokenizer, weights, train state, adapter); all but cfg are None from scratch, the state
+    only when resuming, the adapter (LoraConfig, tensors or None) only with --lora."""
+    out_dir = cfg["out_dir"]
+    mcfg = enc = weights = state = adapter = None
+    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
+    if cfg["resume"]:
+        if not has_ckpt:
+            raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
+        state = read_train_state(out_dir, framework)
+        cfg = resumed_config(state, cfg, given)
+        if cfg["lora"]:  # the frozen base, then the adapter trained so far
+            try:
+                adapter = lora.load_adapter(out_dir)
+            except (OSError, ValueError, TypeError) as e:
+                raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
+            mcfg, enc, weights = load_pretrained(lora.base_of(out_dir, adapter[0]),
+                                                 "--resume: the adapter's base model", load_weights)
+        else:
+            mcfg, enc, weights = load_pretrained(out_dir, "--resume", load_weights)
+    elif has_ckpt and not cfg["overwrite"]:
+        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out_dir")
+    elif cfg["init_from"]:
+        mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from", load_weights)
+        if cfg["lora"]:  # a new adapter on the base as resolved now
+            base = cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"])
+            adapter = (lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), None)
+    if enc is not None:
+        check_against(mcfg, enc, cfg, given)
+    return cfg, mcfg, enc, weights, state, adapter
+
+
+def load_data(cfg, enc=None, log=print):
+    """(tokenizer, train ids, val ids) of --data (the tokenizer trained on it unless `enc` is given),
+    long enough for --seq_len; a UsageError if not."""
+    try:
+        enc, train_ids, val_ids = data.load_corpus(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
+        data.batch_offsets(min(len(train_ids), len(val_ids)), cfg["seq_len"], 1, 0)  # long enough?
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    return enc, train_ids, val_ids
+
+
+def new_model_config(cfg, enc):
+    """The model of a run from scratch: the preset's shape, the tokenizer's ids + MASK."""
+    return ModelConfig(vocab_size=enc.n_vocab + 1, mask_token_id=enc.n_vocab, max_seq_len=cfg["seq_len"],
+                       **{k: cfg[k] for k in MODEL_KEYS})
 
 
 def progress_line(step, cfg, losses, lr, tps, eta):
@@ -301,11 +466,20 @@ def progress_line(step, cfg, losses, lr, tps, eta):
             f" | ETA {minutes}m{seconds:02d}s")
 
 
+def progress(it, start, t0, t_last, cfg):
+    """(tokens per second since t_last, seconds left) after step `it` of a run that began at `start`."""
+    now = time.time()
+    n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
+    tps = n * cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"] / (now - t_last)
+    return tps, (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+
+
 def main(argv=None):
     cfg, given = parse_args(argv)
     check_options(cfg, given)
     ddp = "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    n_micro = micro_steps(cfg, world)
     device = pick_device(cfg["device"])
     if ddp:
         if device.startswith("cuda"):
@@ -316,69 +490,16 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     out_dir = cfg["out_dir"]
 
-    # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
-    enc, weights, state, adapter = None, None, None, None
-    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
-    if cfg["resume"]:
-        if not has_ckpt:
-            raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
-        state = read_train_state(out_dir)
-        saved = state["config"]
-        diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
-        if diff:
-            raise UsageError(f"--resume: the checkpoint in {out_dir} was trained with "
-                             + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
-                             + "; drop those options or use another --out_dir")
-        cfg = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
-        if cfg["lora"]:  # the frozen base, then the adapter trained so far
-            try:
-                lcfg, adapter = lora.load_adapter(out_dir)
-            except (OSError, ValueError, TypeError) as e:
-                raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
-            mcfg, enc, weights = load_pretrained(lora.base_of(out_dir, lcfg), "--resume: the adapter's base model")
-        else:
-            mcfg, enc, weights = load_pretrained(out_dir, "--resume")
-    elif has_ckpt and not cfg["overwrite"]:
-        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out_dir")
-    elif cfg["init_from"]:
-        mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from")
-        clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
-        if clash:
-            raise UsageError(f"--init_from={cfg['init_from']} has "
-                             + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
-                             + ": drop the model-shape options that contradict it")
-        if cfg["seq_len"] > mcfg.max_seq_len:
-            raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
-    if enc is not None and "tokenizer" in given and cfg["tokenizer"] != enc.name.split("-")[0]:
-        raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
-    if enc is not None and "vocab_size" in given and cfg["vocab_size"] != enc.n_vocab:
-        raise UsageError(f"--vocab_size={cfg['vocab_size']} contradicts the checkpoint's tokenizer {enc.name} "
-                         f"({enc.n_vocab} tokens)")
-
-    try:
-        enc, train_ids, val_ids = data.load_corpus(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
-        data.batch_offsets(min(len(train_ids), len(val_ids)), cfg["seq_len"], 1, 0)  # long enough?
-    except data.DataError as e:
-        raise UsageError(str(e)) from None
-    if weights is None:
-        mcfg = ModelConfig(vocab_size=enc.n_vocab + 1, mask_token_id=enc.n_vocab, max_seq_len=cfg["seq_len"],
-                           **{k: cfg[k] for k in MODEL_KEYS})
-
+    cfg, mcfg, enc, weights, state, adapter = start_from(cfg, given)
+    enc, train_ids, val_ids = load_data(cfg, enc, log)
     torch.manual_seed(cfg["seed"])
-    model = Model(mcfg)
+    model = Model(mcfg or new_model_config(cfg, enc))
     if weights is not None:
         model.load_state_dict(weights)
-    if cfg["lora"]:  # R-ISD: freeze the base, train only the gated adapter
-        base = lcfg.base if state is not None else (  # the base as resolved when the run began
-            cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"]))
-        lora.add_adapter(model, lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), adapter)
+    if adapter is not None:  # R-ISD: freeze the base, train only the gated adapter
+        lora.add_adapter(model, *adapter)
     model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
+    opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
         load_optimizer(out_dir, opt, state)
@@ -387,44 +508,41 @@ def main(argv=None):
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    rows = cfg["batch_size"] * cfg["grad_accum"] * world
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg["lora"]:
         log(f"gated LoRA rank {cfg['lora']}: training {sum(p.numel() for p in trainable) / 1e6:.2f}M adapter "
             f"parameters on a frozen base")
-    log(f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} "
-        f"(MASK = {mcfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
-        f"{rows} rows x {cfg['seq_len']} tokens per step, {world} process(es) on {device}")
+    log(f"{cfg['objective']} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"vocab {model.cfg.vocab_size} (MASK = {model.cfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train "
+        f"tokens, stride {cfg['stride']}, {cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens "
+        f"per step, {world} process(es) on {device}")
 
-    def checkpoint(it, val):
-        evals.append([it, *val])
-        log(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
-        if master:
-            save_checkpoint(out_dir, model, enc, opt,
-                            {"iter": it, "config": cfg, "history": history, "evals": evals})
-
-    t0, t_last, it = time.time(), time.time(), start
-    for it in range(start, cfg["max_iters"]):
-        if it % cfg["eval_interval"] == 0 and it > start:
-            checkpoint(it, evaluate(model, val_ids, cfg, device, rank, world))
+    t0 = t_last = time.time()
+    for it in range(start, cfg["max_iters"] + 1):
+        # evaluate and save every eval_interval steps and at the end
+        if it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
+            val = evaluate(model, val_ids, cfg, device, rank, world)
+            evals.append([it, *val])
+            log(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
+            if master:
+                save_checkpoint(out_dir, model, enc, opt, {"iter": it, "config": cfg, "history": history,
+                                                           "evals": evals}, new_run=state is None)
+        if it == cfg["max_iters"]:
+            break
         lr = lr_at(it, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        # the global batch of step `it` is a function of (seed, it): same order on resume and for any world size
-        offsets = data.batch_offsets(len(train_ids), cfg["seq_len"], rows, seed=cfg["seed"] * 1_000_003 + it)
+        # forward, backward and update, with grad_accum micro-batches over all processes
+        offsets = step_offsets(len(train_ids), cfg, it)
         stats = torch.zeros(3)
-        for micro in range(cfg["grad_accum"]):
-            i = (micro * world + rank) * cfg["batch_size"]
-            x = data.get_batch(train_ids, offsets[i:i + cfg["batch_size"]], cfg["seq_len"]).to(device)
-            sync = not ddp or micro == cfg["grad_accum"] - 1
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-                if sync:
+        for micro in range(n_micro):
+            x = data.get_batch(train_ids, micro_batch(offsets, micro, rank, world, cfg), cfg["seq_len"]).to(device)
+            last = micro == n_micro - 1
+            with contextlib.nullcontext() if last or not ddp else net.no_sync():  # DDP averages at the last
+                with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
                     loss, task, clean = losses(net, x, cfg)
-                else:
-                    with net.no_sync():
-                        loss, task, clean = losses(net, x, cfg)
-            (loss / cfg["grad_accum"]).backward()
-            stats += torch.stack([loss, task, clean]).detach().float().cpu() / cfg["grad_accum"]
+                (loss / n_micro).backward()
+            stats += torch.stack([loss, task, clean]).detach().float().cpu() / n_micro
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
         opt.step()
@@ -434,19 +552,16 @@ def main(argv=None):
             stats /= world
         history.append([it, *[round(v, 6) for v in stats.tolist()]])
         if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["max_iters"]:
-            now = time.time()
-            n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
-            tps = n * rows * cfg["seq_len"] / (now - t_last)
-            eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+            tps, eta = progress(it, start, t0, t_last, cfg)
             log(progress_line(it + 1, cfg, [float(v) for v in stats], lr, tps, eta), flush=True)
-            t_last = now
-    if cfg["max_iters"] > start or not cfg["resume"]:
-        checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg, device, rank, world))
+            t_last = time.time()
     log(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
+
     if master:
         model.eval()
         prompt = enc.encode_ordinary("\n")
-        out = ar_generate(model, prompt, min(100, mcfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
+        out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8,
+                          seed=cfg["seed"])
         print("sample:\n" + enc.decode(out))
         if cfg["distill_iters"] and cfg["objective"] == "idlm" and not cfg["lora"]:
             log(f"self-distillation: the masks learn the model's own greedy continuations ({cfg['distill_iters']} steps)")

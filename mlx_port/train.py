@@ -21,12 +21,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import data
-import lora
 import tokenizer as tok
 from mlx_port.isd import ar_generate
-from mlx_port.model import Model, ModelConfig, ar_loss, idlm_loss, pick_device
-from train import (MODEL_KEYS, RESUMABLE, UsageError, check_options, checkpoint_folder, load_pretrained, lr_at,
-                   parse_args, progress_line, read_train_state, staged)
+from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
+from train import (BETAS, UsageError, check_options, decays, load_data, lr_at, micro_batch, new_model_config,
+                   parse_args, progress, progress_line, staged, start_from, step_offsets)
 
 
 def get_batch(ids, offsets, seq_len):
@@ -61,18 +60,26 @@ def evaluate(model, val, cfg):
 # ----------------------------------------------------------------------------------------------
 # checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
 
-def save_checkpoint(out_dir, model, enc, opt, state):
-    """train.py's files, replacing out_dir's together (train.staged); `it` is stamped into both tensor
-    files. The optimizer state is MLX's, so train_state.json says framework "mlx" (train.py will not
+def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
+    """train.py's files, replacing out_dir's together (train.staged; new_run: see there); `it` is stamped
+    into both tensor files. The optimizer state is MLX's, so train_state.json says framework "mlx" (train.py will not
     resume it)."""
     meta = {"iter": str(state["iter"])}
     tensors = dict(tree_flatten(opt.state))
     text = json.dumps({**state, "framework": "mlx"}, indent=1)
-    with staged(out_dir) as stage:
+    with staged(out_dir, new_run) as stage:
         model.save(stage, metadata=meta)
         tok.save(enc, stage)
         mx.save_safetensors(os.path.join(stage, "optimizer.safetensors"), tensors, metadata=meta)
         Path(stage, "train_state.json").write_text(text)
+
+
+def make_optimizer(model, cfg):
+    """train.py's AdamW (torch's bias correction, train.BETAS), weight decay on matrices only (train.decays)."""
+    opt = optim.MultiOptimizer([optim.AdamW(cfg["lr"], betas=list(BETAS), weight_decay=wd, bias_correction=True)
+                                for wd in (cfg["weight_decay"], 0.0)], [lambda path, p: decays(p.ndim, cfg) != 0.0])
+    opt.init(model.trainable_parameters())
+    return opt
 
 
 def load_optimizer(out_dir, opt, state):
@@ -98,85 +105,42 @@ def main(argv=None):
         raise UsageError(str(e)) from None
     out_dir = cfg["out_dir"]
 
-    # where the weights and tokenizer come from: a run to resume, another checkpoint, or scratch
-    enc, weights, state = None, None, None
-    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
-    if cfg["resume"]:
-        if not has_ckpt:
-            raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
-        state = read_train_state(out_dir, framework="mlx")
-        saved = state["config"]
-        diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
-        if diff:
-            raise UsageError(f"--resume: the checkpoint in {out_dir} was trained with "
-                             + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
-                             + "; drop those options or use another --out_dir")
-        cfg = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
-        mcfg, enc, _ = load_pretrained(out_dir, "--resume")
-        weights = mx.load(os.path.join(out_dir, "model.safetensors"))
-    elif has_ckpt and not cfg["overwrite"]:
-        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out_dir")
-    elif cfg["init_from"]:
-        folder = checkpoint_folder(cfg["init_from"], "--init_from")  # smollm2: its converted folder
-        mcfg, enc, _ = load_pretrained(folder, "--init_from")
-        weights = mx.load(os.path.join(folder, "model.safetensors"))
-        clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
-        if clash:
-            raise UsageError(f"--init_from={cfg['init_from']} has "
-                             + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
-                             + ": drop the model-shape options that contradict it")
-        if cfg["seq_len"] > mcfg.max_seq_len:
-            raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
-    if enc is not None and "tokenizer" in given and cfg["tokenizer"] != enc.name.split("-")[0]:
-        raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
-
-    try:
-        enc, train_ids, val_ids = data.load_corpus(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc)
-        data.batch_offsets(min(len(train_ids), len(val_ids)), cfg["seq_len"], 1, 0)  # long enough?
-    except data.DataError as e:
-        raise UsageError(str(e)) from None
-    if weights is None:
-        mcfg = ModelConfig(vocab_size=enc.n_vocab + 1, mask_token_id=enc.n_vocab, max_seq_len=cfg["seq_len"],
-                           **{k: cfg[k] for k in MODEL_KEYS})
-
+    cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
+    enc, train_ids, val_ids = load_data(cfg, enc, print)
     mx.random.seed(cfg["seed"])
-    model = Model(mcfg)
+    model = Model(mcfg or new_model_config(cfg, enc))
     if weights is not None:
         model.load_weights(list(weights.items()))
-    # train.py's AdamW (torch's bias correction, betas 0.9/0.95), weight decay on matrices only
-    opt = optim.MultiOptimizer([optim.AdamW(cfg["lr"], betas=[0.9, 0.95], weight_decay=wd, bias_correction=True)
-                                for wd in (cfg["weight_decay"], 0.0)], [lambda path, p: p.ndim >= 2])
-    opt.init(model.trainable_parameters())
+    opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
         load_optimizer(out_dir, opt, state)
         start, history, evals = state["iter"], state["history"], state["evals"]
     loss_and_grad = nn.value_and_grad(model, lambda x: losses(model, x, cfg))  # gradient of the first output
 
-    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
-    rows = cfg["batch_size"] * cfg["grad_accum"]
-    print(f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} "
-          f"(MASK = {mcfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
-          f"{rows} rows x {cfg['seq_len']} tokens per step, MLX on {mx.default_device()}")
+    print(f"{cfg['objective']} model: {sum(p.size for _, p in tree_flatten(model.parameters())) / 1e6:.2f}M "
+          f"parameters, vocab {model.cfg.vocab_size} (MASK = {model.cfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M "
+          f"train tokens, stride {cfg['stride']}, {cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} "
+          f"tokens per step, MLX on {mx.default_device()}")
 
-    def checkpoint(it, val):
-        evals.append([it, *val])
-        print(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
-        save_checkpoint(out_dir, model, enc, opt, {"iter": it, "config": cfg, "history": history, "evals": evals})
-
-    t0, t_last, it = time.time(), time.time(), start
-    for it in range(start, cfg["max_iters"]):
-        if it % cfg["eval_interval"] == 0 and it > start:
-            checkpoint(it, evaluate(model, val_ids, cfg))
+    t0 = t_last = time.time()
+    for it in range(start, cfg["max_iters"] + 1):
+        # evaluate and save every eval_interval steps and at the end
+        if it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
+            val = evaluate(model, val_ids, cfg)
+            evals.append([it, *val])
+            print(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
+            save_checkpoint(out_dir, model, enc, opt, {"iter": it, "config": cfg, "history": history, "evals": evals},
+                            new_run=state is None)
+        if it == cfg["max_iters"]:
+            break
         lr = lr_at(it, cfg)
         opt.learning_rate = lr
-        # the batch of step `it` is train.py's: a function of (seed, it)
-        offsets = data.batch_offsets(len(train_ids), cfg["seq_len"], rows, seed=cfg["seed"] * 1_000_003 + it)
+        # forward, backward and update, with grad_accum micro-batches (train.py's rows, one process)
+        offsets = step_offsets(len(train_ids), cfg, it)
         grads, stats = None, mx.zeros(3)
         for micro in range(cfg["grad_accum"]):
-            i = micro * cfg["batch_size"]
-            x = get_batch(train_ids, offsets[i:i + cfg["batch_size"]], cfg["seq_len"])
+            x = get_batch(train_ids, micro_batch(offsets, micro, 0, 1, cfg), cfg["seq_len"])
             (loss, task, clean), g = loss_and_grad(x)
             g = tree_map(lambda a: a / cfg["grad_accum"], g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -187,17 +151,13 @@ def main(argv=None):
         mx.eval(model.parameters(), opt.state, stats)
         history.append([it, *[round(v, 6) for v in stats.tolist()]])
         if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["max_iters"]:
-            now = time.time()
-            n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
-            tps = n * rows * cfg["seq_len"] / (now - t_last)
-            eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+            tps, eta = progress(it, start, t0, t_last, cfg)
             print(progress_line(it + 1, cfg, [v.item() for v in stats], lr, tps, eta), flush=True)
-            t_last = now
-    if cfg["max_iters"] > start or not cfg["resume"]:
-        checkpoint(cfg["max_iters"], evaluate(model, val_ids, cfg))
+            t_last = time.time()
     print(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
+
     prompt = enc.encode_ordinary("\n")
-    out = ar_generate(model, prompt, min(100, mcfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
+    out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
     print("sample:\n" + enc.decode(out))
 
 

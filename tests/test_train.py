@@ -1,12 +1,14 @@
-"""train.py end to end on a small corpus: losses fall, exact resume, DDP == one process, bad input."""
+"""train.py end to end on a small corpus: losses fall, exact resume, atomic saves, DDP == one process, bad input."""
 import importlib.resources
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import data
 import train
@@ -33,6 +35,12 @@ def cache(tmp_path_factory, monkeypatch):
     yield
 
 
+def checkpoint_files(out):
+    """What a reader of out_dir finds: its files (not the hidden folders behind them), with their bytes."""
+    return {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)
+            if not f.startswith(".") and os.path.isfile(os.path.join(out, f))}
+
+
 def run(args):
     """train.main in this process (with the test's cache dir); returns the saved train state."""
     train.main(args)
@@ -47,8 +55,8 @@ def test_tiny_run_lowers_both_losses(corpus, tmp_path):
     it, val_task, val_clean = st["evals"][-1]
     assert it == 60
     assert val_task < first[2] - 1.0 and val_clean < first[3] - 1.0, (first, st["evals"])
-    assert sorted(os.listdir(f"{tmp_path}/o")) == ["config.json", "model.safetensors", "optimizer.safetensors",
-                                                    "tokenizer.json", "train_state.json"]
+    assert sorted(n for n in os.listdir(f"{tmp_path}/o") if not n.startswith(".")) == [
+        "config.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json", "train_state.json"]
     Model.load(f"{tmp_path}/o")  # the checkpoint loads
 
 
@@ -88,7 +96,7 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     out = f"{tmp_path}/o"
     common = TINY + [f"--data={corpus}", f"--out_dir={out}", "--eval_interval=2"]
     run(common + ["--max_iters=2"])
-    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    before, hidden = checkpoint_files(out), sorted(os.listdir(out))
 
     def disk_full(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")
@@ -97,8 +105,8 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_file", disk_full)  # the optimizer file, written after the model's
     with pytest.raises(OSError):
         run(common + ["--max_iters=4", "--resume"])
-    after = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
-    assert after == before  # nothing of step 4 landed, nothing half-written is left
+    assert checkpoint_files(out) == before  # nothing of step 4 landed
+    assert sorted(os.listdir(out)) == hidden  # nothing half-written is left
     monkeypatch.undo()
     resumed = run(common + ["--max_iters=4", "--resume"])
     straight = run(common[:-2] + [f"--out_dir={tmp_path}/p", "--eval_interval=2", "--max_iters=4"])
@@ -112,18 +120,92 @@ def test_progress_line_eta():
 
 
 def test_ddp_matches_single_process(corpus, tmp_path):
-    common = TINY + [f"--data={corpus}", "--max_iters=3", "--eval_interval=3", "--device=cpu"]
-    single = run(common + ["--batch_size=4", f"--out_dir={tmp_path}/one"])
+    """The same options on 1 and 2 processes: the same global batch (grad_accum is split among the
+    processes), so the same losses and evaluations."""
+    common = TINY + [f"--data={corpus}", "--max_iters=3", "--eval_interval=3", "--eval_iters=3", "--device=cpu",
+                     "--batch_size=2", "--grad_accum=2"]
+    single = run(common + [f"--out_dir={tmp_path}/one"])
     env = {**os.environ, "IDLM_CACHE": data.CACHE_DIR, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        "train.py", *common, "--batch_size=2", f"--out_dir={tmp_path}/two"],
+                        "train.py", *common, f"--out_dir={tmp_path}/two"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 rows x 32 tokens per step, 2 process(es)" in r.stdout, r.stdout[-3000:]
     two = json.load(open(f"{tmp_path}/two/train_state.json"))
+    assert len(two["history"]) == len(single["history"]) == 3
     for h1, h2 in zip(single["history"], two["history"]):
         assert h1[0] == h2[0]
         assert h1[1:] == pytest.approx(h2[1:], rel=1e-4)
     assert two["evals"][-1][1:] == pytest.approx(single["evals"][-1][1:], rel=1e-4)
+
+
+def test_grad_accum_is_split_among_processes():
+    assert train.micro_steps({"grad_accum": 4}, 1) == 4
+    assert train.micro_steps({"grad_accum": 4}, 2) == 2
+    with pytest.raises(train.UsageError, match="--grad_accum=3 is split among the 2 processes"):
+        train.micro_steps({"grad_accum": 3}, 2)
+
+
+def checkpoint_step(out):
+    """The step of out_dir's checkpoint, after checking that every file of it comes from that step."""
+    st = json.load(open(f"{out}/train_state.json"))
+    with safe_open(f"{out}/model.safetensors", "pt") as m, safe_open(f"{out}/optimizer.safetensors", "pt") as o:
+        assert m.metadata()["iter"] == o.metadata()["iter"] == str(st["iter"]), out
+    Model.load(out)
+    return st["iter"]
+
+
+@pytest.mark.parametrize("layout", ["links", "plain files"])
+def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_path, monkeypatch, layout):
+    """Interrupt the save of step 4 at each rename in turn: out_dir holds step 2 whole or step 4
+    whole, never a mix. "plain files": a checkpoint laid out as plain files (an older train.py's)."""
+    base = f"{tmp_path}/base"
+    common = TINY + [f"--data={corpus}", "--eval_interval=2"]
+    run(common + [f"--out_dir={base}", "--max_iters=2"])
+    rename = os.replace
+    steps = []
+    for k in range(1, 30):
+        out = f"{tmp_path}/o{k}"
+        if layout == "links":
+            shutil.copytree(base, out, symlinks=True)
+        else:
+            shutil.copytree(base, out, ignore=lambda d, names: [n for n in names if n.startswith(".")])
+        calls = []
+
+        def interrupted(src, dst):
+            calls.append(dst)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", interrupted)
+        try:
+            run(common + [f"--out_dir={out}", "--max_iters=4", "--resume"])
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(os, "replace", rename)
+        steps.append(checkpoint_step(out))
+        if finished:
+            break
+    assert finished and steps[-1] == 4 and steps[0] == 2 and set(steps) == {2, 4}, steps
+    resumed = run(common + [f"--out_dir={tmp_path}/o1", "--max_iters=4", "--resume"])  # step 2 continues
+    assert resumed["history"] == json.load(open(f"{tmp_path}/o{k}/train_state.json"))["history"]
+
+
+def test_distilled_adapter_survives_a_save_and_goes_with_overwrite(corpus, tmp_path):
+    out = f"{tmp_path}/o"
+    common = TINY + [f"--data={corpus}", f"--out_dir={out}", "--eval_interval=2"]
+    run(common + ["--max_iters=2"])
+    os.makedirs(f"{out}/distilled")
+    open(f"{out}/distilled/adapter.json", "w").write("{}")  # as distill.py writes it, in short
+    run(common + ["--max_iters=4", "--resume"])
+    assert os.path.isfile(f"{out}/distilled/adapter.json")  # the same run saved again: kept
+    assert checkpoint_step(out) == 4
+    run(common + ["--max_iters=2", "--overwrite"])
+    assert not os.path.exists(f"{out}/distilled")  # another run's base: its adapter went with it
+    assert checkpoint_step(out) == 2
+    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".checkpoint", os.readlink(f"{out}/.checkpoint")]
 
 
 # ----------------------------------------------------------------------------------------------
