@@ -32,6 +32,14 @@ import pretrained
 REASONS = ("stop", "length", "cancelled", "error")
 
 
+class SettingError(ValueError):
+    """A request setting that submit() refuses; `param` names it as the OpenAI API does."""
+
+    def __init__(self, param, message):
+        super().__init__(message)
+        self.param = param
+
+
 class Job:
     """One request in the scheduler: the isd.Request that decodes it, its text and its stream."""
 
@@ -101,12 +109,19 @@ class Scheduler:
 
     def submit(self, prompt, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=(),
                listener=None):
-        """Queue a request (prompt: token ids) and return its Job. Bad settings raise ValueError
+        """Queue a request (prompt: token ids) and return its Job. A bad setting raises SettingError
         here, never in the scheduler thread."""
         if self.closed:
             raise RuntimeError("the scheduler is shutting down")
         if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise SettingError("stop", "stop strings must be non-empty strings")
+        checks = {"max_tokens": dict(max_new_tokens=max_tokens), "temperature": dict(temperature=temperature),
+                  "top_k": dict(top_k=top_k), "top_p": dict(top_p=top_p), "seed": dict(seed=seed)}
+        for param, setting in checks.items():  # isd.Request's own checks, one setting at a time: the error names it
+            try:
+                isd.Request(**{"prompt": [0], "max_new_tokens": 1, **setting})
+            except ValueError as e:
+                raise SettingError(param, str(e)) from None
         req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
         job = Job(req, stop, listener)
         self.inbox.put(job)
@@ -169,6 +184,16 @@ class Scheduler:
     def step(self):
         """One step: admit, prefill under the budget, one ISD forward for the ready rows, output."""
         t0 = time.perf_counter()
+        self._admit()
+        self._prefill()
+        ready = [j for j in self.slots if j is not None and j.ready]
+        if ready:
+            for job, new in zip(ready, self._forward(ready)):
+                self._output(job, new)
+        self.counters["step_seconds"] += time.perf_counter() - t0
+
+    def _admit(self):
+        """New requests join the queue, cancelled ones leave, free slots go to the queue's oldest."""
         self._take_inbox()
         for job in [j for j in self.queue if j.cancelled]:
             self.queue.remove(job)
@@ -183,7 +208,10 @@ class Scheduler:
                 self.cache.truncate([0], [i])  # forget the slot's previous request
                 self.prefilling.append(job)
                 self.counters["prompt_tokens"] += job.prompt_tokens
-        # prefill, oldest admission first, at most prefill_budget prompt tokens in this step
+
+    def _prefill(self):
+        """Prompts into the cache, oldest admission first, at most prefill_budget tokens in all; a job
+        whose prompt is in (all but its last token, which the first forward reads) is ready."""
         budget = self.prefill_budget
         for job in list(self.prefilling):
             left = job.prompt_tokens - 1 - job.req.prefilled
@@ -195,15 +223,13 @@ class Scheduler:
             if n == left:
                 job.ready = True
                 self.prefilling.remove(job)
-        ready = [j for j in self.slots if j is not None and j.ready]
-        if ready:
-            committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], [j.req for j in ready],
-                                     self.stride)
-            self.counters["steps"] += 1
-            self.counters["row_forwards"] += len(ready)
-            for job, new in zip(ready, committed):
-                self._output(job, new)
-        self.counters["step_seconds"] += time.perf_counter() - t0
+
+    def _forward(self, ready):
+        """ONE forward for all ready rows (isd.isd_step); the tokens each row committed."""
+        committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], [j.req for j in ready], self.stride)
+        self.counters["steps"] += 1
+        self.counters["row_forwards"] += len(ready)
+        return committed
 
     def _output(self, job, new):
         """Append the committed tokens to the text; finish at EOS, a stop string or max_tokens."""

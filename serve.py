@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 import pretrained
-from scheduler import REASONS, Scheduler
+from scheduler import REASONS, Scheduler, SettingError
 
 CHAT_STOP = "\n\n"  # a speech ends at a blank line (see chat_prompt)
 
@@ -99,166 +99,203 @@ def validation_message(err):
     return f"'{field}': {err['msg']} (got {json.dumps(err.get('input'), default=repr)[:80]})", field
 
 
+# ----------------------------------------------------------------------------------------------
+# the endpoints: module-level handlers; the app's state holds the scheduler, tokenizer and model name
+
+async def health():
+    return {"status": "ok"}
+
+
+async def models(request: Request):
+    s = request.app.state
+    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": s.created, "owned_by": "idlm"}]}
+
+
+async def metrics(request: Request):
+    return PlainTextResponse(metrics_text(request.app.state.sched.metrics()), media_type="text/plain; version=0.0.4")
+
+
+async def completions(body: CompletionRequest, request: Request):
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, f"give one prompt, not a list of {len(prompt)}", "prompt")
+        prompt = prompt[0]
+    return await generate(request, body, prompt, body.max_tokens, [], chat=False)
+
+
+async def chat(body: ChatRequest, request: Request):
+    if not body.messages:
+        raise ApiError(400, "'messages' must hold at least one message", "messages")
+    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    enc = request.app.state.enc
+    if pretrained.has_chat_template(enc):  # e.g. smollm2
+        ids = pretrained.chat_ids(enc, [m.model_dump() for m in body.messages])
+        return await generate(request, body, ids, max_tokens, [], chat=True)
+    return await generate(request, body, chat_prompt(body.messages), max_tokens, [CHAT_STOP], chat=True)
+
+
+async def generate(request, body, prompt, max_tokens, stops, chat):
+    """Both endpoints: check the limits, submit to the scheduler, then stream chunks or wait for the
+    final body. `prompt` is token ids (a chat template's) or text."""
+    s = request.app.state
+    ids = prompt if isinstance(prompt, list) else s.enc.encode_ordinary(prompt) or [s.enc.eot_token]  # "" starts a document
+    max_tokens = check_limits(s, body, ids, max_tokens, chat)
+    stops = stops + ([body.stop] if isinstance(body.stop, str) else body.stop or [])
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()  # (text delta, finish reason or None)
+
+    def listener(delta, reason):  # on the scheduler thread; a non-streaming request only needs the end
+        if body.stream or reason:
+            loop.call_soon_threadsafe(events.put_nowait, (delta, reason))
+
+    try:
+        job = s.sched.submit(ids, max_tokens, 1.0 if body.temperature is None else body.temperature, body.top_k,
+                             body.top_p, body.seed, stops, listener)
+    except SettingError as e:
+        raise ApiError(400, str(e), e.param)
+    except RuntimeError as e:  # shutting down
+        raise ApiError(503, str(e))
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": s.model_name}
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(stream_chunks(s.sched, job, events, head, chat, include_usage),
+                                 media_type="text/event-stream")
+    await wait(request, s.sched, job, events)
+    return final_body(job, head, chat)
+
+
+def check_limits(s, body, ids, max_tokens, chat):
+    """Refuse a request this server cannot run (ApiError); the max_tokens to run it with."""
+    context = s.sched.model.cfg.max_seq_len
+    if body.model != s.model_name:
+        raise ApiError(404, f"model '{body.model}' does not exist; this server has '{s.model_name}'", "model",
+                       "model_not_found")
+    if body.n not in (None, 1):
+        raise ApiError(400, f"'n' must be 1, got {body.n}", "n")
+    if len(ids) >= context:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {context}",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
+        max_tokens = context - len(ids) if chat else min(16, context - len(ids))
+    if max_tokens < 1:
+        raise ApiError(400, f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
+    if len(ids) + max_tokens > context:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                            f"context of {context} tokens", "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+def usage(job):
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+def choice(chat, text, reason):
+    """A stream's choice: a text delta, or the finish reason (empty text)."""
+    if chat:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason, "logprobs": None}
+    return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+
+
+def event(head, chat, choices, **more):
+    """One server-sent event of a stream."""
+    return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk' if chat else 'text_completion', 'choices': choices, **more})}\n\n"
+
+
+async def stream_chunks(sched, job, events, head, chat, include_usage):
+    """The events of a streamed request: its text as it is committed, the finish reason, the usage
+    if asked, [DONE]. The request is cancelled if the client goes away."""
+    try:
+        if chat:  # the role first, as OpenAI does
+            yield event(head, chat, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                      "logprobs": None}])
+        while True:
+            delta, reason = await events.get()
+            if reason in ("cancelled", "error"):
+                error = {"message": f"request {reason}", "type": "server_error", "param": None, "code": reason}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                break
+            if delta:
+                yield event(head, chat, [choice(chat, delta, None)])
+            if reason:
+                yield event(head, chat, [choice(chat, "", reason)])
+                if include_usage:
+                    yield event(head, chat, [], usage=usage(job))
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client went away mid-stream
+        if job.finish_reason is None:
+            sched.cancel(job)
+
+
+async def wait(request, sched, job, events):
+    """Until the request has finished; cancel it if the client goes away."""
+    try:
+        while True:
+            try:
+                if (await asyncio.wait_for(events.get(), 1.0))[1]:
+                    return
+            except asyncio.TimeoutError:
+                if job.finished.is_set():
+                    return
+                if await request.is_disconnected():
+                    sched.cancel(job)
+    finally:
+        if job.finish_reason is None:
+            sched.cancel(job)
+
+
+def final_body(job, head, chat):
+    """The response of a finished, non-streamed request (an ApiError if it was cancelled or failed)."""
+    if job.finish_reason in ("cancelled", "error"):
+        raise ApiError(503 if job.finish_reason == "cancelled" else 500, f"request {job.finish_reason}")
+    st = job.req.stats.as_dict()
+    out = {"index": 0, "message": {"role": "assistant", "content": job.text}} if chat else \
+        {"index": 0, "text": job.text, "logprobs": None}
+    return {**head, "object": "chat.completion" if chat else "text_completion",
+            "choices": [{**out, "finish_reason": job.finish_reason}], "usage": usage(job),
+            "isd": {"forwards": st["forwards"], "tokens_per_forward": st["tpf"],
+                    "acceptance_rate": st["acceptance_rate"]}}
+
+
+# ----------------------------------------------------------------------------------------------
+# errors in OpenAI's shape
+
+async def api_error(request, e):
+    return error_response(e.status, e.message, e.param, e.code)
+
+
+async def invalid_body(request, e):
+    message, param = validation_message(e.errors()[0])
+    return error_response(400, message, param)
+
+
+async def http_error(request, e):
+    return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+
+
+async def internal_error(request, e):
+    return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+
 def make_app(sched, enc, model_name):
     """The FastAPI app serving `sched` (started; stopped when the app shuts down)."""
-    context = sched.model.cfg.max_seq_len
-    created = int(time.time())
-
     @asynccontextmanager
     async def lifespan(app):
         yield
         sched.stop()  # after uvicorn's graceful shutdown: cancel what is still running
 
     app = FastAPI(title="idlm", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, e):
-        return error_response(e.status, e.message, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, e):
-        message, param = validation_message(e.errors()[0])
-        return error_response(400, message, param)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request, e):
-        return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
-
-    @app.exception_handler(Exception)
-    async def _bug(request, e):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "idlm"}]}
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(metrics_text(sched.metrics()), media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, f"give one prompt, not a list of {len(prompt)}", "prompt")
-            prompt = prompt[0]
-        return await generate(request, body, prompt, body.max_tokens, [], chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        if not body.messages:
-            raise ApiError(400, "'messages' must hold at least one message", "messages")
-        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        if pretrained.has_chat_template(enc):  # e.g. smollm2
-            ids = pretrained.chat_ids(enc, [m.model_dump() for m in body.messages])
-            return await generate(request, body, ids, max_tokens, [], chat=True)
-        return await generate(request, body, chat_prompt(body.messages), max_tokens, [CHAT_STOP], chat=True)
-
-    async def generate(request, body, prompt, max_tokens, stops, chat):
-        if body.model != model_name:
-            raise ApiError(404, f"model '{body.model}' does not exist; this server has '{model_name}'", "model",
-                           "model_not_found")
-        if body.n not in (None, 1):
-            raise ApiError(400, f"'n' must be 1, got {body.n}", "n")
-        # token ids (a chat template's) or text; an empty text starts a new document
-        ids = prompt if isinstance(prompt, list) else enc.encode_ordinary(prompt) or [enc.eot_token]
-        param = "messages" if chat else "prompt"
-        if len(ids) >= context:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {context}", param,
-                           "context_length_exceeded")
-        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
-            max_tokens = context - len(ids) if chat else min(16, context - len(ids))
-        if max_tokens < 1:
-            raise ApiError(400, f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
-        if len(ids) + max_tokens > context:
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                f"context of {context} tokens", "max_tokens", "context_length_exceeded")
-        stops = stops + ([body.stop] if isinstance(body.stop, str) else body.stop or [])
-        temperature = 1.0 if body.temperature is None else body.temperature
-        loop = asyncio.get_running_loop()
-        events = asyncio.Queue()  # (text delta, finish reason or None) from the scheduler thread
-        def listener(delta, reason):  # a non-streaming request only needs to hear the end
-            if body.stream or reason:
-                loop.call_soon_threadsafe(events.put_nowait, (delta, reason))
-
-        try:
-            job = sched.submit(ids, max_tokens, temperature, body.top_k, body.top_p, body.seed, stops, listener)
-        except ValueError as e:  # the message starts with the field's name
-            raise ApiError(400, str(e), str(e).split()[0])
-        except RuntimeError as e:
-            raise ApiError(503, str(e))
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model_name}
-
-        def usage():
-            return {"prompt_tokens": len(ids), "completion_tokens": job.completion_tokens,
-                    "total_tokens": len(ids) + job.completion_tokens}
-
-        def choice(text, reason):
-            if chat:
-                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason,
-                        "logprobs": None}
-            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-
-        if body.stream:
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-            def sse(choices, **more):
-                return f"data: {json.dumps({**head, 'object': obj, 'choices': choices, **more})}\n\n"
-
-            async def stream():
-                try:
-                    if chat:
-                        yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                                    "logprobs": None}])
-                    while True:
-                        delta, reason = await events.get()
-                        if reason in ("cancelled", "error"):
-                            yield f"data: {json.dumps({'error': {'message': f'request {reason}', 'type': 'server_error', 'param': None, 'code': reason}})}\n\n"
-                            break
-                        if delta:
-                            yield sse([choice(delta, None)])
-                        if reason:
-                            yield sse([choice("", reason)])
-                            if include_usage:
-                                yield sse([], usage=usage())
-                            break
-                    yield "data: [DONE]\n\n"
-                finally:  # also when the client went away mid-stream
-                    if job.finish_reason is None:
-                        sched.cancel(job)
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        try:
-            while True:
-                try:
-                    if (await asyncio.wait_for(events.get(), 1.0))[1]:
-                        break
-                except asyncio.TimeoutError:
-                    if job.finished.is_set():
-                        break
-                    if await request.is_disconnected():
-                        sched.cancel(job)
-        finally:
-            if job.finish_reason is None:
-                sched.cancel(job)
-        if job.finish_reason in ("cancelled", "error"):
-            raise ApiError(503 if job.finish_reason == "cancelled" else 500, f"request {job.finish_reason}")
-        st = job.req.stats.as_dict()
-        out = {"index": 0, "message": {"role": "assistant", "content": job.text}} if chat else \
-            {"index": 0, "text": job.text, "logprobs": None}
-        return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [{**out, "finish_reason": job.finish_reason}], "usage": usage(),
-                "isd": {"forwards": st["forwards"], "tokens_per_forward": st["tpf"],
-                        "acceptance_rate": st["acceptance_rate"]}}
-
+    app.state.sched, app.state.enc, app.state.model_name, app.state.created = sched, enc, model_name, int(time.time())
+    for kind, handler in ((ApiError, api_error), (RequestValidationError, invalid_body), (HTTPException, http_error),
+                          (Exception, internal_error)):
+        app.add_exception_handler(kind, handler)
+    app.get("/health")(health)
+    app.get("/v1/models")(models)
+    app.get("/metrics")(metrics)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat)
     return app
 
 

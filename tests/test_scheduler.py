@@ -18,7 +18,7 @@ import isd  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
-from scheduler import Scheduler, held_back  # noqa: E402
+from scheduler import Scheduler, SettingError, held_back  # noqa: E402
 
 TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\nCafé naïve — “quotes” ½\n\n" * 20
 
@@ -189,10 +189,12 @@ def test_bad_requests_are_refused_at_submit(me):
     s = Scheduler(model, enc)
     for kw, needle in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0), "top_p"),
                        (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop")]:
-        with pytest.raises(ValueError, match=needle):
+        with pytest.raises(SettingError, match=needle) as e:
             s.submit([1, 2], 5, **kw)
-    with pytest.raises(ValueError, match="max_new_tokens"):
+        assert e.value.param == needle  # the setting, carried by the error (serve.py's "param")
+    with pytest.raises(SettingError, match="max_new_tokens") as e:
         s.submit([1, 2], 0)
+    assert e.value.param == "max_tokens"
     with pytest.raises(ValueError, match="empty"):
         s.submit([], 5)
     assert s.inbox.empty()
