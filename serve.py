@@ -108,7 +108,8 @@ async def health():
 
 async def models(request: Request):
     s = request.app.state
-    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": s.created, "owned_by": "idlm"}]}
+    model = {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "idlm"}
+    return {"object": "list", "data": [model]}
 
 
 async def metrics(request: Request):
@@ -139,7 +140,8 @@ async def generate(request, body, prompt, max_tokens, stops, chat):
     """Both endpoints: check the limits, submit to the scheduler, then stream chunks or wait for the
     final body. `prompt` is token ids (a chat template's) or text."""
     s = request.app.state
-    ids = prompt if isinstance(prompt, list) else s.enc.encode_ordinary(prompt) or [s.enc.eot_token]  # "" starts a document
+    # token ids (a chat template's) or text; an empty text starts a new document
+    ids = prompt if isinstance(prompt, list) else s.enc.encode_ordinary(prompt) or [s.enc.eot_token]
     max_tokens = check_limits(s, body, ids, max_tokens, chat)
     stops = stops + ([body.stop] if isinstance(body.stop, str) else body.stop or [])
     loop, events = asyncio.get_running_loop(), asyncio.Queue()  # (text delta, finish reason or None)
@@ -200,7 +202,8 @@ def choice(chat, text, reason):
 
 def event(head, chat, choices, **more):
     """One server-sent event of a stream."""
-    return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk' if chat else 'text_completion', 'choices': choices, **more})}\n\n"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    return f"data: {json.dumps({**head, 'object': obj, 'choices': choices, **more})}\n\n"
 
 
 async def stream_chunks(sched, job, events, head, chat, include_usage):

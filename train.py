@@ -279,7 +279,8 @@ def relink(out_dir, name, target):
 def adopt_plain_files(out_dir):
     """A checkpoint of plain files (an older train.py's, or copied): hard-link them into a folder of
     their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
-    plain = [n for n in FILES if os.path.isfile(os.path.join(out_dir, n)) and not os.path.islink(os.path.join(out_dir, n))]
+    paths = {n: os.path.join(out_dir, n) for n in FILES}
+    plain = [n for n, p in paths.items() if os.path.isfile(p) and not os.path.islink(p)]
     if plain:
         folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
         for n in plain:
