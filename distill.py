@@ -39,24 +39,28 @@ FOLDER = "distilled"  # the adapter's folder inside the base checkpoint's folder
 
 @dataclass
 class DistillConfig:
-    rollouts: str = "greedy"  # greedy | sampled | none (the training text itself)
-    target: str = "hard"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`
+    rollouts: str = "greedy"  # greedy | sampled | both (half each) | none (the training text itself)
+    target: str = "hard"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
+    # mixed (with rollouts=both): hard on the greedy rollouts, soft on the sampled ones
     temperature: float = 0.8  # of sampled rollouts and of soft targets
     n_rollouts: int = 768
     prompt_len: int = 16  # rollouts continue prompts of this many tokens of training text
     seq_len: int = 128  # prompt + continuation
     rank: int = 16
     lora_alpha: float = 16.0
+    targets: str = ",".join(lora.TARGETS)  # the projections that get an adapter
     lr: float = 3e-3
     iters: int = 300
     batch_size: int = 16
     seed: int = 1337
 
     def __post_init__(self):
-        if self.rollouts not in ("greedy", "sampled", "none"):
-            raise ValueError(f"rollouts must be greedy, sampled or none, got {self.rollouts!r}")
-        if self.target not in ("hard", "soft"):
-            raise ValueError(f"target must be hard or soft, got {self.target!r}")
+        if self.rollouts not in ("greedy", "sampled", "both", "none"):
+            raise ValueError(f"rollouts must be greedy, sampled, both or none, got {self.rollouts!r}")
+        if self.target not in ("hard", "soft", "mixed"):
+            raise ValueError(f"target must be hard, soft or mixed, got {self.target!r}")
+        if (self.target == "mixed") != (self.rollouts == "both"):
+            raise ValueError("target=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both")
         if self.rollouts == "none" and self.target == "hard":
             raise ValueError("rollouts=none with target=hard is ordinary training: use target=soft")
         if not 0 < self.prompt_len < self.seq_len:
@@ -76,11 +80,12 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     text = data.get_batch(train_ids, offsets, cfg.seq_len)
     if cfg.rollouts == "none":
         return text, text
-    temperature = 0.0 if cfg.rollouts == "greedy" else cfg.temperature
     n_new, rows, t0 = cfg.seq_len - cfg.prompt_len, [], time.time()
     for at in tqdm(range(0, cfg.n_rollouts, 256), desc=f"{cfg.rollouts} rollouts", disable=log is None):
-        reqs = [Request(row[:cfg.prompt_len].tolist(), n_new, temperature, seed=cfg.seed + at + i)
-                for i, row in enumerate(text[at:at + 256])]
+        greedy = [cfg.rollouts == "greedy" or (cfg.rollouts == "both" and at + i < cfg.n_rollouts // 2)
+                  for i in range(len(text[at:at + 256]))]
+        reqs = [Request(row[:cfg.prompt_len].tolist(), n_new, 0.0 if g else cfg.temperature, seed=cfg.seed + at + i)
+                for i, (row, g) in enumerate(zip(text[at:at + 256], greedy))]
         decode(model, reqs, stride=1)  # stride 1: batched AR
         rows += [r.prompt + r.out for r in reqs]
     rows = torch.tensor(rows)
@@ -91,35 +96,42 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     return rows, labels
 
 
-def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0):
+def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard_rows=None):
     """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets
     (the clean stream's distribution at temperature T at the same position: the mask at position i
-    drafts token i+1, which the clean stream at position i predicts). MASK is never a target."""
+    drafts token i+1, which the clean stream at position i predicts). MASK is never a target.
+    target="mixed": hard targets for the rows where `hard_rows` (B,) is True, soft for the others."""
     xt, x0_logits = idlm_logits(model, x0, labels, stride)
     mask_id = model.cfg.mask_token_id
     keep = torch.arange(xt.shape[-1], device=x0.device) != mask_id
     valid = labels[:, 1:] != -100
     dtype = torch.promote_types(xt.dtype, torch.float32)  # float64 stays
     student = xt[:, :-1][valid][:, keep].to(dtype)
-    if target == "hard":
+    if target in ("hard", "mixed"):
         ids = labels[:, 1:][valid]
-        return F.cross_entropy(student, ids - (ids > mask_id).long())  # ids above MASK move down one column
+        hard = F.cross_entropy(student, ids - (ids > mask_id).long(), reduction="none")  # ids above MASK: one column down
+        if target == "hard":
+            return hard.mean()
     teacher = (x0_logits[:, :-1][valid][:, keep].to(dtype).detach() / temperature).softmax(-1)
-    return -(teacher * (student / temperature).log_softmax(-1)).sum(-1).mean()
+    soft = -(teacher * (student / temperature).log_softmax(-1)).sum(-1)
+    if target == "soft":
+        return soft.mean()
+    return torch.where(hard_rows[:, None].expand_as(valid)[valid], hard, soft).mean()
 
 
 def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
     """Freeze `model`, attach a gated LoRA adapter and train it with distill_loss; returns the model."""
-    lora.add_adapter(model, lora.LoraConfig(cfg.rank, cfg.lora_alpha, base=".."))
+    lora.add_adapter(model, lora.LoraConfig(cfg.rank, cfg.lora_alpha, base="..", targets=cfg.targets.split(",")))
     model.train()
     params = list(model.lora.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.iters, pct_start=0.05)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})", disable=log is None)
+    greedy = torch.arange(len(rows)) < len(rows) // 2  # rollouts="both": the greedy half comes first
     for _ in bar:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=g)
-        loss = distill_loss(model, rows[idx], labels[idx], stride, cfg.target, cfg.temperature)
+        loss = distill_loss(model, rows[idx], labels[idx], stride, cfg.target, cfg.temperature, greedy[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

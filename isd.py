@@ -1,4 +1,4 @@
-"""Introspective Strided Decoding (SPEC section 2) and the autoregressive baseline.
+"""Introspective Strided Decoding (docs/method.md section 2) and the autoregressive baseline.
 
     python isd.py --out_dir=out --prompt="ROMEO:" --stride=4 --max_new_tokens=200 --temperature=0.8 --seed=1
     python isd.py --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
@@ -62,7 +62,7 @@ def sample(logits, temperature, generator=None):
 
 @dataclass
 class Stats:
-    """What every decode reports (SPEC section 3)."""
+    """What every decode reports (docs/method.md section 3)."""
     forwards: int = 0  # decoding forwards (prefill not counted)
     tokens: int = 0  # committed tokens
     drafts_verified: int = 0

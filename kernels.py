@@ -1,4 +1,4 @@
-"""The fused p/q verifier of ISD (SPEC section 6): a Triton kernel and its PyTorch reference.
+"""The fused p/q verifier of ISD (docs/method.md section 7): a Triton kernel and its PyTorch reference.
 
     python kernels.py --bench      # kernel vs reference time (needs a CUDA GPU to mean anything)
 

@@ -1,4 +1,4 @@
-"""R-ISD (SPEC section 4): gated LoRA adapters that turn a frozen AR model into a lossless drafter.
+"""R-ISD (docs/method.md section 4): gated LoRA adapters that turn a frozen AR model into a lossless drafter.
 
     y = W x + s * B(gate * A x),   gate = 1 at MASK input positions, 0 everywhere else, s = alpha / rank
 
@@ -69,8 +69,8 @@ class GatedLoRA(nn.Module):
         if self.rows is None:
             return out
         x = inputs[0].flatten(0, -2).index_select(0, self.rows)
-        delta = self.scale * F.linear(F.linear(x, self.A[key]), self.B[key])
-        return out.flatten(0, -2).index_add(0, self.rows, delta.to(out.dtype)).view_as(out)
+        delta = F.linear(F.linear(x, self.A[key]), self.B[key])
+        return out.flatten(0, -2).index_add(0, self.rows, delta.to(out.dtype), alpha=self.scale).view_as(out)
 
 
 def add_adapter(model, cfg: LoraConfig, state=None):

@@ -1,7 +1,7 @@
 """The I-DLM model: a Llama/Qwen-style decoder with a MASK token, plus the introspective loss.
 
 The network itself is an ordinary causal LM (RMSNorm, RoPE, SwiGLU, grouped-query attention,
-tied embeddings). What makes it an Introspective Diffusion LM (arXiv 2604.11035, SPEC section 1):
+tied embeddings). What makes it an Introspective Diffusion LM (arXiv 2604.11035, docs/method.md section 1):
   - one extra token id, MASK, that the tokenizer never produces;
   - training on the concatenation [xt | x0] (xt = x0 with the labelled tokens replaced by MASK),
     with explicit position ids shared by both halves and the block attention mask of `idlm_mask`;
@@ -302,7 +302,7 @@ def _atomic(path, write):
 
 
 # ----------------------------------------------------------------------------------------------
-# The introspective loss (SPEC section 1)
+# The introspective loss (docs/method.md section 1)
 
 def idlm_mask(L, b, device=None):
     """Boolean attention mask (2L, 2L) over [xt | x0], True = may attend; blk(i) = i // b.

@@ -1,4 +1,4 @@
-"""Stationary-batch scheduling (SPEC section 5): many requests decode together in one resident
+"""Stationary-batch scheduling (docs/method.md section 6): many requests decode together in one resident
 batch, each exactly as it would alone.
 
     sched = Scheduler(model, enc, stride=4, max_batch=16).start()

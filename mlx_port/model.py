@@ -3,7 +3,7 @@
 Same ModelConfig, same parameter names (HF Llama), same checkpoint (model.safetensors + config.json):
 MLX loads a PyTorch checkpoint with mx.load and writes one that Model.load of model.py reads.
 The network is an ordinary causal LM (RMSNorm, RoPE, SwiGLU, grouped-query attention, tied
-embeddings); what makes it an I-DLM (SPEC section 1) is the MASK token, the [xt | x0] training input
+embeddings); what makes it an I-DLM (docs/method.md section 1) is the MASK token, the [xt | x0] training input
 with shared positions and the block mask of `idlm_mask`, and a KV cache whose rows can be truncated.
 """
 import json
@@ -230,7 +230,7 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The introspective loss (SPEC section 1)
+# The introspective loss (docs/method.md section 1)
 
 def window_positions_and_mask(cache, rows, T, context, rel_pos=None, window_mask=None):
     """Absolute positions (B, T) and attention mask (B, T, S) of a T-token window appended to cache

@@ -1,6 +1,6 @@
-"""Tests of isd.py (SPEC sections 2 and 3) against independent references.
+"""Tests of isd.py (docs/method.md sections 2 and 3) against independent references.
 
-The references are written here from the SPEC, not from isd.py:
+The references are written here from the method (docs/method.md), not from isd.py:
   - greedy decoding by full forwards without a cache (MASK logit excluded, argmax);
   - the exact autoregressive distribution of a short continuation, enumerated sequence by sequence
     with full forwards and temperature / top-k / top-p processing re-implemented in this file;
@@ -75,7 +75,7 @@ def brute_greedy(model, prompt, n):
 
 
 def ref_probs(logits, mask_id, temperature, top_k=None, top_p=None):
-    """SPEC sampling settings written independently: MASK removed, temperature, then top-k
+    """The sampling settings written independently: MASK removed, temperature, then top-k
     (the k most likely tokens), then top-p (the smallest most-likely-first prefix whose mass
     reaches p), renormalised. Returns a list of probabilities."""
     V = len(logits)

@@ -53,7 +53,7 @@ def test_cli_errors(ckpt, tmp_path):
                          ([f"--out_dir={ckpt}", "--prompt="], "prompt is empty"),
                          ([f"--out_dir={ckpt}", "--stride=0"], "--stride must be >= 1"),
                          ([f"--out_dir={ckpt}", "--temperature=-1"], "--temperature must be >= 0"),
-                         ([f"--out_dir={ckpt}", "--max_new_tokens=1000"], "exceeds the context"),
+                         ([f"--out_dir={ckpt}", "--max_new_tokens=0"], "max_new_tokens must be >= 1"),
                          ([f"--out_dir={ckpt}", "--top_k=0"], "top_k must be >= 1")]:
         r = isd_cli(*args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)

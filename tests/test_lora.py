@@ -1,4 +1,4 @@
-"""R-ISD (SPEC section 4): a gated LoRA adapter on a frozen model leaves ISD's output exactly the
+"""R-ISD (docs/method.md section 4): a gated LoRA adapter on a frozen model leaves ISD's output exactly the
 base model's. References: the base model without any adapter (brute-force greedy decoding and the
 enumerated AR distribution of tests/test_isd.py), and a plain re-computation of y = W x + s B(A x)."""
 import copy
@@ -97,7 +97,7 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: the adapter must record where its base is
     train.main(tiny + ["--init_from=base", "--lora=4", "--out_dir=adapter", "--max_iters=6",
                        "--eval_interval=3", "--lr=1e-2"])
-    assert sorted(os.listdir(out)) == ["adapter.json", "adapter.safetensors", "optimizer.safetensors",
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["adapter.json", "adapter.safetensors", "optimizer.safetensors",
                                        "tokenizer.json", "train_state.json"]
     cfg = json.load(open(f"{out}/adapter.json"))
     assert cfg["rank"] == 4 and cfg["base"] == os.path.abspath(f"{tmp_path}/base")
@@ -114,7 +114,7 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     assert isd_generate(model, prompt, 15, 4, temperature=0)[0] == ar_generate(base, prompt, 15, temperature=0)
     # a full model trained over the adapter's folder (--overwrite) leaves no stale adapter behind
     train.main(tiny + [f"--out_dir={out}", "--overwrite", "--max_iters=2"])
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "optimizer.safetensors",
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["config.json", "model.safetensors", "optimizer.safetensors",
                                        "tokenizer.json", "train_state.json"]
     assert not hasattr(pretrained.load_model(out)[0], "lora")
 

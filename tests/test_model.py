@@ -1,6 +1,6 @@
-"""Tests of model.py against independent references (SPEC section 1).
+"""Tests of model.py against independent references (docs/method.md section 1).
 
-Every reference here is written from the SPEC, not from model.py: a loop-built attention mask, a
+Every reference here is written from the method (docs/method.md), not from model.py: a loop-built attention mask, a
 per-target slow introspective loss, full forwards vs incremental KV-cache decoding, and a naive
 loop-based transformer forward that reads the model's weights from its state_dict.
 All numerical checks run tiny random models in float64.
@@ -47,7 +47,7 @@ def rand_tokens(gen, shape, vocab):
 
 
 def brute_idlm_mask(L, b):
-    """SPEC section 1 mask, built entry by entry. Rows/cols 0..L-1 = xt, L..2L-1 = x0."""
+    """The section-1 mask, built entry by entry. Rows/cols 0..L-1 = xt, L..2L-1 = x0."""
     m = [[False] * (2 * L) for _ in range(2 * L)]
     for q in range(2 * L):
         for k in range(2 * L):
@@ -72,7 +72,7 @@ def ce(logits_row, target):
 
 
 def slow_idlm_reference(model, x0, labels, stride, mask_everything=False):
-    """(task, clean) from SPEC section 1, one plain causal forward per scored xt position.
+    """(task, clean) from docs/method.md section 1, one plain causal forward per scored xt position.
 
     mask_everything=True builds a deliberately WRONG xt (prompt tokens masked too), used only to
     show that the tests can tell the difference."""
@@ -175,7 +175,7 @@ def test_idlm_mask_matches_bruteforce(L, b):
 
 
 def test_idlm_mask_every_row_attends_something_and_sees_spec_context():
-    # SPEC: the mask at offset m of block B sees clean tokens 0..B*b-1 and the m masks before it
+    # the mask at offset m of block B sees clean tokens 0..B*b-1 and the m masks before it
     # (plus itself), and nothing else.
     L, b = 11, 3
     m = idlm_mask(L, b)
