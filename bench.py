@@ -21,6 +21,7 @@ from collections import Counter
 
 import torch
 
+import checkpoint
 import data
 import distill
 import pretrained
@@ -162,11 +163,11 @@ def speed(runs, prompts, n, repeats):
 def bench_decode(a):
     """Base vs self-distilled model on held-out validation prompts: ISD statistics per stride and
     temperature, then batch-1 speed of ISD against the base model's AR (greedy, alternated)."""
-    base, enc = pretrained.load_model(a.out_dir)
+    base, enc = checkpoint.load_model(a.out_dir)
     models = [("base", base)]
-    folder = pretrained.distilled_or_base(a.out_dir)
+    folder = checkpoint.distilled_or_base(a.out_dir)
     if folder != a.out_dir:
-        models.append(("distilled", pretrained.load_model(folder)[0]))
+        models.append(("distilled", checkpoint.load_model(folder)[0]))
     lookahead_accuracy(base, enc, a.out_dir)
     prompts = validation_prompts(a.out_dir, enc, a.prompts)
     print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} new tokens, seed {a.seed}; "
@@ -199,11 +200,11 @@ def bench_temperature(a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    base, enc = pretrained.load_model(a.out_dir)
+    base, enc = checkpoint.load_model(a.out_dir)
     models = [("base", base)]
-    folder = pretrained.distilled_or_base(a.out_dir)
+    folder = checkpoint.distilled_or_base(a.out_dir)
     if folder != a.out_dir:
-        models.append(("distilled", pretrained.load_model(folder)[0]))
+        models.append(("distilled", checkpoint.load_model(folder)[0]))
     prompts = validation_prompts(a.out_dir, enc, a.prompts)
     rows = []
     print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} tokens, stride {a.stride}")
@@ -240,8 +241,8 @@ def bench_step(a):
     """What one step of the batched core costs (isd.isd_step, as the scheduler runs it) on B rows: ISD at
     --stride vs AR (stride 1), and how much of it is the model's forward. Best of --repeats. The model is
     the distilled one where there is one (AR through it runs the base weights only)."""
-    source = pretrained.distilled_or_base(a.out_dir)
-    model, enc = pretrained.load_model(source)
+    source = checkpoint.distilled_or_base(a.out_dir)
+    model, enc = checkpoint.load_model(source)
     forward, spent = model.forward, []
 
     def timed_forward(*args, **kw):
@@ -389,13 +390,12 @@ def bench_serve(a):
     fig.savefig(a.plot, dpi=120)
     print(f"\nwrote {a.plot}")
 CHAT_PROMPTS = ["What is the capital of France?", "Explain how a compass works.",  # topics not in the
-                "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of pretrained.py
+                "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of distill.py --replies
 
 
 def hf_generate_fn(max_new_tokens, stops, device="cpu"):
     """transformers' SmolLM2 (its own loader, from the same local GGUF file, never the hub) as a greedy
     decoder: prompt ids -> (new ids, None), like the other methods of compare_decoders."""
-    import pretrained
     from transformers import AutoModelForCausalLM
     folder, name = os.path.split(pretrained.gguf_path())
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
@@ -462,15 +462,14 @@ def bench_smollm2(a):
     """Greedy chat replies of SmolLM2, side by side in one run: its AR decoding (our KV cache), Hugging
     Face transformers' generate() (KV cache), and ISD on each model of --isd (a converted checkpoint,
     a folder with an adapter = R-ISD, or smollm2 itself with its untrained MASK row)."""
-    import pretrained
     base, enc = pretrained.load_smollm2(a.device)
-    stops = pretrained.stop_ids(enc)
-    prompts = [pretrained.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    stops = tok.stop_ids(enc)
+    prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     runs = {"AR (ours)": lambda p: (ar_generate(base, p, a.max_new_tokens, temperature=0, stop_ids=stops), None)}
     if not a.no_hf:
         runs["transformers generate()"] = hf_generate_fn(a.max_new_tokens, stops, a.device)
     for src in a.isd:
-        m = pretrained.load_model(src, a.device)[0]
+        m = checkpoint.load_model(src, a.device)[0]
         runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
     rows = compare_decoders(runs, prompts, a.repeats)
     print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts x {a.repeats} repeats, greedy, <= {a.max_new_tokens} "

@@ -36,6 +36,8 @@ import traceback
 import torch
 
 import bench
+import checkpoint
+import distill
 import kernels
 import pretrained
 import tokenizer as tok
@@ -45,7 +47,7 @@ from scheduler import Scheduler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARES = {"kernel": 0.10, "train": 0.16, "smollm2": 0.50, "serve": 0.19}  # of --budget; the rest: start-up
-# prompts for the self-distillation data: pretrained.py's 4 templates and these, x its 32 topics
+# prompts for the self-distillation data: distill.py's 4 templates and these, x its 32 topics
 EXTRA_TEMPLATES = ["Describe {} to a ten-year-old.", "What are common misconceptions about {}?",
                    "Write a short story that involves {}.", "What is the history of {}?"]
 HELD_OUT = bench.CHAT_PROMPTS + [  # topics and wordings not in the data
@@ -152,17 +154,17 @@ def tiny_chat_model(folder, n_layer=2):
 
 def r_isd_recipe(base, work, z, share):
     """Stage 3's adapter, self-distillation with hard greedy targets: the base model's own greedy chat
-    replies to the data prompts (pretrained.write_replies), then a gated-LoRA R-ISD adapter trained on
+    replies to the data prompts (distill.write_replies), then a gated-LoRA R-ISD adapter trained on
     them by train.py in a subprocess (so that it can be stopped at the share's end; the last checkpoint
     stays). Returns (adapter folder, or None when no checkpoint was reached; a dict of what happened)."""
-    model, enc = pretrained.load_model(base, z["device"])
-    prompts = [t.format(x) for x in pretrained.TOPICS for t in pretrained.TEMPLATES + EXTRA_TEMPLATES][:z["n_replies"]]
+    model, enc = checkpoint.load_model(base, z["device"])
+    prompts = [t.format(x) for x in distill.TOPICS for t in distill.TEMPLATES + EXTRA_TEMPLATES][:z["n_replies"]]
     data_path, out_dir = os.path.join(work, "replies.txt"), os.path.join(work, "rlora")
     if os.path.exists(data_path):  # write_replies appends; a reused --work_dir starts afresh
         os.remove(data_path)
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    pretrained.write_replies(model, enc, prompts, data_path, z["reply_tokens"], z["reply_batch"])
+    distill.write_replies(model, enc, prompts, data_path, z["reply_tokens"], z["reply_batch"])
     info = {"replies": len(prompts), "reply_seconds": time.perf_counter() - t0,
             "data_tokens": len(enc.encode_ordinary(open(data_path).read()))}
     del model
@@ -193,8 +195,8 @@ def stage_smollm2(z, share, ctx):
     base = z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny"))
     adapter, info = r_isd_recipe(base, ctx["work"], z, share)
     ctx["serve_model"] = (adapter, "stage 3's R-ISD adapter") if adapter else (base, base)
-    model, enc = pretrained.load_model(base, z["device"])
-    stops = pretrained.stop_ids(enc)
+    model, enc = checkpoint.load_model(base, z["device"])
+    stops = tok.stop_ids(enc)
     n = z["max_new_tokens"]
     runs = {"AR (ours)": lambda p: (ar_generate(model, p, n, temperature=0, stop_ids=stops), None)}
     if z["hf"]:
@@ -202,10 +204,10 @@ def stage_smollm2(z, share, ctx):
     runs[f"ISD, untrained MASK row (stride {z['stride']})"] = \
         lambda p: isd_generate(model, p, n, z["stride"], temperature=0, stop_ids=stops)
     if adapter:
-        rlora = pretrained.load_model(adapter, z["device"])[0]
+        rlora = checkpoint.load_model(adapter, z["device"])[0]
         runs[f"ISD, R-ISD adapter (stride {z['stride']})"] = \
             lambda p: isd_generate(rlora, p, n, z["stride"], temperature=0, stop_ids=stops)
-    prompts = [pretrained.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT[:z["n_held_out"]]]
+    prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT[:z["n_held_out"]]]
     rows = bench.compare_decoders(runs, prompts, stop=lambda: share.stop("the next prompt"))
     steps = f"{info['train_steps']} steps" if adapter else "no checkpoint reached"
     md = (f"{info['replies']} replies ({info['data_tokens']} tokens) in {info['reply_seconds']:.0f} s; adapter "
@@ -245,8 +247,8 @@ def serve_point(sched, prompts, concurrency, n_requests, max_tokens):
 def stage_serve(z, share, ctx):
     """Scheduler throughput at stride 4 and 1 per concurrency, with stage 3's model (R-ISD if trained)."""
     source, label = ctx.get("serve_model") or (z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny")),) * 2
-    model, enc = pretrained.load_model(source, z["device"])
-    prompts = [pretrained.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT]
+    model, enc = checkpoint.load_model(source, z["device"])
+    prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT]
     points = []
     scheds = {s: Scheduler(model, enc, stride=s, max_batch=max(z["concurrency"])).start() for s in (4, 1)}
     try:

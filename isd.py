@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import checkpoint
+import tokenizer as tok
 from kernels import verify
 
 MIN_TEMPERATURE = 1e-6  # below it (but above 0, which is greedy) logits / temperature can overflow
@@ -396,7 +398,7 @@ def trace_html(trace, enc, prompt, st, stride):
 
 def main(argv=None, load_model=None, doc=__doc__):
     """The command line. `load_model(source, device)` gives (model, tokenizer) (default:
-    pretrained.load_model, PyTorch; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
+    checkpoint.load_model, PyTorch; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
                                                     "adapter (its base model + the adapter) (default out)")
@@ -418,13 +420,12 @@ def main(argv=None, load_model=None, doc=__doc__):
     p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
                    help="show each forward's accepted drafts / corrections / clean tokens; with a file, write HTML")
     a = p.parse_args(argv)
-    import pretrained
     source = a.init_from or a.out_dir
     if load_model is None:
-        source = source if a.base else pretrained.distilled_or_base(source)
+        source = source if a.base else checkpoint.distilled_or_base(source)
 
         def load_model(source, device):
-            return pretrained.load_model(source, device=device or "cpu")
+            return checkpoint.load_model(source, device=device or "cpu")
     if a.stride < 1:
         p.error(f"--stride must be >= 1, got {a.stride}")
     if a.temperature < 0:
@@ -433,10 +434,10 @@ def main(argv=None, load_model=None, doc=__doc__):
         model, enc = load_model(source, a.device)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    if a.chat and not pretrained.has_chat_template(enc):
+    if a.chat and not tok.has_chat_template(enc):
         p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
-    ids = pretrained.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=pretrained.stop_ids(enc))
+    ids = tok.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=tok.stop_ids(enc))
     try:
         isd_generate(model, ids, 2, a.stride, **kw)  # warm-up: first calls are slow
         out, st, trace = isd_generate(model, ids, a.max_new_tokens, a.stride, trace=True, **kw)

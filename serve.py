@@ -32,7 +32,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-import pretrained
+import checkpoint
+import tokenizer as tok
 from scheduler import REASONS, Scheduler, SettingError
 
 CHAT_STOP = "\n\n"  # a speech ends at a blank line (see chat_prompt)
@@ -130,8 +131,8 @@ async def chat(body: ChatRequest, request: Request):
         raise ApiError(400, "'messages' must hold at least one message", "messages")
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     enc = request.app.state.enc
-    if pretrained.has_chat_template(enc):  # e.g. smollm2
-        ids = pretrained.chat_ids(enc, [m.model_dump() for m in body.messages])
+    if tok.has_chat_template(enc):  # e.g. smollm2
+        ids = tok.chat_ids(enc, [m.model_dump() for m in body.messages])
         return await generate(request, body, ids, max_tokens, [], chat=True)
     return await generate(request, body, chat_prompt(body.messages), max_tokens, [CHAT_STOP], chat=True)
 
@@ -345,8 +346,8 @@ def main(argv=None):
                    help="on SIGINT/SIGTERM, seconds to let running requests finish before cancelling them (default 10)")
     a = p.parse_args(argv)
     try:
-        source = a.init_from or (a.out_dir if a.base else pretrained.distilled_or_base(a.out_dir))
-        model, enc = pretrained.load_model(source, device=a.device)
+        source = a.init_from or (a.out_dir if a.base else checkpoint.distilled_or_base(a.out_dir))
+        model, enc = checkpoint.load_model(source, device=a.device)
         sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)

@@ -198,3 +198,34 @@ def get(name, train_text=None, vocab_size=2048, cache_dir=CACHE_DIR):
             return train_bpe(train_text, vocab_size)
         return load_or_train_bpe(train_text, vocab_size, cache_dir)
     raise ValueError(f"unknown tokenizer {name!r}: choose one of 'gpt2', 'bpe'")
+
+
+# ----------------------------------------------------------------------------------------------
+# chat: ChatML (SmolLM2's template) and the ids that end a reply
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's template's
+
+
+def has_chat_template(enc):
+    """Whether the tokenizer has ChatML's special tokens (SmolLM2's does; our BPE and gpt2 do not)."""
+    return {"<|im_start|>", "<|im_end|>"} <= enc.special_tokens_set
+
+
+def chat_ids(enc, messages, system=DEFAULT_SYSTEM):
+    """Token ids of `messages` ([{"role", "content"}]) in the ChatML template, ending with the
+    assistant's header. As in SmolLM2's template, a default system message comes first when there is
+    none. Contents are encoded as plain text: a "<|im_end|>" typed by a user stays text."""
+    if not messages:
+        raise ValueError("chat_ids needs at least one message")
+    if messages[0]["role"] != "system" and system is not None:
+        messages = [{"role": "system", "content": system}] + list(messages)
+    start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
+    ids = []
+    for m in messages:
+        ids += [start] + enc.encode_ordinary(f"{m['role']}\n{m['content']}") + [end] + enc.encode_ordinary("\n")
+    return ids + [start] + enc.encode_ordinary("assistant\n")
+
+
+def stop_ids(enc):
+    """Ids that end a reply: <|endoftext|>, and <|im_end|> where the tokenizer has it."""
+    return sorted({enc.eot_token} | ({enc.encode_single_token("<|im_end|>")} if "<|im_end|>" in enc.special_tokens_set else set()))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import isd  # noqa: E402
 import lora  # noqa: E402
@@ -391,7 +392,7 @@ def test_train_writes_a_distilled_adapter_whose_base_is_the_checkpoint(trained):
     assert cfg.base == ".."
     assert os.path.samefile(lora.base_of(str(folder), cfg), out)
     assert not any(n.endswith((".staging", ".old")) for n in os.listdir(out))
-    assert pretrained.distilled_or_base(str(out)) == os.path.join(str(out), "distilled")
+    assert checkpoint.distilled_or_base(str(out)) == os.path.join(str(out), "distilled")
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if k.startswith("B."))  # trained
 
 
@@ -411,11 +412,11 @@ def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path):
     shutil.copytree(out, tmp_path / "a")
     os.rename(tmp_path / "a", tmp_path / "moved")  # the old folder name no longer exists
     moved = str(tmp_path / "moved")
-    src = pretrained.distilled_or_base(moved)
+    src = checkpoint.distilled_or_base(moved)
     assert src == os.path.join(moved, "distilled")
-    model, enc = pretrained.load_model(src)
-    base, _ = pretrained.load_model(moved)
-    assert pretrained.distilled_or_base(str(tmp_path)) == str(tmp_path)  # no adapter: the folder itself
+    model, enc = checkpoint.load_model(src)
+    base, _ = checkpoint.load_model(moved)
+    assert checkpoint.distilled_or_base(str(tmp_path)) == str(tmp_path)  # no adapter: the folder itself
     assert hasattr(model, "lora") and not hasattr(base, "lora")
     for (n, p), (n2, p2) in zip(base.named_parameters(), [(n, p) for n, p in model.named_parameters()
                                                           if not n.startswith("lora.")]):
@@ -437,7 +438,7 @@ def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):
     assert folder == os.path.join(ck, "distilled")
     assert json.load(open(os.path.join(folder, "adapter.json")))["base"] == ".."
     assert sorted(os.listdir(ck)) == sorted(os.listdir(out))  # nothing left behind (.staging / .old)
-    loaded, _ = pretrained.load_model(pretrained.distilled_or_base(ck))
+    loaded, _ = checkpoint.load_model(checkpoint.distilled_or_base(ck))
     assert loaded.lora.cfg.rank == 2
     assert all(torch.equal(loaded.lora.B[k], model.lora.B[k]) for k in model.lora.B)
 
@@ -475,6 +476,6 @@ def test_adapter_whose_base_is_missing_gives_a_clear_error(trained, tmp_path):
     lonely = tmp_path / "lonely"
     shutil.copytree(out / "distilled", lonely / "distilled")  # the adapter without its checkpoint
     with pytest.raises(FileNotFoundError, match="config.json missing"):
-        pretrained.load_model(str(lonely / "distilled"))
+        checkpoint.load_model(str(lonely / "distilled"))
     err = one_error_line(cli("isd.py", f"--out_dir={lonely}", "--temperature=0", "--max_new_tokens=4"), "isd.py")
     assert str(lonely) in err and "config.json missing" in err

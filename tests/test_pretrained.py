@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pretrained  # noqa: E402
+import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 3,
@@ -73,13 +74,13 @@ def test_greedy_continuation_matches_transformers(ours, hf_model):
 def test_chat_template_and_answer(ours, hf_tokenizer):
     model, enc = ours
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = pretrained.chat_ids(enc, messages)
+    ids = tok.chat_ids(enc, messages)
     assert ids == hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                    return_dict=False)
     with_system = [{"role": "system", "content": "Be brief."}] + messages
-    assert pretrained.chat_ids(enc, with_system) == hf_tokenizer.apply_chat_template(
+    assert tok.chat_ids(enc, with_system) == hf_tokenizer.apply_chat_template(
         with_system, tokenize=True, add_generation_prompt=True, return_dict=False)
-    out = ar_generate(model, ids, 30, temperature=0, stop_ids=pretrained.stop_ids(enc))
+    out = ar_generate(model, ids, 30, temperature=0, stop_ids=tok.stop_ids(enc))
     assert out[-1] == enc.encode_single_token("<|im_end|>")
     assert "Paris" in enc.decode(out)
 
@@ -110,7 +111,7 @@ def test_tokenizer_matches_transformers(ours, hf_tokenizer):
             assert enc.decode(ids) == text
     assert differs > 0  # the digit rule was exercised
     assert enc.encode("<|im_start|><|endoftext|>", allowed_special="all") == special == [1, 0]
-    assert pretrained.stop_ids(enc) == [0, 2]
+    assert tok.stop_ids(enc) == [0, 2]
 
 
 def test_risd_on_smollm2_is_lossless(ours):
@@ -124,7 +125,7 @@ def test_risd_on_smollm2_is_lossless(ours):
     with torch.no_grad():
         for p in model.lora.B.values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    ids = pretrained.chat_ids(enc, [{"role": "user", "content": "Name three colours."}])
+    ids = tok.chat_ids(enc, [{"role": "user", "content": "Name three colours."}])
     ref = ar_generate(base, ids, 12, temperature=0)
     out, st = isd_generate(model, ids, 12, 4, temperature=0)
     assert out == ref
@@ -142,7 +143,7 @@ def test_server_chat_on_smollm2(ours, hf_tokenizer):
     model, enc = ours
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    want = ar_generate(model, ids, 30, temperature=0, stop_ids=pretrained.stop_ids(enc))
+    want = ar_generate(model, ids, 30, temperature=0, stop_ids=tok.stop_ids(enc))
     assert want[-1] == enc.encode_single_token("<|im_end|>")
     sched = Scheduler(model, enc, stride=3, max_batch=2).start()
     with TestClient(serve.make_app(sched, enc, "smollm2")) as client:
