@@ -25,9 +25,9 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share a K/V head
-    d_model: int = 256
-    d_ff: int = 704
-    max_seq_len: int = 512
+    d_model: int = 128  # the defaults are the cpu preset's shape (train.py)
+    d_ff: int = 384
+    max_seq_len: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     mask_token_id: int = 2048  # the last id; sampling never emits it
@@ -43,6 +43,86 @@ class ModelConfig:
     def head_dim(self):
         return self.d_model // self.n_head
 
+
+# ----------------------------------------------------------------------------------------------
+# The I-DLM idea (docs/method.md section 1): the training mask over [xt | x0] and the introspective
+# loss. Everything after this section is an ordinary Llama-style decoder with a rollback KV cache.
+
+def idlm_mask(L, b, device=None):
+    """Boolean attention mask (2L, 2L) over [xt | x0], True = may attend; blk(i) = i // b.
+
+    xt -> xt: same block, key <= query.   xt -> x0: key's block strictly before the query's.
+    x0 -> x0: causal.                       x0 -> xt: never.
+    So the mask at offset m of block B sees clean tokens 0..B*b-1 and the m masks before it.
+    L = 6, b = 2 (stride 3); rows are queries, columns keys; the last column says what a row learns:
+
+                   xt (all MASK)   x0 (clean)
+        xt 0 pos 0   ■ · · · · ·     · · · · · ·   -> x0[1]
+        xt 1 pos 1   ■ ■ · · · ·     · · · · · ·   -> x0[2]
+        xt 2 pos 2   · · ■ · · ·     ■ ■ · · · ·   -> x0[3]
+        xt 3 pos 3   · · ■ ■ · ·     ■ ■ · · · ·   -> x0[4]
+        xt 4 pos 4   · · · · ■ ·     ■ ■ ■ ■ · ·   -> x0[5]
+        x0 i pos i   · · · · · ·     causal        -> x0[i+1]
+    """
+    i = torch.arange(L, device=device)
+    blk = i // b
+    causal = i[None, :] <= i[:, None]
+    xt_xt = causal & (blk[None, :] == blk[:, None])
+    xt_x0 = blk[None, :] < blk[:, None]
+    top = torch.cat([xt_xt, xt_x0], dim=1)
+    bottom = torch.cat([torch.zeros_like(causal), causal], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def _shifted_ce(logits, labels):
+    """Summed cross-entropy of position i against labels[i+1] (-100 = no target)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def idlm_logits(model, x0, labels=None, stride=4):
+    """Logits of the introspective forward: (xt half, x0 half), each (B, L, V).
+
+    xt = x0 with every labelled token (labels != -100; default all) replaced by MASK; the input
+    [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with b = stride - 1 masks per block."""
+    if stride < 2:
+        raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
+    labels = x0 if labels is None else labels
+    L = x0.shape[1]
+    mask_id = getattr(model, "module", model).cfg.mask_token_id  # model may be wrapped in DDP
+    xt = torch.where(labels != -100, torch.full_like(x0, mask_id), x0)
+    pos = torch.arange(L, device=x0.device).repeat(2)
+    logits = model(torch.cat([xt, x0], dim=1), pos=pos, mask=idlm_mask(L, stride - 1, x0.device))
+    return logits[:, :L], logits[:, L:]
+
+
+def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
+    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
+
+    `labels` (default x0) marks where loss is wanted (-100 elsewhere); see idlm_logits for the
+    input. The mask at offset m of block B learns token B*b+m+1 (2..N ahead of the last clean token
+    it sees); the clean half is the ordinary AR loss. Both terms are divided by the number of
+    labelled (shifted) targets. alpha="auto" weights the clean term by (task/clean).detach(), so
+    both terms carry equal weight."""
+    labels = x0 if labels is None else labels
+    xt_logits, x0_logits = idlm_logits(model, x0, labels, stride)
+    n = (labels[:, 1:] != -100).sum().clamp(min=1)
+    task = _shifted_ce(xt_logits, labels) / n
+    clean = _shifted_ce(x0_logits, labels) / n
+    weight = (task / clean).detach() if alpha == "auto" else alpha
+    return task + weight * clean, task, clean
+
+
+def ar_loss(model, x0, labels=None):
+    """The plain autoregressive loss on x0 alone (objective=ar); equals idlm_loss's clean term."""
+    labels = x0 if labels is None else labels
+    n = (labels[:, 1:] != -100).sum().clamp(min=1)
+    return _shifted_ce(model(x0), labels) / n
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -99,6 +179,17 @@ class KVCache:
             raise ValueError(f"truncate to {lengths.tolist()} but rows hold {self.lengths[rows].tolist()}")
         self.lengths[rows] = lengths
 
+    def layer(self, i, rows, S):
+        """Layer i's cache in one forward: a function that writes the window's keys and values
+        (B, n_kv_head, T, head_dim) at each of `rows`' lengths and returns the first S slots of those
+        rows, cache and window together, for attention."""
+        def write_and_read(k, v):
+            at = self.lengths[rows][:, None] + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            self.k[i][rows[:, None], :, at] = k.transpose(1, 2)
+            self.v[i][rows[:, None], :, at] = v.transpose(1, 2)
+            return self.k[i][rows, :, :S], self.v[i][rows, :, :S]
+        return write_and_read
+
     def make_room(self, rows, T, context):
         """Make room for T new tokens in each of `rows` by dropping each row's oldest tokens; a query
         at position P sees keys at positions > P - context, so the first L - context + 1 tokens of a
@@ -129,20 +220,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_rows=None, layer=0):
+    def forward(self, x, cos, sin, mask, kv=None):
+        """`kv`: this layer's cache for the forward (KVCache.layer), or None."""
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
         q = apply_rope(self.q_proj(x).view(B, T, nh, hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
-        if cache is not None:
-            # write the new keys at each row's own length, then attend over the cache prefix
-            rows = cache_rows[:, None]
-            idx = cache.lengths[rows] + torch.arange(T, device=x.device)  # (B, T)
-            cache.k[layer][rows, :, idx] = k.transpose(1, 2)
-            cache.v[layer][rows, :, idx] = v.transpose(1, 2)
-            S = mask.shape[-1]
-            k, v = cache.k[layer][cache_rows, :, :S], cache.v[layer][cache_rows, :, :S]
+        if kv is not None:
+            k, v = kv(k, v)  # cache and window together
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
@@ -166,8 +252,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_rows=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_rows, layer)
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -218,7 +304,7 @@ class Model(nn.Module):
         x = self.embed_tokens(idx)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, rows, i)
+            x = block(x, cos, sin, mask, None if cache is None else cache.layer(i, rows, mask.shape[-1]))
         if cache is not None:
             cache.lengths[rows] += T
         x = self.norm(x)
@@ -299,69 +385,3 @@ def _atomic(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-# ----------------------------------------------------------------------------------------------
-# The introspective loss (docs/method.md section 1)
-
-def idlm_mask(L, b, device=None):
-    """Boolean attention mask (2L, 2L) over [xt | x0], True = may attend; blk(i) = i // b.
-
-    xt -> xt: same block, key <= query.   xt -> x0: key's block strictly before the query's.
-    x0 -> x0: causal.                       x0 -> xt: never.
-    So the mask at offset m of block B sees clean tokens 0..B*b-1 and the m masks before it."""
-    i = torch.arange(L, device=device)
-    blk = i // b
-    causal = i[None, :] <= i[:, None]
-    xt_xt = causal & (blk[None, :] == blk[:, None])
-    xt_x0 = blk[None, :] < blk[:, None]
-    top = torch.cat([xt_xt, xt_x0], dim=1)
-    bottom = torch.cat([torch.zeros_like(causal), causal], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
-def _shifted_ce(logits, labels):
-    """Summed cross-entropy of position i against labels[i+1] (-100 = no target)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
-
-
-def idlm_logits(model, x0, labels=None, stride=4):
-    """Logits of the introspective forward: (xt half, x0 half), each (B, L, V).
-
-    xt = x0 with every labelled token (labels != -100; default all) replaced by MASK; the input
-    [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with b = stride - 1 masks per block."""
-    if stride < 2:
-        raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
-    labels = x0 if labels is None else labels
-    L = x0.shape[1]
-    mask_id = getattr(model, "module", model).cfg.mask_token_id  # model may be wrapped in DDP
-    xt = torch.where(labels != -100, torch.full_like(x0, mask_id), x0)
-    pos = torch.arange(L, device=x0.device).repeat(2)
-    logits = model(torch.cat([xt, x0], dim=1), pos=pos, mask=idlm_mask(L, stride - 1, x0.device))
-    return logits[:, :L], logits[:, L:]
-
-
-def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
-    """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
-
-    `labels` (default x0) marks where loss is wanted (-100 elsewhere); see idlm_logits for the
-    input. The mask at offset m of block B learns token B*b+m+1 (2..N ahead of the last clean token
-    it sees); the clean half is the ordinary AR loss. Both terms are divided by the number of
-    labelled (shifted) targets. alpha="auto" weights the clean term by (task/clean).detach(), so
-    both terms carry equal weight."""
-    labels = x0 if labels is None else labels
-    xt_logits, x0_logits = idlm_logits(model, x0, labels, stride)
-    n = (labels[:, 1:] != -100).sum().clamp(min=1)
-    task = _shifted_ce(xt_logits, labels) / n
-    clean = _shifted_ce(x0_logits, labels) / n
-    weight = (task / clean).detach() if alpha == "auto" else alpha
-    return task + weight * clean, task, clean
-
-
-def ar_loss(model, x0, labels=None):
-    """The plain autoregressive loss on x0 alone (objective=ar); equals idlm_loss's clean term."""
-    labels = x0 if labels is None else labels
-    n = (labels[:, 1:] != -100).sum().clamp(min=1)
-    return _shifted_ce(model(x0), labels) / n
