@@ -275,9 +275,9 @@ def bench_step(a):
               f"| {isd_tps:.0f} | {ar_tps:.0f} | {isd_tps / ar_tps:.2f}x |")
 
 
-SERVERS = [  # label, serve.py options
+SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by default; --base: the base model)
     ("(a) scheduler, ISD stride 4", ["--stride=4", "--max_batch=32"]),
-    ("(b) scheduler, stride 1 (AR)", ["--stride=1", "--max_batch=32"]),
+    ("(b) scheduler, stride 1 (AR), base", ["--stride=1", "--max_batch=32", "--base"]),
     ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
 ]
 

@@ -1,7 +1,7 @@
 """Self-distillation: the masks learn the model's own continuations, through a gated LoRA adapter.
 
-    python distill.py --out_dir=out                              # greedy rollouts, hard targets -> out/distilled
-    python distill.py --out_dir=out --rollouts=sampled --target=soft --temperature=0.8
+    python distill.py --out_dir=out        # greedy + sampled rollouts, hard + soft targets -> out/distilled
+    python distill.py --out_dir=out --rollouts=greedy --target=hard   # greedy decoding only: the highest greedy TPF
     python distill.py --out_dir=out --rollouts=none --target=soft   # no rollouts: soft targets on the training text
     python distill.py --replies=smol.txt   # SmolLM2's own chat replies, for train.py --init_from=smollm2 --lora=16 --data=smol.txt
 
@@ -42,18 +42,18 @@ FOLDER = "distilled"  # the adapter's folder inside the base checkpoint's folder
 
 @dataclass
 class DistillConfig:
-    rollouts: str = "greedy"  # greedy | sampled | both (half each) | none (the training text itself)
-    target: str = "hard"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
+    rollouts: str = "both"  # greedy | sampled | both (half each) | none (the training text itself)
+    target: str = "mixed"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
     # mixed (with rollouts=both): hard on the greedy rollouts, soft on the sampled ones
     temperature: float = 0.8  # of sampled rollouts and of soft targets
-    n_rollouts: int = 768
+    n_rollouts: int = 1024
     prompt_len: int = 16  # rollouts continue prompts of this many tokens of training text
     seq_len: int = 128  # prompt + continuation
     rank: int = 16
     lora_alpha: float = 16.0
     targets: str = ",".join(lora.TARGETS)  # the projections that get an adapter
     lr: float = 3e-3
-    iters: int = 300
+    iters: int = 400
     batch_size: int = 16
     seed: int = 1337
 
