@@ -5,7 +5,9 @@
 Every clean position (prompt, pending token, drafts) runs the base weights only, and in ISD clean
 positions never attend to MASKs, so p is exactly the base model's distribution and ISD's output is
 exactly the base model's; the adapter only shapes the masks' proposals q, i.e. the speed. It is
-trained with the introspective loss (its clean term has no trainable parameters then).
+trained with the introspective loss (its clean term has no trainable parameters then) or by
+self-distillation (distill.py). Since the gate is 0 everywhere else, the update is computed only at
+the MASK rows of a forward, and not at all in a forward without MASK (AR decoding costs nothing extra).
 
 The adapter is a module of its own, attached as `model.lora` and applied by forward hooks: model.py
 is unchanged and a model without an adapter runs exactly as before. Only the adapter is saved
