@@ -283,10 +283,21 @@ def test_distill_loss_has_gradients_only_through_the_masks():
 # ----------------------------------------------------------------------------------------------
 # 3. rollouts
 
+def test_rollouts_both_are_greedy_then_sampled():
+    model = tiny_model(seed=4, vocab=16)
+    train_ids = np.random.default_rng(1).integers(0, 15, 400).astype(np.uint16)
+    cfg = distill.DistillConfig(n_rollouts=40, prompt_len=3, seq_len=12, seed=5, temperature=1.0)
+    assert (cfg.rollouts, cfg.target) == ("both", "mixed")  # the default recipe
+    rows, _ = distill.rollouts(model, train_ids, cfg, log=None)
+    greedy = [rows[r, 3:].tolist() == isd.ar_generate(model, rows[r, :3].tolist(), 9, temperature=0) for r in range(40)]
+    assert all(greedy[:20]) and sum(greedy[20:]) < 10  # the first half greedy, the second sampled
+
+
 def test_rollouts_greedy_are_the_models_greedy_continuations():
     model = tiny_model(seed=4, vocab=16)
     train_ids = np.random.default_rng(0).integers(0, 15, 400).astype(np.uint16)  # never MASK (15)
-    cfg = distill.DistillConfig(n_rollouts=260, prompt_len=3, seq_len=9, seed=7)  # two batches of 256
+    cfg = distill.DistillConfig(rollouts="greedy", target="hard", n_rollouts=260, prompt_len=3, seq_len=9,
+                                seed=7)  # two batches of 256
     rows, labels = distill.rollouts(model, train_ids, cfg, log=None)
     assert rows.shape == (260, 9) and labels.shape == (260, 9)
     assert (labels[:, :3] == -100).all() and torch.equal(labels[:, 3:], rows[:, 3:])
