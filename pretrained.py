@@ -167,6 +167,7 @@ def stop_ids(enc):
 def load_model(source, device="cpu"):
     """(Model in eval mode, tokenizer) from a pretrained name ("smollm2"), a checkpoint folder of
     train.py, or a folder with a gated LoRA adapter (adapter.json: its base model + the adapter)."""
+    import dlm
     import lora
     if source == NAME:
         return load_smollm2(device)
@@ -174,6 +175,10 @@ def load_model(source, device="cpu"):
         lcfg, state = lora.load_adapter(source)
         model, enc = load_model(lcfg.base, device)
         return lora.add_adapter(model, lcfg, state).eval(), enc
+    family, _ = dlm.checkpoint_family(source) if os.path.isdir(source) else (None, None)
+    if family in dlm.FAMILIES:  # no clean causal stream: ISD (and AR decoding) would read nonsense
+        raise ValueError(f"{source} holds a masked-diffusion LM (objective={family}), which ISD cannot decode: "
+                         f"use python dlm.py --out_dir={source}")
     return Model.load(source, device=device).eval(), tok.load(source)
 
 
