@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import data
 import dlm
 import train
@@ -200,7 +201,7 @@ def ckpts(tmp_path_factory):
     old = data.CACHE_DIR
     data.CACHE_DIR = str(d / "cache")
     try:
-        for obj in ("dlm", "bdlm", "idlm"):
+        for obj in ("dlm", "bdlm", "idlm", "ar"):
             train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=30", "--eval_interval=10",
                         "--eval_iters=2", f"--data={corpus}", f"--out_dir={d}/{obj}", f"--objective={obj}"])
     finally:
@@ -237,3 +238,25 @@ def test_wrong_family_is_a_one_line_error(ckpts):
     assert "masked-diffusion LM (objective=dlm)" in r.stderr.splitlines()[-1] and "dlm.py" in r.stderr.splitlines()[-1]
     with pytest.raises(train.UsageError, match="--lora adapters act only at MASK"):
         train.check_options(train.parse_args(["--objective=dlm", "--lora=4", "--init_from=x"])[0], set())
+
+
+def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
+    plot = tmp_path / "gap.png"
+    bench.main(["introspect", "--models=" + ",".join(str(ckpts / m) for m in ("ar", "idlm", "dlm", "bdlm")),
+                "--n=2", "--prompt_len=8", "--max_new_tokens=6", "--dlm_steps=4,1", "--json", "--no_progress",
+                f"--plot={plot}"])
+    rows = json.loads(capsys.readouterr().out)
+    keys = {"model", "val_loss", "judge_ppl", "introspective_acceptance", "tokens_per_forward", "tokens_per_s"}
+    assert all(keys <= set(r) for r in rows) and plot.stat().st_size > 0
+    ref, ar, idlm_row, *diffusion = rows
+    assert ref["family"] == "data" and len(diffusion) == 4
+    assert abs(ar["introspective_acceptance"] - 1) < 1e-5 and ar["tokens_per_forward"] == 1  # the AR identity
+    assert 1 <= idlm_row["tokens_per_forward"] <= 4
+    state = json.load(open(ckpts / "idlm" / "train_state.json"))
+    assert idlm_row["val_loss"] == state["evals"][-1][2]  # the clean stream's NLL
+    for r, steps in zip(diffusion, (4, 1, 4, 1)):
+        # 6 tokens after 8: blocks [8, 12) and [12, 14); one step per token, or one step per block
+        assert r["tokens_per_forward"] == (1.0 if steps == 4 else 3.0)
+        assert 0 <= r["introspective_acceptance"] <= 1 and "bound" in r["val_loss_kind"]
+    assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
