@@ -127,15 +127,14 @@ def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, th
     mask_id, P = model.cfg.mask_token_id, len(r.prompt)
     dev = model.embed_tokens.weight.device
     ids = torch.tensor([r.prompt + [mask_id] * max_new_tokens], device=dev)
-    q = torch.empty(max_new_tokens, model.cfg.vocab_size, dtype=torch.float32, device=dev)
+    dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
+    q = torch.empty(max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev)
     forwards, t0 = 0, time.time()
-    for lo in range(P, P + max_new_tokens):
-        if ids[0, lo] != mask_id or (lo % block and lo != P):
-            continue  # not the first position of a block still to fill
-        hi = min(lo // block * block + block, P + max_new_tokens)
+    for lo in [P, *range((P // block + 1) * block, P + max_new_tokens, block)]:  # the first block may be cut
+        hi = min((lo // block + 1) * block, P + max_new_tokens)
         plan = block_schedule(hi - lo, steps)
         for step in range(hi - lo):  # at most one step per position
-            logits = denoise_logits(model, family, ids, lo, hi, block)[0].float()
+            logits = denoise_logits(model, family, ids, lo, hi, block)[0].to(dtype)
             forwards += 1
             proc = process_logits(logits, mask_id, temperature, top_k, top_p)
             x = sample(proc, temperature, r.gen)
