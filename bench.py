@@ -419,29 +419,38 @@ def bench_introspect(a):
     results = [{"model": "validation text (reference)", "family": "data", "val_loss": None, "val_loss_kind": None,
                 "judge_ppl": judge_ppl(judge, jenc, prompt_texts, [enc.decode(w[a.prompt_len:]) for w in windows]),
                 "introspective_acceptance": None, "tokens_per_forward": None, "tokens_per_s": None}]
-    bar = tqdm(total=len(settings) * a.n, desc="introspect", file=sys.stderr, disable=a.no_progress)
     models = {}
-    for label, out_dir, family, opts in settings:
+    for _, out_dir, _, _ in settings:
         if out_dir not in models:
             models[out_dir] = Model.load(out_dir).eval()
             if tok.fingerprint(tok.load(out_dir)) != tok.fingerprint(enc):
                 raise SystemExit(f"bench.py: error: {out_dir} has another tokenizer than {first}")
-        model = models[out_dir]
-        generate_with_acceptance(model, family, prompts[0], 4, a.temperature, 0, opts)  # warm-up
-        outs, accs, qs, forwards, wall = [], [], [], 0, 0.0
-        for i, p in enumerate(prompts):
-            bar.set_postfix_str(label)
-            out, f, w, q = generate_with_acceptance(model, family, p, a.max_new_tokens, a.temperature, a.seed + i, opts)
-            outs.append(out)
-            forwards, wall = forwards + f, wall + w
-            (accs if family == "idlm" else qs).append(q)
+    for _, out_dir, family, opts in settings:  # warm-up
+        generate_with_acceptance(models[out_dir], family, prompts[0], 4, a.temperature, 0, opts)
+    # the settings take turns on each prompt, so that the machine's load drifts over all of them alike
+    runs = [{"outs": [], "q": [], "forwards": 0, "wall": 0.0} for _ in settings]
+    bar = tqdm(total=len(settings) * a.n, desc="introspect", file=sys.stderr, disable=a.no_progress)
+    for i, p in enumerate(prompts):
+        for (label, out_dir, family, opts), run in zip(settings, runs):
+            out, f, w, q = generate_with_acceptance(models[out_dir], family, p, a.max_new_tokens, a.temperature,
+                                                    a.seed + i, opts)
+            run["outs"].append(out)
+            run["q"].append(q)
+            run["forwards"] += f
+            run["wall"] += w
             bar.update()
-        if family != "idlm":  # p: the same model reading each continuation left to right
+    bar.close()
+    for (label, out_dir, family, opts), run in tqdm(list(zip(settings, runs)), desc="acceptance and judge",
+                                                     file=sys.stderr, disable=a.no_progress):
+        model, outs = models[out_dir], run["outs"]
+        if family == "idlm":  # scored by ISD as it verified the drafts
+            accs = run["q"]
+        else:  # p: the same model reading each continuation left to right
             ids = torch.tensor([p + o for p, o in zip(prompts, outs)])
             p_logits = dlm.left_to_right_logits(model, family, ids, a.prompt_len, opts.get("block", 4))
             mask_id = model.cfg.mask_token_id
-            accs = [dlm.acceptance(process_logits(p_logits[i], mask_id, a.temperature), qs[i], torch.tensor(o),
-                                   a.temperature) for i, o in enumerate(outs)]
+            accs = [dlm.acceptance(process_logits(p_logits[i], mask_id, a.temperature), q, torch.tensor(o),
+                                   a.temperature) for i, (o, q) in enumerate(zip(outs, run["q"]))]
         acc = torch.cat(accs)
         evals = json.load(open(os.path.join(out_dir, "train_state.json")))["evals"][-1]
         tokens = sum(map(len, outs))
@@ -449,8 +458,7 @@ def bench_introspect(a):
                         "val_loss_kind": VAL_LOSS_KIND[family],
                         "judge_ppl": judge_ppl(judge, jenc, prompt_texts, [enc.decode(o) for o in outs]),
                         "introspective_acceptance": float(acc.mean()) if len(acc) else None,
-                        "tokens_per_forward": tokens / forwards, "tokens_per_s": tokens / wall})
-    bar.close()
+                        "tokens_per_forward": tokens / run["forwards"], "tokens_per_s": tokens / run["wall"]})
     if a.json:
         print(json.dumps(results, indent=1))
     else:
