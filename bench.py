@@ -471,20 +471,19 @@ def bench_introspect(a):
             loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f} ({r['val_loss_kind']})"
             print(f"| {r['model']} | {loss} | {r['judge_ppl']:.1f} | {fmt(r['introspective_acceptance'], '.3f')} "
                   f"| {fmt(r['tokens_per_forward'], '.2f')} | {fmt(r['tokens_per_s'], '.0f')} |")
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     markers = {"ar": "s", "idlm": "*", "dlm": "o", "bdlm": "^"}
-    for i, r in enumerate(results[1:]):
-        ax.scatter(r["tokens_per_s"], r["judge_ppl"], marker=markers[r["family"]], s=90 if r["family"] == "idlm" else 50)
+    for r in results[1:]:  # one legend entry per point: labels on the plot would overlap
         acc = "-" if r["introspective_acceptance"] is None else f"{r['introspective_acceptance']:.2f}"
-        ax.annotate(f"{r['model']}\nacc. {acc}", (r["tokens_per_s"], r["judge_ppl"]), fontsize=7,
-                    textcoords="offset points", xytext=(5, 3 if i % 2 else -16))  # alternate: fewer overlaps
+        ax.scatter(r["tokens_per_s"], r["judge_ppl"], marker=markers[r["family"]], s=110 if r["family"] == "idlm" else 55,
+                   label=f"{r['model']}: acceptance {acc}")
     ax.axhline(results[0]["judge_ppl"], color="gray", ls="--", lw=1, label="validation text")
     ax.set_xlabel("tokens/s at batch 1 (higher is faster)")
     ax.set_ylabel("judge perplexity (lower is better)")
     ax.set_yscale("log")
-    ax.margins(x=0.25, y=0.1)  # room for the labels
+    ax.margins(x=0.1, y=0.1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(f"quality vs speed: {a.n} continuations of {a.max_new_tokens} tokens, T={a.temperature}", fontsize=9)
     fig.tight_layout()
     fig.savefig(a.plot, dpi=120)
