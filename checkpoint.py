@@ -4,6 +4,7 @@ pretrained model by name (smollm2), and the self-distilled adapter that `python 
 
     model, enc = checkpoint.load_model(checkpoint.distilled_or_base("out"))
 """
+import json
 import os
 
 import lora
@@ -21,6 +22,10 @@ def load_model(source, device="cpu"):
         lcfg, state = lora.load_adapter(source)
         model, enc = load_model(lora.base_of(source, lcfg), device)
         return lora.add_adapter(model, lcfg, state).eval(), enc
+    objective = training_config(source).get("objective", "idlm")
+    if objective not in ("idlm", "ar"):  # no clean causal stream: ISD (and AR decoding) would read nonsense
+        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
+                         f"use python dlm.py --out_dir={source}")
     return Model.load(source, device=device).eval(), tok.load(source)
 
 
@@ -30,3 +35,12 @@ def distilled_or_base(source):
     the same tokens (the adapter is lossless); the adapter gives more tokens per forward."""
     folder = os.path.join(source, "distilled")
     return folder if source != pretrained.NAME and lora.has_adapter(folder) else source
+
+
+def training_config(out_dir):
+    """train.py's options for the checkpoint in out_dir ({} if it has no train_state.json)."""
+    path = os.path.join(out_dir, "train_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["config"]

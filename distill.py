@@ -200,15 +200,6 @@ def write_replies(model, enc, prompts, path, max_new_tokens=96, batch_size=16):
         print(f"{at + len(reqs)}/{len(prompts)} replies", flush=True)
 
 
-def training_config(out_dir):
-    """train.py's options for the checkpoint in out_dir ({} if it has no train_state.json)."""
-    path = os.path.join(out_dir, "train_state.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)["config"]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DistillConfig()
@@ -234,7 +225,7 @@ def main(argv=None):
         cfg = DistillConfig(**{k: getattr(a, k) for k in asdict(d) if k != "seq_len"})
     except ValueError as e:
         p.error(str(e))
-    trained = training_config(a.out_dir)
+    trained = checkpoint.training_config(a.out_dir)
     distill(a.out_dir, cfg, a.stride or trained.get("stride", 4), a.data if a.data is not None else trained.get("data"))
 
 

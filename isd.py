@@ -183,19 +183,22 @@ def prefill(model, cache, rows, requests, chunk=None):
     what the row already holds. `chunk` caps the tokens each row takes in this call, so that a
     scheduler can prefill a long prompt over several steps while other rows keep decoding; a prompt
     longer than the cache leaves goes in several forwards (the cache keeps what is in context)."""
-    rows = torch.as_tensor(rows)
     dev = cache.lengths.device  # the model's input device (PyTorch's cache, or mlx_port's torch view of one)
+    rows = torch.as_tensor(rows, device=dev)
     done = [r.prefilled for r in requests]
     todo = [r.prompt[d:len(r.prompt) - 1][:chunk] for r, d in zip(requests, done)]
-    step = max(1, cache.max_len - model.cfg.max_seq_len + 1)  # what make_room can always free
-    for at in range(0, max(map(len, todo)), step):
+    at = 0
+    while at < max(map(len, todo)):
+        # as much as fits, or, in a full cache, what make_room can always free
+        room = cache.max_len - int(cache.lengths[rows].max())
+        step = max(room, cache.max_len - model.cfg.max_seq_len + 1, 1)
         part = [t[at:at + step] for t in todo]
+        at += step
         n = max(map(len, part))
         pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
         ids = torch.tensor([t + [pad] * (n - len(t)) for t in part])
-        model(ids.to(dev), cache=cache, rows=rows.to(dev))
-        cache.truncate((cache.lengths[rows.to(dev)] - n + torch.tensor([len(t) for t in part], device=dev)).tolist(),
-                       rows.to(dev))
+        model(ids.to(dev), cache=cache, rows=rows)
+        cache.truncate((cache.lengths[rows] - n + torch.tensor([len(t) for t in part], device=dev)).tolist(), rows)
     for r, t in zip(requests, todo):
         r.prefilled += len(t)
 

@@ -3,6 +3,7 @@
     python train.py                                   # the CPU preset, about 13 minutes on 2 cores
     python train.py --objective=ar --out_dir=out-ar   # the autoregressive baseline
     python train.py --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
+    python train.py --objective=dlm --out_dir=out-dlm # the masked-diffusion baseline (dlm.py; bdlm: blocks)
     python train.py --init_from=smollm2 --data=my.txt --out_dir=out-smol         # convert SmolLM2-135M
     python train.py --init_from=smollm2 --lora=8 --lr=1e-3 --out_dir=out-rlora  # R-ISD: gated LoRA only
     torchrun --nproc_per_node=2 train.py --grad_accum=2  # DDP (gloo on CPU, nccl on CUDA): the same run, 2 processes
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 import data
 import distill
+import dlm
 import lora
 import pretrained
 import tokenizer as tok
@@ -56,7 +58,7 @@ PRESETS = {
 DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
                 seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
-                lora=0, lora_alpha=16.0, distill_iters=0)
+                lora=0, lora_alpha=16.0, distill_iters=0, block_size=4)
 # options that may change when resuming; every other one must match the checkpoint
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite",
              "out_dir", "distill_iters"}  # out_dir: the same folder may be named from another working directory
@@ -75,7 +77,10 @@ def parse_args(argv=None, doc=__doc__):
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu; smollm2 with --init_from=smollm2)")
-    a("--objective", choices=["idlm", "ar"], help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss (default idlm)")
+    a("--objective", choices=["idlm", "ar", *dlm.FAMILIES],
+      help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss; dlm / bdlm: the masked-diffusion "
+           "baseline of dlm.py, whole-row / in blocks (default idlm)")
+    a("--block_size", type=int, help="bdlm: tokens per block (default 4)")
     a("--stride", type=int, help="N, tokens per forward in ISD; the loss uses N-1 masks per block (default 4)")
     a("--alpha", help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 1)")
     a("--data", help="a UTF-8 text file or a folder of .txt files (default: the Shakespeare plays)")
@@ -145,7 +150,9 @@ def check_options(cfg, given):
         raise UsageError("--lora saves only the adapter, which refers to its base: --out_dir must not be --init_from")
     if "lora_alpha" in given and not cfg["lora"]:
         raise UsageError("--lora_alpha scales the adapter: give it with --lora=RANK")
-    if cfg["lora"] and cfg["objective"] == "ar":
+    if cfg["block_size"] < 1:
+        raise UsageError(f"--block_size must be >= 1, got {cfg['block_size']}")
+    if cfg["lora"] and cfg["objective"] != "idlm":
         raise UsageError("--lora adapters act only at MASK positions: they need --objective=idlm")
     if cfg["preset"] == "smollm2" and not (cfg["init_from"] or cfg["resume"]):
         raise UsageError("--preset=smollm2 fine-tunes SmolLM2: add --init_from=smollm2")
@@ -169,7 +176,11 @@ def lr_at(it, cfg):
 
 
 def losses(model, x, cfg):
-    """(loss to optimise, task, clean); task is nan for the AR objective."""
+    """(loss to optimise, task, clean); task is nan for the AR objective; for dlm / bdlm the loss is
+    the diffusion bound and clean is nan."""
+    if cfg["objective"] in dlm.FAMILIES:
+        bound = dlm.dlm_loss(model, x, cfg["block_size"] if cfg["objective"] == "bdlm" else None)
+        return bound, bound, torch.full_like(bound, float("nan"))
     if cfg["objective"] == "ar":
         clean = ar_loss(model, x)
         return clean, torch.full_like(clean, float("nan")), clean
@@ -187,7 +198,11 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
     out = torch.zeros(2)
     for i in range(rank, cfg["eval_iters"], world):
         x = data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]).to(device)
-        if cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
+        if cfg["objective"] in dlm.FAMILIES:  # the diffusion bound, with a fixed draw of t and masks
+            task = dlm.dlm_loss(model, x, cfg["block_size"] if cfg["objective"] == "bdlm" else None,
+                                torch.Generator().manual_seed(i))
+            clean = torch.tensor(float("nan"))
+        elif cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
             _, task, clean = idlm_loss(model, x, stride=cfg["stride"])
         else:
             task, clean = torch.tensor(float("nan")), ar_loss(model, x)
@@ -461,7 +476,8 @@ def new_model_config(cfg, enc):
 
 def progress_line(step, cfg, losses, lr, tps, eta):
     """One line of progress: step, losses (loss, task, clean; no task for the AR objective), lr, speed, ETA."""
-    parts = f"task {losses[1]:.4f} clean {losses[2]:.4f}" if cfg["objective"] == "idlm" else f"clean {losses[2]:.4f}"
+    parts = {"idlm": f"task {losses[1]:.4f} clean {losses[2]:.4f}", "ar": f"clean {losses[2]:.4f}"}.get(
+        cfg["objective"], "(diffusion bound)")
     speed = f"{tps / 1e3:.1f}k" if tps >= 1000 else f"{tps:.1f}"
     minutes, seconds = divmod(round(eta), 60)
     return (f"step {step}/{cfg['max_iters']} | loss {losses[0]:.4f} {parts} | lr {lr:.2e} | {speed} tok/s"
@@ -562,8 +578,12 @@ def main(argv=None):
     if master:
         model.eval()
         prompt = enc.encode_ordinary("\n")
-        out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8,
-                          seed=cfg["seed"])
+        n = min(100, model.cfg.max_seq_len - len(prompt))
+        if cfg["objective"] in dlm.FAMILIES:
+            out = dlm.dlm_generate(model, cfg["objective"], prompt, n, cfg["block_size"], cfg["block_size"],
+                                   temperature=0.8, seed=cfg["seed"])[0]
+        else:
+            out = ar_generate(model, prompt, n, temperature=0.8, seed=cfg["seed"])
         print("sample:\n" + enc.decode(out))
         if cfg.get("distill_iters") and cfg["objective"] == "idlm" and not cfg["lora"]:
             log(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")

@@ -97,6 +97,9 @@ def main(argv=None):
     check_options(cfg, given)
     if cfg["compile"]:
         raise UsageError("--compile is torch.compile: the MLX port runs without it")
+    if cfg["objective"] not in ("idlm", "ar"):
+        raise UsageError(f"--objective={cfg['objective']}: the diffusion baselines train with train.py; "
+                         f"the MLX port trains idlm and ar")
     if cfg["lora"]:
         raise UsageError("--lora: gated LoRA (R-ISD) training is in train.py; the MLX port trains whole models")
     try:

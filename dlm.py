@@ -1,0 +1,295 @@
+"""The masked-diffusion LM baseline, and the introspective acceptance rate of every model family.
+
+    python train.py --objective=dlm --out_dir=out-dlm     # MDLM / LLaDA recipe
+    python train.py --objective=bdlm --out_dir=out-bdlm   # SDAR / BD3-LM block recipe
+    python dlm.py --out_dir=out-dlm --prompt="ROMEO:" --steps=2 --json
+
+The I-DLM paper (arXiv 2604.11035) compares itself with ordinary diffusion LMs. Both baselines run on
+model.py's network, data and tokenizer; only the attention mask and the loss differ, and there is no
+logit shift: the logits at a MASK position predict the token AT that position.
+
+  dlm   bidirectional attention over the whole row; each token is replaced by MASK with probability
+        t ~ U(0, 1) (one t per row); cross-entropy on the masked tokens weighted by 1/t, divided by
+        the row length. Its expectation bounds the per-token NLL from above (the diffusion ELBO).
+  bdlm  the row is cut into blocks of `block` tokens. Input [xt | x0] (positions shared, as in the
+        I-DLM loss): the noisy copy of block B sees all of block B (bidirectional) and the clean
+        tokens of the blocks before B; the clean stream x0 is plainly causal, so committed tokens
+        never depend on later ones and can be kept in a KV cache. Same 1/t-weighted loss on xt.
+
+Decoding (LLaDA's low-confidence remasking, semi-autoregressive over blocks): the continuation starts
+as MASKs; blocks are filled left to right; in each of `steps` steps per block every masked position
+of the block draws a token from its distribution q, and the most confident (highest q of the drawn
+token) are kept, the others stay masked. Fewer steps per block = more tokens per forward = faster and
+usually worse. With `threshold` (Fast-dLLM) a step keeps every token whose confidence exceeds it
+(at least the most confident one), so the number of steps adapts.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+import isd
+import tokenizer as tok
+from isd import process_logits, sample
+from model import Model
+
+FAMILIES = ("dlm", "bdlm")
+EPS = 1e-3  # t ~ U(EPS, 1): the 1/t weight stays finite
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def bdlm_mask(L, b, device=None):
+    """Boolean attention mask (2L, 2L) over [xt | x0] of the block diffusion LM, True = may attend.
+
+    xt -> xt: same block (both ways).   xt -> x0: key's block strictly before the query's.
+    x0 -> x0: causal.                    x0 -> xt: never."""
+    i = torch.arange(L, device=device)
+    blk = i // b
+    xt_xt = blk[None, :] == blk[:, None]
+    xt_x0 = blk[None, :] < blk[:, None]
+    causal = i[None, :] <= i[:, None]
+    return torch.cat([torch.cat([xt_xt, xt_x0], 1), torch.cat([torch.zeros_like(causal), causal], 1)], 0)
+
+
+def dlm_loss(model, x0, block=None, generator=None):
+    """The masked-diffusion loss of rows x0 (B, L): mean over tokens of 1/t * CE at masked positions.
+
+    block=None: the MDLM / LLaDA baseline (one bidirectional row). block=b: the block variant on
+    [xt | x0] with `bdlm_mask`. One t ~ U(EPS, 1) per row; each token masked with probability t.
+    MASK is never a target, so its logit is left out of the softmax."""
+    core = getattr(model, "module", model)  # may be wrapped in DDP
+    mask_id = core.cfg.mask_token_id
+    B, L = x0.shape
+    dev = x0.device
+    t = EPS + (1 - EPS) * torch.rand(B, 1, generator=generator).to(dev)
+    masked = torch.rand(B, L, generator=generator).to(dev) < t
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    if block is None:
+        logits = model(xt, mask=torch.ones(L, L, dtype=torch.bool, device=dev))
+    else:
+        logits = model(torch.cat([xt, x0], 1), pos=torch.arange(L, device=dev).repeat(2),
+                       mask=bdlm_mask(L, block, dev))[:, :L]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.masked_fill(torch.arange(logits.shape[-1], device=dev) == mask_id, float("-inf"))
+    ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(B, L)
+    return (ce * masked / t).sum() / (B * L)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+def denoise_logits(model, family, ids, lo, hi, block):
+    """Logits (B, hi-lo, V) at positions lo..hi-1 of the canvases `ids` (B, n), all inside one block.
+
+    dlm: one bidirectional forward over the whole canvas (no cache is possible).
+    bdlm: [clean tokens before the block | the block], positions 0..end-1, attention = the rows and
+    columns of the training mask `bdlm_mask` that those tokens occupy; tokens after the block are
+    not read. (The clean prefix is causal, so it could come from a KV cache; model.py's cached
+    forward is causal-only, so it is recomputed here.)"""
+    if family == "dlm":
+        n = ids.shape[1]
+        return model(ids, mask=torch.ones(n, n, dtype=torch.bool, device=ids.device))[:, lo:hi]
+    start = lo // block * block
+    end = min(start + block, ids.shape[1])
+    idx = torch.cat([end + torch.arange(start), torch.arange(start, end)])  # x0 prefix, then xt block
+    mask = bdlm_mask(end, block, ids.device)[idx][:, idx]
+    return model(ids[:, :end], pos=torch.arange(end, device=ids.device), mask=mask)[:, lo:hi]
+
+
+def block_schedule(n, steps):
+    """Tokens to unmask at each step for a block of n masks in `steps` steps (as even as possible,
+    the remainder first, as LLaDA does); steps > n is clamped to n."""
+    steps = max(1, min(steps, n))
+    return [n // steps + (s < n % steps) for s in range(steps)]
+
+
+@torch.no_grad()
+def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
+                 temperature=1.0, top_k=None, top_p=None, seed=None):
+    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
+    training). Returns (new ids, q, stats): q (n, V) holds, for each new token, the filtered logits
+    of the distribution it was drawn from in the step that committed it (for the metric below)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
+    if block < 1 or steps < 1:
+        raise ValueError(f"block and steps must be >= 1, got {block}, {steps}")
+    if threshold is not None and not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if len(r.prompt) + max_new_tokens > model.cfg.max_seq_len:  # the whole canvas is one forward
+        raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"context of {model.cfg.max_seq_len} tokens")
+    mask_id, P = model.cfg.mask_token_id, len(r.prompt)
+    dev = model.embed_tokens.weight.device
+    ids = torch.tensor([r.prompt + [mask_id] * max_new_tokens], device=dev)
+    dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
+    q = torch.empty(max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev)
+    forwards, t0 = 0, time.time()
+    for lo in [P, *range((P // block + 1) * block, P + max_new_tokens, block)]:  # the first block may be cut
+        hi = min((lo // block + 1) * block, P + max_new_tokens)
+        plan = block_schedule(hi - lo, steps)
+        for step in range(hi - lo):  # at most one step per position
+            logits = denoise_logits(model, family, ids, lo, hi, block)[0].to(dtype)
+            forwards += 1
+            proc = process_logits(logits, mask_id, temperature, top_k, top_p)
+            x = sample(proc, temperature, r.gen)
+            conf = (proc / (temperature or 1.0)).softmax(-1).gather(-1, x[:, None])[:, 0]
+            still = ids[0, lo:hi] == mask_id
+            conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
+            k = plan[step] if threshold is None else max(1, int((conf > threshold).sum()))
+            pick = conf.topk(min(k, int(still.sum()))).indices
+            ids[0, lo + pick] = x[pick]
+            q[lo + pick - P] = proc[pick]
+            if not (ids[0, lo:hi] == mask_id).any():
+                break
+    wall = time.time() - t0
+    out = ids[0, P:].tolist()
+    stats = {"forwards": forwards, "tokens": len(out), "tpf": len(out) / max(1, forwards), "wall_s": wall,
+             "tokens_per_s": len(out) / wall if wall else 0.0}
+    return out, q, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the introspective acceptance rate, for every model family
+
+def acceptance(p, q, x, temperature):
+    """min(1, p(x) / q(x)) for each token x (n,): the probability that the model, reading left to
+    right, accepts a token it generated from q. p and q are filtered logits (n, V) (the output of
+    isd.process_logits with the same settings), turned into probabilities at `temperature`, as ISD
+    does. Greedy (temperature 0): q is the point mass at x, so the ratio is 1 if x is p's argmax,
+    else 0. The introspective acceptance rate is the mean of this over generated tokens."""
+    if temperature == 0:
+        return (p.argmax(-1) == x).to(p.dtype)
+    lp = torch.log_softmax(p / temperature, -1).gather(-1, x[:, None])[:, 0]
+    lq = torch.log_softmax(q / temperature, -1).gather(-1, x[:, None])[:, 0]
+    return (lp - lq).clamp(max=0).exp()
+
+
+@torch.no_grad()
+def left_to_right_logits(model, family, ids, start, block=4):
+    """Logits (B, n - start, V): for each position i >= start of the rows `ids` (B, n), the
+    model's distribution of token i read left to right: tokens 0..i-1 given, i and later hidden.
+
+    ar, idlm: the causal (clean) stream, logits at i-1 (one forward; later tokens are invisible).
+    dlm: the decoding canvas of length n with positions i..n-1 set to MASK, logits at i.
+    bdlm: i's own block with positions i.. of it set to MASK, the clean blocks before it, logits at
+    i (later blocks are invisible, as in decoding)."""
+    if family in ("ar", "idlm"):
+        return model(ids)[:, start - 1:-1]
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}")
+    out = []
+    for i in range(start, ids.shape[1]):
+        canvas = ids.clone()
+        canvas[:, i:] = model.cfg.mask_token_id
+        out.append(denoise_logits(model, family, canvas, i, i + 1, block))
+    return torch.cat(out, 1)
+
+
+@contextlib.contextmanager
+def recorded_forwards(model):
+    """Collects the logits of every forward of `model` inside the block (to recover, for an AR
+    model decoded by isd.ar_generate, the distribution each token was drawn from)."""
+    rows = []
+    forward = model.forward
+
+    def recording(*args, **kw):
+        out = forward(*args, **kw)
+        rows.append(out)
+        return out
+    model.forward = recording
+    try:
+        yield rows
+    finally:
+        del model.forward
+
+
+@contextlib.contextmanager
+def recorded_drafts():
+    """Collects (p, q, drafts, temperature) of the drafts that ISD's verification reaches inside the
+    block (each forward's drafts up to and including the first rejected one): p the clean stream's
+    filtered logits, q those the drafts were sampled from."""
+    calls = []
+    verify_drafts = isd.verify_drafts
+
+    def recording(requests, procs, temperature):
+        verdicts = verify_drafts(requests, procs, temperature)
+        for r, p, (_, _, ratios) in zip(requests, procs, verdicts):
+            k = len(ratios)  # the drafts verification reached
+            calls.append((p[:k], r.q[:k], torch.tensor(r.drafts[:k], device=p.device), temperature))
+        return verdicts
+    isd.verify_drafts = recording
+    try:
+        yield calls
+    finally:
+        isd.verify_drafts = verify_drafts
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and the command line
+
+def checkpoint_family(out_dir):
+    """The objective a train.py checkpoint was trained with (ar, idlm, dlm, bdlm) and its block size;
+    (None, None) for a folder without train.py's train_state.json (a converted pretrained model)."""
+    cfg = checkpoint.training_config(out_dir)
+    return (cfg.get("objective", "idlm"), cfg.get("block_size")) if cfg else (None, None)
+
+
+def load(out_dir, device="cpu"):
+    """(model, tokenizer, family, block) of a diffusion-LM checkpoint; a one-line ValueError for
+    anything else (I-DLM and AR checkpoints are decoded by isd.py)."""
+    family, block = checkpoint_family(out_dir)
+    if family not in FAMILIES:
+        if not os.path.isfile(os.path.join(out_dir, "config.json")):
+            raise ValueError(f"no checkpoint in {out_dir}: train one with python train.py --objective=dlm")
+        raise ValueError(f"{out_dir} holds a model trained with objective={family or 'ar'}, not a diffusion LM "
+                         f"(objective=dlm/bdlm): decode it with python isd.py --out_dir={out_dir}")
+    return Model.load(out_dir, device=device).eval(), tok.load(out_dir), family, block or 4
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out-dlm", help="a checkpoint of train.py --objective=dlm or bdlm")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="length of the continuation (default 64)")
+    p.add_argument("--block", type=int, default=None, help="positions per block (default: the checkpoint's "
+                   "--block_size; a bdlm model must keep it)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per block: the speed/quality knob "
+                   "(default: one per position)")
+    p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM: keep every token more confident "
+                   "than this in each step (at least one); --steps is then unused")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
+    a = p.parse_args(argv)
+    model, enc, family, block = load(a.out_dir)
+    if family == "bdlm" and a.block not in (None, block):
+        raise ValueError(f"{a.out_dir} is a block DLM trained with blocks of {block}: --block must be {block}")
+    block = a.block or block
+    ids = enc.encode_ordinary(a.prompt)
+    out, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
+                              a.temperature, a.top_k, a.top_p, a.seed)
+    if a.json:
+        print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st}))
+    else:
+        print(a.prompt + enc.decode(out))
+        print(f"{family} | block {block} | {st['tokens']} tokens in {st['forwards']} forwards | "
+              f"TPF {st['tpf']:.2f} | {st['tokens_per_s']:.1f} tok/s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"dlm.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

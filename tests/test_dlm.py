@@ -1,0 +1,263 @@
+"""dlm.py: the diffusion-LM baseline's masks, loss and decoder against references built from the rules
+(not from dlm.py), and the introspective acceptance rate of every family (tiny float64 models)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import data
+import dlm
+import train
+from isd import ar_generate, isd_generate, process_logits
+from test_model import rand_tokens, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 23  # tiny_model's vocabulary; MASK = 22
+
+
+def brute_bdlm_mask(L, b):
+    """The block-diffusion mask over [xt | x0], entry by entry from the rules."""
+    m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            qi, ki = q % L, k % L
+            if q < L and k < L:
+                m[q, k] = qi // b == ki // b
+            elif q < L:
+                m[q, k] = ki // b < qi // b
+            elif k >= L:
+                m[q, k] = ki <= qi
+    return m
+
+
+@pytest.mark.parametrize("L,b", [(1, 1), (7, 1), (8, 4), (10, 3), (9, 16)])
+def test_bdlm_mask_matches_bruteforce(L, b):
+    assert torch.equal(dlm.bdlm_mask(L, b), brute_bdlm_mask(L, b))
+
+
+def ref_block_logits(model, clean, noisy):
+    """Logits of the noisy block `noisy` after the clean tokens `clean` (1-D), from one forward whose
+    mask is built by loops: clean tokens causal, block tokens see every clean token and the whole block."""
+    s, e = len(clean), len(clean) + len(noisy)
+    mask = torch.tensor([[k <= q if q < s else True for k in range(e)] for q in range(e)])
+    return model(torch.cat([clean, noisy])[None], mask=mask)[0, s:]
+
+
+def masked_ce(logits, target):
+    """-log p(target) with MASK (the last id) left out of the softmax."""
+    logits = logits[:-1]
+    return torch.logsumexp(logits, -1) - logits[target]
+
+
+@pytest.mark.parametrize("block", [None, 1, 3, 4])
+def test_dlm_loss_matches_slow_reference(block):
+    model = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(0)
+    x0 = rand_tokens(g, (3, 10), V)
+    got = dlm.dlm_loss(model, x0, block, torch.Generator().manual_seed(5))
+    # the same draws in the same order: t per row, then one uniform per token
+    g = torch.Generator().manual_seed(5)
+    t = dlm.EPS + (1 - dlm.EPS) * torch.rand(3, 1, generator=g)
+    masked = torch.rand(3, 10, generator=g) < t
+    total = torch.zeros((), dtype=torch.float64)
+    for r in range(3):
+        xt = torch.where(masked[r], torch.full_like(x0[r], V - 1), x0[r])
+        if block is None:
+            rows = [(0, 10, model(xt[None], mask=torch.ones(10, 10, dtype=torch.bool))[0])]
+        else:
+            rows = [(s, min(s + block, 10), ref_block_logits(model, x0[r, :s], xt[s:s + block]))
+                    for s in range(0, 10, block)]
+        for s, e, logits in rows:
+            for i in range(s, e):
+                if masked[r, i]:
+                    total = total + masked_ce(logits[i - s], x0[r, i]) / t[r, 0]
+    assert masked.any() and not masked.all()
+    assert torch.allclose(got, total / 30, atol=1e-10, rtol=0)
+
+
+def test_dlm_loss_trains_every_parameter_and_only_reads_left_for_blocks():
+    model = tiny_model(seed=2)
+    g = torch.Generator().manual_seed(1)
+    x0 = rand_tokens(g, (2, 8), V)
+    dlm.dlm_loss(model, x0, 4, torch.Generator().manual_seed(3)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # the first block's loss is the same whatever the later blocks hold (causal across blocks)
+    x1 = x0.clone()
+    x1[:, 4:] = rand_tokens(g, (2, 4), V)
+    first = lambda x: dlm.denoise_logits(model, "bdlm", x, 0, 4, 4)  # noqa: E731
+    assert torch.allclose(first(x0), first(x1), atol=1e-12)
+
+
+@pytest.mark.parametrize("n,steps", [(4, 4), (5, 2), (3, 7), (7, 1)])
+def test_block_schedule(n, steps):
+    plan = dlm.block_schedule(n, steps)
+    assert sum(plan) == n and len(plan) == min(n, steps) and max(plan) - min(plan) <= 1 and min(plan) >= 1
+
+
+@pytest.mark.parametrize("family", dlm.FAMILIES)
+@pytest.mark.parametrize("prompt_len,steps,threshold,temperature",
+                         [(4, 4, None, 1.0), (5, 2, None, 0.8), (3, 1, None, 1.0), (6, 4, 0.3, 1.0), (2, 4, None, 0.0)])
+def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, threshold, temperature):
+    model = tiny_model(seed=3)
+    prompt = rand_tokens(torch.Generator().manual_seed(prompt_len), (prompt_len,), V).tolist()
+    n, block = 11, 4
+    out, q, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
+    assert len(out) == n and model.cfg.mask_token_id not in out and all(0 <= t < V for t in out)
+    assert st["tokens"] == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
+    # blocks are aligned to position 0; the first one may be cut by the prompt
+    ends = sorted({min((p // block + 1) * block, prompt_len + n) for p in range(prompt_len, prompt_len + n)})
+    sizes = [e - s for s, e in zip([prompt_len] + ends[:-1], ends)]
+    if threshold is None:
+        assert st["forwards"] == sum(min(steps, k) for k in sizes)
+    else:
+        assert len(sizes) <= st["forwards"] <= n
+    if temperature == 0:  # greedy: every token is the argmax of the distribution it was committed from
+        assert q.argmax(-1).tolist() == out
+
+
+def test_decoder_seeded_and_bad_settings():
+    model = tiny_model(seed=4)
+    a = dlm.dlm_generate(model, "dlm", [1, 2, 3], 9, 4, 2, seed=11)[0]
+    assert a == dlm.dlm_generate(model, "dlm", [1, 2, 3], 9, 4, 2, seed=11)[0]
+    for kw, needle in [(dict(family="ar"), "family"), (dict(steps=0), "steps"), (dict(threshold=1.5), "threshold"),
+                       (dict(temperature=-1), "temperature"), (dict(max_new_tokens=100), "exceeds the context")]:
+        args = {**dict(family="bdlm", prompt_ids=[1, 2], max_new_tokens=5, steps=2), **kw}
+        with pytest.raises(ValueError, match=needle):
+            dlm.dlm_generate(model, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the metric
+
+def test_acceptance_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(6, V, generator=g, dtype=torch.float64), torch.randn(6, V, generator=g, dtype=torch.float64)
+    x = torch.randint(0, V, (6,), generator=g)
+    for temp in (1.0, 0.5):
+        got = dlm.acceptance(p, q, x, temp)
+        for i in range(6):
+            pp, qq = (p[i] / temp).exp(), (q[i] / temp).exp()
+            ref = min(1.0, float(pp[x[i]] / pp.sum()) / float(qq[x[i]] / qq.sum()))
+            assert abs(float(got[i]) - ref) < 1e-12
+    assert dlm.acceptance(p, q, p.argmax(-1), 0).eq(1).all() and dlm.acceptance(p, q, q.argmin(-1), 0).eq(0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_ar_model_accepts_its_own_samples(temperature):
+    """The identity: an AR model sampled at temperature T (T=1: its own distribution) scores exactly 1,
+    q recorded from the KV-cached decode, p read from one uncached forward."""
+    model = tiny_model(seed=5)
+    prompt = [3, 1, 4]
+    with dlm.recorded_forwards(model) as rows:
+        out = ar_generate(model, prompt, 12, temperature=temperature, seed=2)
+    rows = rows[1:]  # the forwards that drew the tokens (the first one prefills the prompt)
+    q = process_logits(torch.cat([r[0, -1:] for r in rows]), V - 1, temperature)
+    p = process_logits(dlm.left_to_right_logits(model, "ar", torch.tensor([prompt + out]), 3)[0], V - 1, temperature)
+    acc = dlm.acceptance(p, q, torch.tensor(out), temperature)
+    assert len(rows) == 12 and torch.allclose(acc, torch.ones(12, dtype=acc.dtype), atol=1e-12, rtol=0)
+    # and a diffusion LM reading the same model's tokens does not (the metric can tell)
+    p_dlm = process_logits(dlm.left_to_right_logits(model, "dlm", torch.tensor([prompt + out]), 3)[0], V - 1, temperature)
+    assert dlm.acceptance(p_dlm, q, torch.tensor(out), temperature).mean() < 0.9
+
+
+def test_idlm_recorded_drafts_give_isd_acceptance():
+    """For I-DLM the metric runs on ISD's drafts (q: the masks) against the clean stream (p); it must
+    agree with the acceptance that kernels.verify computed inside ISD."""
+    model = tiny_model(seed=6)
+    with dlm.recorded_drafts() as calls:
+        out, st = isd_generate(model, [1, 2, 3], 20, stride=4, temperature=0.9, seed=3)
+    acc = torch.cat([dlm.acceptance(p, q, d, t) for p, q, d, t in calls])
+    assert len(acc) == st["drafts_verified"] > 0
+    assert abs(float(acc.mean()) - st["acceptance_rate"]) < 1e-12
+
+
+@pytest.mark.parametrize("family", dlm.FAMILIES)
+def test_left_to_right_logits_match_reference(family):
+    model = tiny_model(seed=7)
+    ids = rand_tokens(torch.Generator().manual_seed(1), (2, 10), V)
+    got = dlm.left_to_right_logits(model, family, ids, 3, block=4)
+    for r in range(2):
+        for i in range(3, 10):
+            hidden = torch.cat([ids[r, :i], torch.full((10 - i,), V - 1)])
+            if family == "dlm":  # the whole canvas, bidirectional
+                ref = model(hidden[None], mask=torch.ones(10, 10, dtype=torch.bool))[0, i]
+            else:  # clean blocks before i's block, then i's block with i.. hidden
+                s = i // 4 * 4
+                ref = ref_block_logits(model, ids[r, :s], hidden[s:s + 4])[i - s]
+            assert torch.allclose(got[r, i - 3], ref, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --objective=dlm / bdlm and the command lines
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dlm")
+    corpus = d / "c.txt"
+    corpus.write_text("".join(f"ROMEO: line {i} of the play, said the king.\n" for i in range(400)))
+    old = data.CACHE_DIR
+    data.CACHE_DIR = str(d / "cache")
+    try:
+        for obj in ("dlm", "bdlm", "idlm", "ar"):
+            train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=30", "--eval_interval=10",
+                        "--eval_iters=2", f"--data={corpus}", f"--out_dir={d}/{obj}", f"--objective={obj}"])
+    finally:
+        data.CACHE_DIR = old
+    return d
+
+
+@pytest.mark.parametrize("obj", dlm.FAMILIES)
+def test_train_lowers_the_bound(ckpts, obj):
+    evals = json.load(open(ckpts / obj / "train_state.json"))["evals"]
+    assert evals[-1][1] < evals[0][1] - 0.3  # the validation bound falls
+    assert dlm.checkpoint_family(str(ckpts / obj)) == (obj, 4)
+
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_dlm_cli_json(ckpts):
+    r = cli("dlm.py", f"--out_dir={ckpts}/bdlm", "--prompt=ROMEO:", "--max_new_tokens=9", "--steps=2", "--json",
+            "--seed=1")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert len(got["tokens"]) == 9 and 300 not in got["tokens"] and got["stats"]["tpf"] > 1
+
+
+def test_wrong_family_is_a_one_line_error(ckpts):
+    r = cli("dlm.py", f"--out_dir={ckpts}/idlm")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "isd.py" in r.stderr, r.stderr
+    r = cli("dlm.py", f"--out_dir={ckpts}/bdlm", "--block=3")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--block must be 4" in r.stderr, r.stderr
+    r = cli("isd.py", f"--out_dir={ckpts}/dlm")  # the error is the last line, after argparse's usage
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "masked-diffusion LM (objective=dlm)" in r.stderr.splitlines()[-1] and "dlm.py" in r.stderr.splitlines()[-1]
+    with pytest.raises(train.UsageError, match="--lora adapters act only at MASK"):
+        train.check_options(train.parse_args(["--objective=dlm", "--lora=4", "--init_from=x"])[0], set())
+
+
+def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
+    plot = tmp_path / "gap.png"
+    bench.main(["introspect", "--models=" + ",".join(str(ckpts / m) for m in ("ar", "idlm", "dlm", "bdlm")),
+                "--n=2", "--prompt_len=8", "--max_new_tokens=6", "--dlm_steps=4,1", "--json", "--no_progress",
+                f"--plot={plot}"])
+    rows = json.loads(capsys.readouterr().out)
+    keys = {"model", "val_loss", "judge_ppl", "introspective_acceptance", "tokens_per_forward", "tokens_per_s"}
+    assert all(keys <= set(r) for r in rows) and plot.stat().st_size > 0
+    ref, ar, idlm_row, *diffusion = rows
+    assert ref["family"] == "data" and len(diffusion) == 4
+    assert abs(ar["introspective_acceptance"] - 1) < 1e-5 and ar["tokens_per_forward"] == 1  # the AR identity
+    assert 1 <= idlm_row["tokens_per_forward"] <= 4
+    state = json.load(open(ckpts / "idlm" / "train_state.json"))
+    assert idlm_row["val_loss"] == state["evals"][-1][2]  # the clean stream's NLL
+    for r, steps in zip(diffusion, (4, 1, 4, 1)):
+        # 6 tokens after 8: blocks [8, 12) and [12, 14); one step per token, or one step per block
+        assert r["tokens_per_forward"] == (1.0 if steps == 4 else 3.0)
+        assert 0 <= r["introspective_acceptance"] <= 1 and "bound" in r["val_loss_kind"]
+    assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
