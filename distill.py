@@ -53,7 +53,7 @@ class DistillConfig:
     lora_alpha: float = 32.0
     targets: str = "gate_proj,up_proj,down_proj"  # the MLP only: 3 hooks a layer instead of 7 (docs/distillation.md)
     lr: float = 3e-3
-    iters: int = 500
+    iters: int = 1000
     batch_size: int = 16
     seed: int = 1337
 

@@ -40,7 +40,7 @@ PRESETS = {
     # alpha 1: at this size it beat the paper's 0.2 on BOTH validation losses (README, Results)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
-                eval_interval=200, eval_iters=8, alpha="1", distill_iters=500),
+                eval_interval=200, eval_iters=8, alpha="1", distill_iters=1000),
     # a few seconds; for tests and for trying the code paths
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
                  vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
@@ -96,7 +96,7 @@ def parse_args(argv=None, doc=__doc__):
     a("--distill_iters", type=int, help="after training, self-distil the masks (distill.py: the model's own greedy "
                                         "and sampled continuations, a gated LoRA adapter in out_dir/distilled) for "
                                         "this many steps; "
-                                        "0 = off (default: 500 for the cpu preset, else 0)")
+                                        "0 = off (default: 1000 for the cpu preset, else 0)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
     for k in MODEL_KEYS:
