@@ -557,7 +557,6 @@ def bench_introspect(a):
     """The table of the introspection gap: for each model and decoding setting, validation loss,
     judge perplexity of its continuations, introspective acceptance, tokens per forward, tokens/s."""
     import matplotlib
-    import pretrained
     from tqdm import tqdm
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
