@@ -190,6 +190,12 @@ class KVCache:
             return self.k[i][rows, :, :S], self.v[i][rows, :, :S]
         return write_and_read
 
+    def reset(self, rows):
+        """Empty rows for new sequences: no tokens, positions from 0 again."""
+        rows = torch.as_tensor(rows, device=self.lengths.device)
+        self.lengths[rows] = 0
+        self.offsets[rows] = 0
+
     def make_room(self, rows, T, context):
         """Make room for T new tokens in each of `rows` by dropping each row's oldest tokens; a query
         at position P sees keys at positions > P - context, so the first L - context + 1 tokens of a

@@ -205,7 +205,7 @@ class Scheduler:
             if job is None and self.queue:
                 job = self.slots[i] = self.queue.popleft()
                 job.slot = i
-                self.cache.truncate([0], [i])  # forget the slot's previous request
+                self.cache.reset([i])  # forget the slot's previous request
                 self.prefilling.append(job)
                 self.counters["prompt_tokens"] += job.prompt_tokens
 

@@ -204,3 +204,18 @@ def test_bad_requests_are_refused_at_submit(me):
     s.stop()
     with pytest.raises(RuntimeError, match="shutting down"):
         s.submit([1, 2], 5)
+
+
+def test_past_the_context_and_a_reused_slot(me):
+    """Requests longer than the model's context (the cache drops tokens that left it) give solo runs'
+    tokens, and a slot reused after such a request starts again from position 0."""
+    model, enc = tiny_model_and_tokenizer(max_seq_len=24)
+    stride = 3
+    prompts = [enc.encode_ordinary("ROMEO.\nBut soft"), enc.encode_ordinary("JULIET.\n")]
+    with Scheduler(model, enc, stride=stride, max_batch=1, prefill_budget=8) as s:
+        jobs = [s.submit(p, 60, temperature=0.0) for p in prompts]  # one slot: the second reuses it
+        outs = [j.result(timeout=120) for j in jobs]
+        assert s.cache.max_len < 60  # so the slot had to drop tokens that left the context
+    for p, out in zip(prompts, outs):
+        want = solo(model, enc, p, 60, stride, temperature=0.0)
+        assert len(p) + len(want) > 24 + 24 and out == shown(enc, want)
