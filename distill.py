@@ -18,7 +18,6 @@ predict is what the model itself would write there, not what the corpus says. Th
 The adapter is written to `<out_dir>/distilled/`; isd.py, serve.py and bench.py load it by default.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
