@@ -1,16 +1,21 @@
 """Load what a decoder runs: a checkpoint folder of train.py, a gated LoRA adapter over its base, a
 pretrained model by name (smollm2), and the self-distilled adapter that `python train.py` leaves in
-`out/distilled/`.
+`out/distilled/`; and how train.py writes a checkpoint so that an interrupted save never leaves a mix.
 
     model, enc = checkpoint.load_model(checkpoint.distilled_or_base("out"))
 """
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 
 import lora
 import pretrained
 import tokenizer as tok
 from model import Model
+
+DISTILLED = "distilled"  # the self-distilled adapter's folder inside its base checkpoint's folder
 
 
 def load_model(source, device="cpu"):
@@ -33,7 +38,7 @@ def distilled_or_base(source):
     """The folder to decode with for `source`: its self-distilled adapter (source/distilled, written
     by distill.py and by the default train.py run) when there is one, else source itself. Both give
     the same tokens (the adapter is lossless); the adapter gives more tokens per forward."""
-    folder = os.path.join(source, "distilled")
+    folder = os.path.join(source, DISTILLED)
     return folder if source != pretrained.NAME and lora.has_adapter(folder) else source
 
 
@@ -44,3 +49,69 @@ def training_config(out_dir):
         return {}
     with open(path) as f:
         return json.load(f)["config"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a checkpoint atomically (train.py, mlx_port/train.py). out_dir/<file> is a link to .checkpoint/<file>, and out_dir/.checkpoint a link to the hidden
+# folder out_dir/.checkpoint-<random> that holds the files: a save writes a new folder and switches
+# .checkpoint to it with one rename, so readers see the old checkpoint whole or the new one whole.
+
+CURRENT = ".checkpoint"
+KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
+FILES = KINDS[0] + KINDS[1] + ("tokenizer.json", "optimizer.safetensors", "train_state.json")
+
+
+def relink(out_dir, name, target):
+    """Make out_dir/name a link to `target` in one rename (nothing to do if it already is)."""
+    path = os.path.join(out_dir, name)
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    tmp = os.path.join(out_dir, f".{name}.link")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def adopt_plain_files(out_dir):
+    """A checkpoint of plain files (an older train.py's, or copied): hard-link them into a folder of
+    their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
+    paths = {n: os.path.join(out_dir, n) for n in FILES}
+    plain = [n for n, p in paths.items() if os.path.isfile(p) and not os.path.islink(p)]
+    if plain:
+        folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
+        for n in plain:
+            os.link(os.path.join(out_dir, n), os.path.join(folder, n))
+        relink(out_dir, CURRENT, os.path.basename(folder))
+        for n in plain:
+            relink(out_dir, n, os.path.join(CURRENT, n))
+
+
+@contextlib.contextmanager
+def staged(out_dir, new_run=False):
+    """Files written into the yielded folder become out_dir's checkpoint together, in one rename (the
+    switch of out_dir/.checkpoint): an interrupted save leaves the last good checkpoint whole. The
+    files of the other kind (a full model vs an adapter) go, so loading never picks up a stale adapter;
+    the rest of out_dir stays, such as distill.py's out_dir/distilled/, unless new_run: the checkpoint
+    replaces another run's (--overwrite), and that run's distilled adapter goes with it."""
+    os.makedirs(out_dir, exist_ok=True)
+    adopt_plain_files(out_dir)
+    stage = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    names = os.listdir(stage)
+    for n in names:  # links of a new kind dangle (the reader sees no such file) until the switch
+        relink(out_dir, n, os.path.join(CURRENT, n))
+    distilled = os.path.join(out_dir, DISTILLED)
+    if new_run and os.path.isdir(distilled):  # hidden first: gone with the old folders below
+        os.replace(distilled, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), DISTILLED))
+    relink(out_dir, CURRENT, os.path.basename(stage))  # the switch
+    for n in FILES:
+        if n not in names and os.path.lexists(os.path.join(out_dir, n)):
+            os.remove(os.path.join(out_dir, n))
+    for n in os.listdir(out_dir):
+        if n.startswith(CURRENT + "-") and n != os.path.basename(stage):
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)

@@ -36,7 +36,6 @@ import tokenizer as tok
 from isd import Request, decode
 from model import Model, idlm_logits
 
-FOLDER = "distilled"  # the adapter's folder inside the base checkpoint's folder
 
 
 @dataclass
@@ -145,7 +144,7 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
 
 def save(model, out_dir):
     """Write the adapter to out_dir/distilled/, replacing an earlier one only once it is complete."""
-    final = os.path.join(out_dir, FOLDER)
+    final = os.path.join(out_dir, checkpoint.DISTILLED)
     stage, old = final + ".staging", final + ".old"
     shutil.rmtree(stage, ignore_errors=True)
     lora.save_adapter(model.lora, stage)

@@ -15,9 +15,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
 
+import checkpoint
 import data
 import distill
 import dlm
@@ -252,16 +251,8 @@ def make_optimizer(model, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
-#
-# out_dir/<file> is a link to .checkpoint/<file>, and out_dir/.checkpoint a link to the hidden
-# folder out_dir/.checkpoint-<random> that holds the files: a save writes a new folder and switches
-# .checkpoint to it with one rename, so readers see the old checkpoint whole or the new one whole.
-
-CURRENT = ".checkpoint"
-KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
-FILES = KINDS[0] + KINDS[1] + ("tokenizer.json", "optimizer.safetensors", "train_state.json")
-
+# checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state), written
+# together by checkpoint.staged
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
     """Write the checkpoint's files (with an adapter, --lora: the adapter, not the frozen base).
@@ -270,7 +261,7 @@ def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
     text = json.dumps({**state, "param_groups": sd["param_groups"]}, indent=1)
-    with staged(out_dir, new_run) as stage:
+    with checkpoint.staged(out_dir, new_run) as stage:
         if hasattr(model, "lora"):
             lora.save_adapter(model.lora, stage, metadata=meta)
         else:
@@ -278,62 +269,6 @@ def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
         tok.save(enc, stage)
         save_file(tensors, os.path.join(stage, "optimizer.safetensors"), metadata=meta)
         Path(stage, "train_state.json").write_text(text)
-
-
-def relink(out_dir, name, target):
-    """Make out_dir/name a link to `target` in one rename (nothing to do if it already is)."""
-    path = os.path.join(out_dir, name)
-    if os.path.islink(path) and os.readlink(path) == target:
-        return
-    tmp = os.path.join(out_dir, f".{name}.link")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, path)
-
-
-def adopt_plain_files(out_dir):
-    """A checkpoint of plain files (an older train.py's, or copied): hard-link them into a folder of
-    their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
-    paths = {n: os.path.join(out_dir, n) for n in FILES}
-    plain = [n for n, p in paths.items() if os.path.isfile(p) and not os.path.islink(p)]
-    if plain:
-        folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
-        for n in plain:
-            os.link(os.path.join(out_dir, n), os.path.join(folder, n))
-        relink(out_dir, CURRENT, os.path.basename(folder))
-        for n in plain:
-            relink(out_dir, n, os.path.join(CURRENT, n))
-
-
-@contextlib.contextmanager
-def staged(out_dir, new_run=False):
-    """Files written into the yielded folder become out_dir's checkpoint together, in one rename (the
-    switch of out_dir/.checkpoint): an interrupted save leaves the last good checkpoint whole. The
-    files of the other kind (a full model vs an adapter) go, so loading never picks up a stale adapter;
-    the rest of out_dir stays, such as distill.py's out_dir/distilled/, unless new_run: the checkpoint
-    replaces another run's (--overwrite), and that run's distilled adapter goes with it."""
-    os.makedirs(out_dir, exist_ok=True)
-    adopt_plain_files(out_dir)
-    stage = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    names = os.listdir(stage)
-    for n in names:  # links of a new kind dangle (the reader sees no such file) until the switch
-        relink(out_dir, n, os.path.join(CURRENT, n))
-    distilled = os.path.join(out_dir, distill.FOLDER)
-    if new_run and os.path.isdir(distilled):  # hidden first: gone with the old folders below
-        os.replace(distilled, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), distill.FOLDER))
-    relink(out_dir, CURRENT, os.path.basename(stage))  # the switch
-    for n in FILES:
-        if n not in names and os.path.lexists(os.path.join(out_dir, n)):
-            os.remove(os.path.join(out_dir, n))
-    for n in os.listdir(out_dir):
-        if n.startswith(CURRENT + "-") and n != os.path.basename(stage):
-            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
 
 
 def read_train_state(out_dir, framework="pytorch"):

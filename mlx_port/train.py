@@ -20,12 +20,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+import checkpoint
 import data
 import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
 from train import (BETAS, UsageError, check_options, decays, load_data, lr_at, micro_batch, new_model_config,
-                   parse_args, progress, progress_line, staged, start_from, step_offsets)
+                   parse_args, progress, progress_line, start_from, step_offsets)
 
 
 def get_batch(ids, offsets, seq_len):
@@ -61,13 +62,13 @@ def evaluate(model, val, cfg):
 # checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
-    """train.py's files, replacing out_dir's together (train.staged; new_run: see there); `it` is stamped
+    """train.py's files, replacing out_dir's together (checkpoint.staged; new_run: see there); `it` is stamped
     into both tensor files. The optimizer state is MLX's, so train_state.json says framework "mlx" (train.py will not
     resume it)."""
     meta = {"iter": str(state["iter"])}
     tensors = dict(tree_flatten(opt.state))
     text = json.dumps({**state, "framework": "mlx"}, indent=1)
-    with staged(out_dir, new_run) as stage:
+    with checkpoint.staged(out_dir, new_run) as stage:
         model.save(stage, metadata=meta)
         tok.save(enc, stage)
         mx.save_safetensors(os.path.join(stage, "optimizer.safetensors"), tensors, metadata=meta)
