@@ -198,7 +198,7 @@ def prefill(model, cache, rows, requests, chunk=None):
         pad = model.cfg.mask_token_id  # padding is written past each row's length, then forgotten
         ids = torch.tensor([t + [pad] * (n - len(t)) for t in part])
         model(ids.to(dev), cache=cache, rows=rows)
-        cache.truncate((cache.lengths[rows] - n + torch.tensor([len(t) for t in part], device=dev)).tolist(), rows)
+        cache.truncate(cache.lengths[rows] - n + torch.tensor([len(t) for t in part], device=dev), rows)
     for r, t in zip(requests, todo):
         r.prefilled += len(t)
 
@@ -265,7 +265,7 @@ def isd_step(model, cache, rows, requests, stride):
         committed.append(new)
 
     # 5. roll back: each row keeps pending + its accepted drafts
-    cache.truncate((cache.lengths[rows] - W + 1 + torch.tensor(accepted, device=dev)).tolist(), rows)
+    cache.truncate(cache.lengths[rows] - W + 1 + torch.tensor(accepted, device=dev), rows)
     return committed
 
 
