@@ -27,7 +27,7 @@ import data
 import introspect
 import pretrained
 import tokenizer as tok
-from isd import Request, ar_generate, cache_length, decode, isd_generate, isd_step, prefill, process_logits
+from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill, process_logits
 from model import Model, ModelConfig, ar_loss, idlm_loss, idlm_mask
 from train import MODEL_KEYS, PRESETS
 
@@ -108,14 +108,9 @@ def validation_prompts(out_dir, enc, n, length=16, seed=1):
 
 
 def decode_stats(model, prompts, n, stride, temperature, seed):
-    """ISD statistics summed over prompts (request i has seed + i)."""
-    tot = Counter()
-    for i, p in enumerate(prompts):
-        st = isd_generate(model, p, n, stride, temperature=temperature, seed=seed + i)[1]
-        tot.update({k: st[k] for k in ("tokens", "forwards", "drafts_verified", "acceptance_sum",
-                                       "rounds_v", "rounds_r", "rounds_c")})
-    return {**tot, "tpf": tot["tokens"] / tot["forwards"],
-            "acceptance_rate": tot["acceptance_sum"] / max(1, tot["drafts_verified"])}
+    """ISD's Stats summed over prompts (request i has seed + i)."""
+    return sum((isd_generate(model, p, n, stride, temperature=temperature, seed=seed + i)[1]
+                for i, p in enumerate(prompts)), Stats())
 
 
 @torch.no_grad()
@@ -178,9 +173,9 @@ def bench_decode(a):
         for stride in a.strides:
             for temp in a.temperatures:
                 st = decode_stats(model, prompts, a.max_new_tokens, stride, temp, a.seed)
-                f = st["forwards"]
-                print(f"| {name} | {stride} | {temp} | {st['tpf']:.2f} | {st['acceptance_rate']:.3f} | "
-                      f"{st['rounds_v'] / f:.0%} | {st['rounds_r'] / f:.0%} | {st['rounds_c'] / f:.0%} |")
+                f = st.forwards
+                print(f"| {name} | {stride} | {temp} | {st.tpf:.2f} | {st.acceptance_rate:.3f} | "
+                      f"{st.rounds_v / f:.0%} | {st.rounds_r / f:.0%} | {st.rounds_c / f:.0%} |")
     for temp in [t for t in a.temperatures if t > 0]:
         ceil = acceptance_ceiling(models, prompts, a.speed_stride, temp)
         print(f"\nsampled drafts at temperature {temp}, stride {a.speed_stride}: acceptance per slot k ahead of the last "
@@ -217,7 +212,7 @@ def bench_temperature(a):
         tps = speed(runs, prompts[:a.speed_prompts], a.max_new_tokens, a.repeats)
         for name, model in models:
             st = decode_stats(model, prompts, a.max_new_tokens, a.stride, temp, a.seed)
-            rows.append(dict(temperature=temp, model=name, tpf=st["tpf"], acceptance=st["acceptance_rate"],
+            rows.append(dict(temperature=temp, model=name, tpf=st.tpf, acceptance=st.acceptance_rate,
                              isd_tps=tps[name], ar_tps=tps["AR"], ratio=tps[name] / tps["AR"]))
             r = rows[-1]
             print(f"| {temp} | {name} | {r['tpf']:.2f} | {r['acceptance']:.3f} | {r['isd_tps']:.0f} | "
@@ -331,6 +326,8 @@ def bench_serve(a):
     """Aggregate tokens/s and latency of serve.py at each concurrency for SERVERS; a table and a plot."""
     import httpx
     model = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
+
+    # the load: every server at every concurrency, taking turns
     runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies) per repeat
     servers = {}  # all three run at once; an idle one sleeps
     try:
@@ -355,7 +352,8 @@ def bench_serve(a):
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
-    # label -> [(median tokens/s over the repeats, mean latency over all their requests)] per concurrency
+
+    # the table: label -> [(median tokens/s over the repeats, mean latency over all their requests)] per concurrency
     results = {label: [(statistics.median(t for t, _ in runs[label][c]),
                         statistics.mean(x for _, lat in runs[label][c] for x in lat)) for c in a.concurrency]
                for label in runs}
@@ -371,6 +369,11 @@ def bench_serve(a):
         ra, rb, rc = results[la][i], results[lb][i], results[lc][i]
         print(f"| {c} | {ra[0]:.0f} | {rb[0]:.0f} | {rc[0]:.0f} | {ra[0] / rb[0]:.2f}x | {ra[0] / results[la][0][0]:.1f}x "
               f"| {ra[1]:.2f} | {rb[1]:.2f} | {rc[1]:.2f} |")
+    serve_plot(results, a, model)
+
+
+def serve_plot(results, a, model):
+    """bench_serve's figure: throughput and latency against the number of concurrent clients."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -411,7 +414,7 @@ def hf_generate_fn(max_new_tokens, stops, device="cpu"):
 
 
 def compare_decoders(runs, prompts, repeats=1, stop=lambda: False):
-    """Run every method of `runs` ({name: prompt ids -> (new ids, stats dict or None)}) on every prompt,
+    """Run every method of `runs` ({name: prompt ids -> (new ids, isd.Stats or None)}) on every prompt,
     interleaved so that each sees the same machine load; the first method is the reference of "same".
     `stop()` is asked before each prompt; True ends early. Returns {name: {"tokens", "forwards", "tpf",
     "acceptance" (None without drafts), "rounds_vrc" (fractions, or None), "tok_s", "vs_first", "same",
@@ -419,7 +422,7 @@ def compare_decoders(runs, prompts, repeats=1, stop=lambda: False):
     for f in runs.values():  # warm-up
         f(prompts[0][:8])
     t = {k: 0.0 for k in runs}
-    tot = {k: Counter() for k in runs}
+    tot = {k: Stats() for k in runs}
     same = {k: 0 for k in runs}
     n = 0
     with torch.no_grad():
@@ -433,15 +436,15 @@ def compare_decoders(runs, prompts, repeats=1, stop=lambda: False):
                 t[k] += time.perf_counter() - t0
                 ref = out if ref is None else ref
                 same[k] += out == ref
-                tot[k].update(st or {"tokens": len(out), "forwards": len(out)})
+                tot[k] += st or Stats(forwards=len(out), tokens=len(out))  # None: one token per forward
             n += 1
     rows = {}
     for k, c in tot.items():
-        f = max(1, c["forwards"])
-        rows[k] = {"tokens": c["tokens"], "forwards": c["forwards"], "tpf": c["tokens"] / f,
-                   "acceptance": c["acceptance_sum"] / c["drafts_verified"] if c.get("drafts_verified") else None,
-                   "rounds_vrc": [c[f"rounds_{x}"] / f for x in "vrc"] if "rounds_c" in c else None,
-                   "tok_s": c["tokens"] / t[k] if t[k] else 0.0, "same": same[k], "prompts": n}
+        rounds = [c.rounds_v, c.rounds_r, c.rounds_c]
+        rows[k] = {"tokens": c.tokens, "forwards": c.forwards, "tpf": c.tpf,
+                   "acceptance": c.acceptance_rate if c.drafts_verified else None,
+                   "rounds_vrc": [x / max(1, c.forwards) for x in rounds] if sum(rounds) else None,
+                   "tok_s": c.tokens / t[k] if t[k] else 0.0, "same": same[k], "prompts": n}
     first = rows[next(iter(rows))]["tok_s"]
     for r in rows.values():
         r["vs_first"] = r["tok_s"] / first if first else 0.0
@@ -478,13 +481,16 @@ def bench_smollm2(a):
     print(decoder_table(rows))
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The subcommands and their options, one block each."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    # train
     t = sub.add_parser("train", help="training throughput, ar vs idlm")
     t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
+    # decode
     d = sub.add_parser("decode", help="ISD statistics per stride, and ISD vs AR speed")
     d.add_argument("--out_dir", default="out", help="base checkpoint; its distilled/ adapter is measured too")
     d.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
@@ -495,6 +501,7 @@ def main(argv=None):
     d.add_argument("--speed_prompts", type=int, default=4, help="prompts in the speed runs (default 4)")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
+    # temperature
     s = sub.add_parser("temperature", help="TPF and ISD/AR speed against temperature, base vs distilled (plot)")
     s.add_argument("--out_dir", default="out")
     s.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -505,6 +512,7 @@ def main(argv=None):
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--plot", default="temperature.png", help="where to write the PNG plot (default temperature.png)")
+    # step
     s = sub.add_parser("step", help="the cost of one batched ISD / AR step, and of its forward, per batch size")
     s.add_argument("--out_dir", default="out")
     s.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32])
@@ -512,6 +520,7 @@ def main(argv=None):
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--steps", type=int, default=16, help="steps per run (default 16)")
     s.add_argument("--repeats", type=int, default=5, help="runs per point; the best is shown (default 5)")
+    # serve
     s = sub.add_parser("serve", help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time")
     s.add_argument("--out_dir", default="out", help="checkpoint folder to serve (default out)")
     s.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
@@ -526,6 +535,7 @@ def main(argv=None):
                    help="requests per point: max(per_client x concurrency, this) (default 8)")
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
     s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
+    # smollm2
     s = sub.add_parser("smollm2", help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
     s.add_argument("--isd", type=lambda v: v.split(","), default=["smollm2"],
                    help="comma-separated models to decode with ISD: smollm2, checkpoint or adapter folders")
@@ -534,6 +544,7 @@ def main(argv=None):
     s.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default 1)")
     s.add_argument("--no_hf", action="store_true", help="leave out transformers' generate()")
     s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
+    # introspect
     s = sub.add_parser("introspect", help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
     s.add_argument("--models", type=lambda v: v.split(","), default=["out-ar", "out", "out-dlm", "out-bdlm"],
                    help="comma-separated train.py checkpoints of any objective, same tokenizer "
@@ -555,6 +566,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
      "serve": bench_serve, "smollm2": bench_smollm2, "introspect": introspect.table}[a.what](a)
 

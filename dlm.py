@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import checkpoint
 import isd
 import tokenizer as tok
-from isd import process_logits, sample
+from isd import Stats, process_logits, sample
 from model import Model
 
 FAMILIES = ("dlm", "bdlm")
@@ -115,7 +115,7 @@ def block_schedule(n, steps):
 def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
                  temperature=1.0, top_k=None, top_p=None, seed=None):
     """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
-    training). Returns (new ids, q, stats): q (n, V) holds, for each new token, the filtered logits
+    training). Returns (new ids, q, isd.Stats): q (n, V) holds, for each new token, the filtered logits
     of the distribution it was drawn from in the step that committed it (for the metric below)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -152,9 +152,7 @@ def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, th
                 break
     wall = time.time() - t0
     out = ids[0, P:].tolist()
-    stats = {"forwards": forwards, "tokens": len(out), "tpf": len(out) / max(1, forwards), "wall_s": wall,
-             "tokens_per_s": len(out) / wall if wall else 0.0}
-    return out, q, stats
+    return out, q, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,11 +278,11 @@ def main(argv=None):
     out, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
                               a.temperature, a.top_k, a.top_p, a.seed)
     if a.json:
-        print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st}))
+        print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st.as_dict()}))
     else:
         print(a.prompt + enc.decode(out))
-        print(f"{family} | block {block} | {st['tokens']} tokens in {st['forwards']} forwards | "
-              f"TPF {st['tpf']:.2f} | {st['tokens_per_s']:.1f} tok/s")
+        print(f"{family} | block {block} | {st.tokens} tokens in {st.forwards} forwards | "
+              f"TPF {st.tpf:.2f} | {st.tokens_per_s:.1f} tok/s")
 
 
 if __name__ == "__main__":

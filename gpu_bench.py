@@ -2,6 +2,7 @@
 
     python gpu_bench.py              # on one CUDA GPU: writes $OUT/gpu_bench.md (OUT defaults to .)
     python gpu_bench.py --dry_run    # every stage at tiny sizes: checks the script, measures nothing
+    TRITON_INTERPRET=1 python gpu_bench.py --dry_run   # the same without a GPU (the kernel interpreted)
 
 Four stages, each with a share of the time (--budget, default 480 s, split 10/16/50/19 %); a stage
 stops, and says so, when its next piece of work would overrun its share:

@@ -65,12 +65,12 @@ def generate_with_acceptance(model, family, prompt, n, temperature, seed, opts):
             out, st = isd_generate(model, prompt, n, opts["stride"], temperature=temperature, seed=seed)
         wall = time.perf_counter() - t0
         acc = [dlm.acceptance(p, q, d, t) for p, q, d, t in calls]
-        if sum(map(len, acc)) != st["drafts_verified"]:
+        if sum(map(len, acc)) != st.drafts_verified:
             raise RuntimeError("isd.py verified drafts that dlm.recorded_drafts did not see")
-        return out, st["forwards"], wall, torch.cat(acc) if acc else torch.zeros(0)
+        return out, st.forwards, wall, torch.cat(acc) if acc else torch.zeros(0)
     out, q, st = dlm.dlm_generate(model, family, prompt, n, opts["block"], opts["steps"], opts.get("threshold"),
                                   temperature=temperature, seed=seed)
-    return out, st["forwards"], time.perf_counter() - t0, q
+    return out, st.forwards, time.perf_counter() - t0, q
 
 
 @torch.no_grad()

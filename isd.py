@@ -4,13 +4,14 @@
     python isd.py --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
     python isd.py --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
 
-One forward per step puts W = 2N-1 tokens per request through the model:
-    verify step:  [pending, d_1 .. d_{N-1}, MASK x (N-1)]
-    cold start:   [pending, MASK x (2N-2)]
-The clean positions give p (the model's own AR distribution); each draft d_j is kept with
-probability min(1, p_j(d_j) / q_j(d_j)), the first rejected one is replaced by a draw from
-normalize((p_j - q_j)+), and the N-1 masks after the last clean token propose the next drafts,
-SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix).
+Each step is one forward of a window of W = N*N tokens per request (window_layout):
+    [pending, d_1 .. d_K | N-1 masks after pending | N-1 masks after d_1 | .. after d_K]
+`pending` is the last committed token, not yet in the cache; d_1..d_K (K = N-1) are the drafts the
+previous step proposed. The clean positions give p (the model's own AR distribution); each draft d_j
+is kept with probability min(1, p_j(d_j) / q_j(d_j)), the first rejected one is replaced by a draw
+from normalize((p_j - q_j)+), and the masks after the last committed token propose the next drafts,
+SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix). Only the
+first step after the prompt has no drafts (a cold start).
 """
 import argparse
 import functools
@@ -18,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -64,22 +65,37 @@ def sample(logits, temperature, generator=None):
 
 @dataclass
 class Stats:
-    """What every decode reports (docs/method.md section 3)."""
+    """What every decode reports (docs/method.md section 3). Stats add up: sum(stats, Stats()) gives
+    the figures of several decodes together."""
     forwards: int = 0  # decoding forwards (prefill not counted)
     tokens: int = 0  # committed tokens
-    drafts_verified: int = 0
-    acceptance_sum: float = 0.0  # sum over verified drafts of min(1, p(d)/q(d))
+    drafts_verified: int = 0  # drafts verification reached: d_1 .. the first rejected one
+    acceptance_sum: float = 0.0  # their sum of min(1, p(d)/q(d))
     rounds_v: int = 0  # verify steps with every draft accepted
     rounds_r: int = 0  # verify steps with a rejection
-    rounds_c: int = 0  # cold starts
+    rounds_c: int = 0  # cold starts (no drafts yet: the first forward after the prompt)
     wall_s: float = 0.0
 
+    @property
+    def tpf(self):
+        """Tokens per forward."""
+        return self.tokens / max(1, self.forwards)
+
+    @property
+    def acceptance_rate(self):
+        """The mean acceptance probability min(1, p/q) of the drafts verification reached."""
+        return self.acceptance_sum / max(1, self.drafts_verified)
+
+    @property
+    def tokens_per_s(self):
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def __add__(self, other):
+        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
     def as_dict(self):
-        d = dict(self.__dict__)
-        d["tpf"] = self.tokens / max(1, self.forwards)
-        d["acceptance_rate"] = self.acceptance_sum / max(1, self.drafts_verified)
-        d["tokens_per_s"] = self.tokens / self.wall_s if self.wall_s else 0.0
-        return d
+        return {**asdict(self), "tpf": self.tpf, "acceptance_rate": self.acceptance_rate,
+                "tokens_per_s": self.tokens_per_s}
 
 
 @dataclass
@@ -339,12 +355,12 @@ def decode(model, requests, stride):
 
 
 def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, stop_ids=None, trace=False):
-    """ISD for one prompt: (new token ids, stats dict), and the trace (see Request) if asked for."""
-    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()),
-                trace=[] if trace else None)
+                 seed=None, stop_ids=None):
+    """ISD for one prompt: (new token ids, Stats). For the trace of each forward, decode a
+    Request(..., trace=[]) yourself."""
+    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
     decode(model, [r], stride)
-    return (r.out, r.stats.as_dict()) if not trace else (r.out, r.stats.as_dict(), r.trace)
+    return r.out, r.stats
 
 
 @torch.no_grad()
@@ -369,10 +385,11 @@ COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6
 
 
 def stats_line(st, stride):
-    f = max(1, st["forwards"])
-    return (f"stride {stride} | {st['tokens']} tokens in {st['forwards']} forwards | TPF {st['tpf']:.2f} | "
-            f"acceptance {st['acceptance_rate']:.3f} | rounds V {st['rounds_v'] / f:.0%} R {st['rounds_r'] / f:.0%} "
-            f"C {st['rounds_c'] / f:.0%} | {st['tokens_per_s']:.1f} tok/s")
+    """One line of a decode's Stats."""
+    f = max(1, st.forwards)
+    return (f"stride {stride} | {st.tokens} tokens in {st.forwards} forwards | TPF {st.tpf:.2f} | "
+            f"acceptance {st.acceptance_rate:.3f} | rounds V {st.rounds_v / f:.0%} R {st.rounds_r / f:.0%} "
+            f"C {st.rounds_c / f:.0%} | {st.tokens_per_s:.1f} tok/s")
 
 
 def show_trace(trace, enc):
@@ -399,9 +416,7 @@ def trace_html(trace, enc, prompt, st, stride):
             f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
 
 
-def main(argv=None, load_model=None, doc=__doc__):
-    """The command line. `load_model(source, device)` gives (model, tokenizer) (default:
-    checkpoint.load_model, PyTorch; mlx_port.isd passes its MLX one, and its own `doc` for --help)."""
+def parse_args(argv, doc):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
                                                     "adapter (its base model + the adapter) (default out)")
@@ -421,18 +436,29 @@ def main(argv=None, load_model=None, doc=__doc__):
     p.add_argument("--json", action="store_true", help='print {"model", "text", "tokens", "stats"} as JSON')
     p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
     p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
-                   help="show each forward's accepted drafts / corrections / clean tokens; with a file, write HTML")
+                   help="show each forward's accepted drafts / corrections / clean tokens and the drafts "
+                        "verification rejected (struck through); with a file, write HTML")
     a = p.parse_args(argv)
+    if a.stride < 1:
+        p.error(f"--stride must be >= 1, got {a.stride}")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    return p, a
+
+
+def main(argv=None, load_model=None, doc=__doc__):
+    """The command line. `load_model(source, device)` gives (model, tokenizer) (default:
+    checkpoint.load_model, PyTorch, with the self-distilled adapter unless --base; mlx_port.isd passes
+    its MLX one, and its own `doc` for --help)."""
+    p, a = parse_args(argv, doc)
+
+    # the model and the prompt
     source = a.init_from or a.out_dir
     if load_model is None:
         source = source if a.base else checkpoint.distilled_or_base(source)
 
         def load_model(source, device):
             return checkpoint.load_model(source, device=device or "cpu")
-    if a.stride < 1:
-        p.error(f"--stride must be >= 1, got {a.stride}")
-    if a.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {a.temperature}")
     try:
         model, enc = load_model(source, a.device)
     except (FileNotFoundError, ValueError) as e:
@@ -441,21 +467,26 @@ def main(argv=None, load_model=None, doc=__doc__):
         p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
     ids = tok.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=tok.stop_ids(enc))
+
+    # decode, keeping the trace of every forward
     try:
         isd_generate(model, ids, 2, a.stride, **kw)  # warm-up: first calls are slow
-        out, st, trace = isd_generate(model, ids, a.max_new_tokens, a.stride, trace=True, **kw)
+        r = Request(ids, a.max_new_tokens, trace=[], **kw)
     except ValueError as e:
         p.error(str(e))
-    text = enc.decode(out[:-1] if out and out[-1] in kw["stop_ids"] else out)  # the stop token is not text
+    out, st = decode(model, [r], a.stride)[0].out, r.stats
+
+    # show it
+    text = enc.decode(out[:-1] if out and out[-1] in r.stop_ids else out)  # the stop token is not text
     if a.json:
-        print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st}))
+        print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st.as_dict()}))
     elif a.visualize == "-":
-        show_trace(trace, enc)
+        show_trace(r.trace, enc)
     else:
         print(text if a.chat else a.prompt + text)
     if a.visualize and a.visualize != "-":
         with open(a.visualize, "w") as f:
-            f.write(trace_html(trace, enc, a.prompt, st, a.stride))
+            f.write(trace_html(r.trace, enc, a.prompt, st, a.stride))
         print(f"wrote {a.visualize}", file=sys.stderr)
     if not a.json:
         print(f"model {source} | " + stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
@@ -463,7 +494,7 @@ def main(argv=None, load_model=None, doc=__doc__):
         t0 = time.time()
         ar = ar_generate(model, ids, a.max_new_tokens, **kw)
         ar_tps = len(ar) / (time.time() - t0)
-        print(f"AR {ar_tps:.1f} tok/s | ISD {st['tokens_per_s']:.1f} tok/s | ISD/AR {st['tokens_per_s'] / ar_tps:.2f}x"
+        print(f"AR {ar_tps:.1f} tok/s | ISD {st.tokens_per_s:.1f} tok/s | ISD/AR {st.tokens_per_s / ar_tps:.2f}x"
               + (" | identical tokens" if a.temperature == 0 and ar == out else ""))
 
 

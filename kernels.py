@@ -13,8 +13,9 @@ at a time and keeps a running Gumbel-max. The normalised distributions never exi
 The random numbers (u, Gumbel noise g) are inputs, so kernel and reference can be compared exactly.
 
 `verify` picks the kernel for CUDA tensors and the reference otherwise. Without a GPU, Triton's
-interpreter (TRITON_INTERPRET=1, which must be set before the kernel is defined) runs the kernel on
-CPU tensors: that is how the tests check it; set IDLM_VERIFY=triton to make `verify` use it.
+interpreter runs the kernel on CPU tensors when Python starts with TRITON_INTERPRET=1 in its
+environment (Triton reads it when the kernel is defined): that is how the tests check it
+(tests/conftest.py sets it); IDLM_VERIFY=triton makes `verify` use the kernel there too.
 """
 import argparse
 import os
@@ -23,11 +24,10 @@ import time
 
 import torch
 
-if not torch.cuda.is_available():  # no GPU: let Triton's interpreter run the kernel on CPU tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # Triton is Linux-only; the reference serves everywhere else
     triton = None
 
@@ -142,6 +142,9 @@ def verify_triton(p_logits, q_logits, drafts, u, gumbel, temperature, block=None
     """The same contract as verify_reference, computed by the fused kernel."""
     R, V = p_logits.shape
     dev, dtype = p_logits.device, p_logits.dtype
+    if not p_logits.is_cuda and not isinstance(_verify_kernel, InterpretedFunction):
+        raise RuntimeError("the Triton kernel needs CUDA tensors; to run it on the CPU, start Python with "
+                           "TRITON_INTERPRET=1 (Triton's interpreter)")
     accept = torch.empty(R, dtype=torch.int8, device=dev)
     correction = torch.empty(R, dtype=torch.int64, device=dev)
     ratio = torch.empty(R, dtype=dtype, device=dev)

@@ -254,13 +254,12 @@ def final_body(job, head, chat):
     """The response of a finished, non-streamed request (an ApiError if it was cancelled or failed)."""
     if job.finish_reason in ("cancelled", "error"):
         raise ApiError(503 if job.finish_reason == "cancelled" else 500, f"request {job.finish_reason}")
-    st = job.req.stats.as_dict()
+    st = job.req.stats
     out = {"index": 0, "message": {"role": "assistant", "content": job.text}} if chat else \
         {"index": 0, "text": job.text, "logprobs": None}
     return {**head, "object": "chat.completion" if chat else "text_completion",
             "choices": [{**out, "finish_reason": job.finish_reason}], "usage": usage(job),
-            "isd": {"forwards": st["forwards"], "tokens_per_forward": st["tpf"],
-                    "acceptance_rate": st["acceptance_rate"]}}
+            "isd": {"forwards": st.forwards, "tokens_per_forward": st.tpf, "acceptance_rate": st.acceptance_rate}}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,13 @@
 """Shared by every test module."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs kernels.py's kernel on CPU tensors; Triton reads this when the kernel is
+    # defined, so it is set here, before any test module imports kernels (subprocesses inherit it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="module")

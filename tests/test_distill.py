@@ -31,7 +31,6 @@ import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import isd  # noqa: E402
 import lora  # noqa: E402
-import pretrained  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -367,7 +366,7 @@ def test_trained_adapter_is_lossless_and_only_runs_at_masks(monkeypatch):
         out, st = isd.isd_generate(model, prompt, 24, stride=stride, temperature=0)
         assert out == brute_greedy(base, prompt, 24), stride
         assert out == isd.ar_generate(base, prompt, 24, temperature=0)
-        forwards, tokens = forwards + st["forwards"], tokens + st["tokens"]
+        forwards, tokens = forwards + st.forwards, tokens + st.tokens
     assert tokens == 72 and forwards <= tokens
 
 

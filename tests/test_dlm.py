@@ -107,14 +107,14 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
     n, block = 11, 4
     out, q, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
     assert len(out) == n and model.cfg.mask_token_id not in out and all(0 <= t < V for t in out)
-    assert st["tokens"] == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
+    assert st.tokens == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
     # blocks are aligned to position 0; the first one may be cut by the prompt
     ends = sorted({min((p // block + 1) * block, prompt_len + n) for p in range(prompt_len, prompt_len + n)})
     sizes = [e - s for s, e in zip([prompt_len] + ends[:-1], ends)]
     if threshold is None:
-        assert st["forwards"] == sum(min(steps, k) for k in sizes)
+        assert st.forwards == sum(min(steps, k) for k in sizes)
     else:
-        assert len(sizes) <= st["forwards"] <= n
+        assert len(sizes) <= st.forwards <= n
     if temperature == 0:  # greedy: every token is the argmax of the distribution it was committed from
         assert q.argmax(-1).tolist() == out
 
@@ -171,8 +171,8 @@ def test_idlm_recorded_drafts_give_isd_acceptance():
     with dlm.recorded_drafts() as calls:
         out, st = isd_generate(model, [1, 2, 3], 20, stride=4, temperature=0.9, seed=3)
     acc = torch.cat([dlm.acceptance(p, q, d, t) for p, q, d, t in calls])
-    assert len(acc) == st["drafts_verified"] > 0
-    assert abs(float(acc.mean()) - st["acceptance_rate"]) < 1e-12
+    assert len(acc) == st.drafts_verified > 0
+    assert abs(float(acc.mean()) - st.acceptance_rate) < 1e-12
 
 
 @pytest.mark.parametrize("family", dlm.FAMILIES)

@@ -53,6 +53,13 @@ def tiny_model(seed=0, vocab=16, std=0.5, cls=Model):
 
 
 @torch.no_grad()
+def isd_traced(model, prompt, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, stop_ids=()):
+    """isd_generate's (tokens, Stats), and the trace of every forward."""
+    r = Request(list(prompt), n, temperature, top_k, top_p, seed, tuple(stop_ids), trace=[])
+    decode(model, [r], stride)
+    return r.out, r.stats, r.trace
+
+
 def full_logits(model, seq):
     """Next-token logits after `seq`, by one full forward without a cache; each token reads at
     most the last max_seq_len tokens (itself included), written here as an explicit mask."""
@@ -203,11 +210,11 @@ def test_greedy_isd_equals_bruteforce_and_ar():
             for n in LENGTHS:
                 assert ar_generate(model, prompt, n, temperature=0) == ref[:n]
             for b, N in enumerate(STRIDES):
-                out, st, trace = isd_generate(model, prompt, 23, stride=N, temperature=0, trace=True)
+                out, st, trace = isd_traced(model, prompt, 23, stride=N, temperature=0)
                 assert out == ref, (seed, prompt, N)
-                assert st["tokens"] == 23
+                assert st.tokens == 23
                 if N > 1:
-                    rounds.update({k: st[k] for k in ("rounds_v", "rounds_r", "rounds_c")})
+                    rounds.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r", "rounds_c")})
                 n = LENGTHS[(a + b) % 2]  # 7 or 13: a length ending inside a window
                 assert isd_generate(model, prompt, n, stride=N, temperature=0)[0] == ref[:n], (seed, prompt, n, N)
                 # stop ids: a token whose FIRST occurrence in the reference is committed in the
@@ -227,7 +234,7 @@ def test_greedy_isd_equals_bruteforce_and_ar():
                 want = ref[:ref.index(stop) + 1]
                 got, st = isd_generate(model, prompt, 23, stride=N, temperature=0, stop_ids=[stop])
                 assert got == want, (seed, prompt, N, stop)
-                assert st["tokens"] == len(want)
+                assert st.tokens == len(want)
                 if b == 0:
                     assert ar_generate(model, prompt, 23, temperature=0, stop_ids=[stop]) == want
                 if b == 2:
@@ -247,12 +254,12 @@ def test_greedy_isd_equals_bruteforce_and_ar():
 def test_stride_one_is_plain_ar():
     model = tiny_model(0, 16)
     for temperature, seed in ((0, None), (1.0, 5)):
-        out, st, trace = isd_generate(model, [2, 7, 1], 17, stride=1, temperature=temperature,
-                                      seed=seed, trace=True)
+        out, st, trace = isd_traced(model, [2, 7, 1], 17, stride=1, temperature=temperature,
+                                      seed=seed)
         assert len(out) == 17
-        assert st["tpf"] == 1.0
-        assert st["forwards"] == st["rounds_c"] == 17
-        assert st["rounds_v"] == st["rounds_r"] == st["drafts_verified"] == 0
+        assert st.tpf == 1.0
+        assert st.forwards == st.rounds_c == 17
+        assert st.rounds_v == st.rounds_r == st.drafts_verified == 0
         assert len(trace) == 17 and all(len(s) == 1 and s[0][1] == "clean" for s in trace)
         assert [s[0][0] for s in trace] == out
 
@@ -531,8 +538,8 @@ def test_batched_rows_equal_single_runs():
                 assert r.out == out, (stride, i)
                 d = r.stats.as_dict()
                 for k in ("forwards", "tokens", "drafts_verified", "rounds_v", "rounds_r", "rounds_c"):
-                    assert d[k] == st[k], (stride, i, k)
-                assert d["acceptance_rate"] == pytest.approx(st["acceptance_rate"], abs=1e-12)
+                    assert d[k] == getattr(st, k), (stride, i, k)
+                assert d["acceptance_rate"] == pytest.approx(st.acceptance_rate, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,15 +609,15 @@ def test_mask_never_emitted():
 # 7. statistics
 
 def _check_stats(out, st, trace, stride):
-    assert st["tokens"] == len(out)
-    assert st["tpf"] == pytest.approx(st["tokens"] / st["forwards"], abs=1e-12)
-    assert 1.0 <= st["tpf"] <= stride
-    assert 0.0 <= st["acceptance_rate"] <= 1.0
-    assert st["rounds_v"] + st["rounds_r"] + st["rounds_c"] == st["forwards"] == len(trace)
-    assert st["wall_s"] > 0 and st["tokens_per_s"] == pytest.approx(st["tokens"] / st["wall_s"])
+    assert st.tokens == len(out)
+    assert st.tpf == pytest.approx(st.tokens / st.forwards, abs=1e-12)
+    assert 1.0 <= st.tpf <= stride
+    assert 0.0 <= st.acceptance_rate <= 1.0
+    assert st.rounds_v + st.rounds_r + st.rounds_c == st.forwards == len(trace)
+    assert st.wall_s > 0 and st.tokens_per_s == pytest.approx(st.tokens / st.wall_s)
     assert [t for step in trace for t, k in step if k != "rejected"] == out
     # no cold start but the first: a rejecting forward also proposes the drafts after its correction
-    assert st["rounds_c"] == 1
+    assert st.rounds_c == 1
     # each step's kinds follow its round type; the last step may be cut short by the stop or the
     # length limit (then its correction or clean token can be missing)
     n_corr, cut, reached = 0, False, 0
@@ -638,10 +645,10 @@ def _check_stats(out, st, trace, stride):
             assert a in (0, stride - 1) or last
             cut = last and kinds[a:] == []
     # a final step that only shows accepted drafts was a V or an R round cut short
-    assert st["rounds_r"] - n_corr in ((0, 1) if cut else (0,))
+    assert st.rounds_r - n_corr in ((0, 1) if cut else (0,))
     # the acceptance rate is over the drafts verification reached (a stop can hide some of the
     # last step's accepted drafts from the trace)
-    assert reached <= st["drafts_verified"] <= (reached if not cut and trace[-1][-1][1] != "rejected"
+    assert reached <= st.drafts_verified <= (reached if not cut and trace[-1][-1][1] != "rejected"
                                                 else before_last + stride - 1)
     # the first step is always a cold start
     assert trace[0] == [(out[0], "clean")]
@@ -655,11 +662,11 @@ def test_stats_consistency_on_random_models():
             for temperature, top_k, top_p in ((1.0, None, None), (0.0, None, None), (0.8, 5, None),
                                               (1.0, None, 0.9)):
                 for s in range(2):
-                    out, st, trace = isd_generate(model, [1, 4, 2], 24, stride, temperature, top_k, top_p,
-                                                  seed=s, stop_ids=[V - 2], trace=True)
+                    out, st, trace = isd_traced(model, [1, 4, 2], 24, stride, temperature, top_k, top_p,
+                                                  seed=s, stop_ids=[V - 2])
                     _check_stats(out, st, trace, stride)
                     assert (V - 2) not in out[:-1] and (len(out) == 24 or out[-1] == V - 2)
-                    totals.update({k: st[k] for k in ("rounds_v", "rounds_r", "rounds_c")})
+                    totals.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r", "rounds_c")})
     assert all(totals[k] > 0 for k in ("rounds_v", "rounds_r", "rounds_c")), totals
 
 
@@ -678,14 +685,14 @@ class ConstantLogits(Model):
 def test_stats_when_drafts_always_agree(stride, temperature):
     model = tiny_model(7, 10, cls=ConstantLogits)
     M = 17
-    out, st, trace = isd_generate(model, [1, 2, 3], M, stride, temperature, seed=3, trace=True)
+    out, st, trace = isd_traced(model, [1, 2, 3], M, stride, temperature, seed=3)
     _check_stats(out, st, trace, stride)
     # one cold start, then every verify step commits `stride` tokens (the last may be cut)
-    assert st["rounds_c"] == 1 and st["rounds_r"] == 0
-    assert st["forwards"] == 1 + math.ceil((M - 1) / stride)
-    assert st["rounds_v"] == st["forwards"] - 1
-    assert st["acceptance_rate"] == 1.0
-    assert st["tpf"] == pytest.approx(M / st["forwards"])
+    assert st.rounds_c == 1 and st.rounds_r == 0
+    assert st.forwards == 1 + math.ceil((M - 1) / stride)
+    assert st.rounds_v == st.forwards - 1
+    assert st.acceptance_rate == 1.0
+    assert st.tpf == pytest.approx(M / st.forwards)
     assert model.cfg.mask_token_id not in out
     if temperature == 0:
         assert out == [model.cfg.mask_token_id - 1] * M  # the largest non-MASK logit

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
-import pretrained  # noqa: E402
 import train  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from test_isd import (P_MIN, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, exact_continuations,  # noqa: E402
@@ -67,9 +66,9 @@ def test_greedy_risd_equals_base_ar():
             for stride in (2, 3, 4):
                 out, st = isd_generate(model, prompt, 20, stride, temperature=0)
                 assert out == ref, (seed, prompt, stride)
-                rounds.update({k: st[k] for k in ("rounds_v", "rounds_r")})
+                rounds.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r")})
                 # the adapter really changes the drafts: ISD of the bare base differs in its statistics
-                rounds["differs"] += isd_generate(base, prompt, 20, stride, temperature=0)[1] != st
+                rounds["differs"] += isd_generate(base, prompt, 20, stride, temperature=0)[1].rounds_v != st.rounds_v
     assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0 and rounds["differs"] > 0, rounds
 
 

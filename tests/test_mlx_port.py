@@ -126,9 +126,9 @@ def test_greedy_isd_matches_pytorch_strides_1_to_4(pair):
             want, st = isd.isd_generate(t, p, 30, stride=stride, temperature=0)
             got, st_mlx = mlx_isd.isd_generate(m, p, 30, stride=stride, temperature=0)
             assert got == want, (stride, p)
-            assert st_mlx["forwards"] == st["forwards"]
-            rounds["v"] += st["rounds_v"]
-            rounds["r"] += st["rounds_r"]
+            assert st_mlx.forwards == st.forwards
+            rounds["v"] += st.rounds_v
+            rounds["r"] += st.rounds_r
         # a batch of requests with different prompt lengths through the same core, MLX forward
         reqs = [isd.Request(list(p), 20, temperature=0) for p in prompts]
         isd.decode(mlx_isd.TorchView(m), reqs, stride)
@@ -144,7 +144,7 @@ def test_sampled_isd_with_a_seed_matches_pytorch(pair):
     for stride, kw in ((2, {}), (4, {"top_k": 5}), (3, {"top_p": 0.9})):
         want = isd.isd_generate(t, [3, 1, 4], 25, stride=stride, temperature=0.8, seed=stride, **kw)
         got = mlx_isd.isd_generate(m, [3, 1, 4], 25, stride=stride, temperature=0.8, seed=stride, **kw)
-        assert got[0] == want[0] and got[1]["forwards"] == want[1]["forwards"]
+        assert got[0] == want[0] and got[1].forwards == want[1].forwards
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
