@@ -247,22 +247,22 @@ def isd_step(model, cache, rows, requests, stride):
     # 2. p at positions 0..N-1 (with K = 0 drafts, positions 1..N-1 are group 0's masks: never read as p)
     p = filtered(model, hidden[:, :N], requests)
 
-    # 3. verify, one batched call per temperature
-    verdicts = {}
+    # 3. verify, one batched call per temperature; a request without drafts (cold start) has nothing to verify
+    verdicts = [(0, None, [])] * len(requests)  # (j accepted, correction or None, min(1, p/q) of those reached)
     for (temperature,), members in grouped(requests, "temperature").items():
         members = [i for i in members if requests[i].drafts]
         if members:
-            verdicts.update(zip(members, verify_drafts([requests[i] for i in members], [p[i] for i in members],
-                                                       temperature)))
-    accepted = [verdicts.get(i, (0,))[0] for i in range(len(requests))]
+            for i, v in zip(members, verify_drafts([requests[i] for i in members], [p[i] for i in members], temperature)):
+                verdicts[i] = v
+    accepted = [j for j, _, _ in verdicts]
 
     # 4. commit, and the next drafts from the masks after the last committed draft
     q = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), j)] for i, (r, j)
                                      in enumerate(zip(requests, accepted))]), requests)
     committed = []
     for i, r in enumerate(requests):
-        K, drafts, j = len(r.drafts), r.drafts, accepted[i]
-        _, correction, ratios = verdicts.get(i, (0, None, []))
+        K, drafts = len(r.drafts), r.drafts
+        j, correction, ratios = verdicts[i]
         r.stats.drafts_verified += len(ratios)
         r.stats.acceptance_sum += sum(ratios)
         if correction is not None:  # d_{j+1} was rejected: its correction, then fresh drafts
