@@ -9,7 +9,7 @@ model.py's network, data and tokenizer; only the attention mask and the loss dif
 logit shift: the logits at a MASK position predict the token AT that position.
 
   dlm   bidirectional attention over the whole row; each token is replaced by MASK with probability
-        t ~ U(0, 1) (one t per row); cross-entropy on the masked tokens weighted by 1/t, divided by
+        t ~ U(0.001, 1) (one t per row); cross-entropy on the masked tokens weighted by 1/t, divided by
         the row length. Its expectation bounds the per-token NLL from above (the diffusion ELBO).
   bdlm  the row is cut into blocks of `block` tokens. Input [xt | x0] (positions shared, as in the
         I-DLM loss): the noisy copy of block B sees all of block B (bidirectional) and the clean
@@ -92,8 +92,8 @@ def denoise_logits(model, family, ids, lo, hi, block):
     dlm: one bidirectional forward over the whole canvas (no cache is possible).
     bdlm: [clean tokens before the block | the block], positions 0..end-1, attention = the rows and
     columns of the training mask `bdlm_mask` that those tokens occupy; tokens after the block are
-    not read. (The clean prefix is causal, so it could come from a KV cache; model.py's cached
-    forward is causal-only, so it is recomputed here.)"""
+    not read. (The clean prefix is causal, so it could come from a KV cache, whose cached forward
+    takes any window mask; it is recomputed here, so bdlm's speed is a lower bound.)"""
     if family == "dlm":
         n = ids.shape[1]
         return model(ids, mask=torch.ones(n, n, dtype=torch.bool, device=ids.device))[:, lo:hi]

@@ -9,8 +9,8 @@ Each step is one forward of a window of W = N*N tokens per request (window_layou
 `pending` is the last committed token, not yet in the cache; d_1..d_K (K = N-1) are the drafts the
 previous step proposed. The clean positions give p (the model's own AR distribution); each draft d_j
 is kept with probability min(1, p_j(d_j) / q_j(d_j)), the first rejected one is replaced by a draw
-from normalize((p_j - q_j)+), and the masks after the last committed token propose the next drafts,
-SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix). Only the
+from normalize((p_j - q_j)+), and the masks after the last accepted draft propose the next drafts
+(the tokens after the correction or clean token), SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix). Only the
 first step after the prompt has no drafts (a cold start).
 """
 import argparse

@@ -5,7 +5,9 @@
 There is one ISD: `isd.decode` / `isd.isd_step` (verify, rollback, per-request random streams) run
 here unchanged. They work in torch on the CPU; `TorchView` puts the MLX model behind that interface,
 converting ids in and logits out through numpy, and shows the MLX KV cache's lengths as torch.
-Options are isd.py's; --device is auto (MLX's default device: the GPU on a Mac), cpu or gpu.
+Options are isd.py's; --device is auto (MLX's default device: the GPU on a Mac), cpu or gpu. Gated
+LoRA adapters are PyTorch only, so the MLX port decodes the base checkpoint (never out_dir/distilled:
+--base changes nothing here; the tokens are the same, fewer per forward).
 """
 import mlx.core as mx
 import numpy as np
