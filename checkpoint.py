@@ -74,7 +74,8 @@ def relink(out_dir, name, target):
 
 
 def adopt_plain_files(out_dir):
-    """A checkpoint of plain files (an older train.py's, or copied): hard-link them into a folder of
+    """A checkpoint of plain files (an older train.py's, or a copy that followed the links, as
+    shutil.copytree does by default: its .checkpoint is a folder): hard-link them into a folder of
     their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
     paths = {n: os.path.join(out_dir, n) for n in FILES}
     plain = [n for n, p in paths.items() if os.path.isfile(p) and not os.path.islink(p)]
@@ -82,6 +83,9 @@ def adopt_plain_files(out_dir):
         folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
         for n in plain:
             os.link(os.path.join(out_dir, n), os.path.join(folder, n))
+        current = os.path.join(out_dir, CURRENT)
+        if os.path.isdir(current) and not os.path.islink(current):  # a copy's: hidden, goes with the old folders
+            os.replace(current, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), CURRENT))
         relink(out_dir, CURRENT, os.path.basename(folder))
         for n in plain:
             relink(out_dir, n, os.path.join(CURRENT, n))
