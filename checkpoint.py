@@ -90,7 +90,8 @@ def adopt_plain_files(out_dir):
         for n in plain:
             os.link(os.path.join(out_dir, n), os.path.join(folder, n))
         current = os.path.join(out_dir, CURRENT)
-        if os.path.isdir(current) and not os.path.islink(current):  # a copy's: hidden, goes with the old folders
+        copied = os.path.isdir(current) and not os.path.islink(current)
+        if copied and not any(os.path.islink(p) for p in paths.values()):  # hidden, goes with the old folders
             os.replace(current, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), CURRENT))
         relink(out_dir, CURRENT, os.path.basename(folder))
         for n in plain:
