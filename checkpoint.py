@@ -1,6 +1,10 @@
 """Load what a decoder runs: a checkpoint folder of train.py, a gated LoRA adapter over its base, a
 pretrained model by name (smollm2), and the self-distilled adapter that `python train.py` leaves in
-`out/distilled/`; and how train.py writes a checkpoint so that an interrupted save never leaves a mix.
+`out/distilled/`; and write a checkpoint folder, the one way (`staged`, used by train.py,
+mlx_port/train.py and distill.py) so that an interrupted save never leaves a mix. Model.save,
+lora.save_adapter and tokenizer.save are plain writes into the folder that `staged` yields. (The
+SmolLM2 conversion cache, written once, appears whole by a rename of its own in pretrained.py, which
+cannot use `staged`: this module imports it.)
 
     model, enc = checkpoint.load_model(checkpoint.distilled_or_base("out"))
 """
@@ -52,9 +56,11 @@ def training_config(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing a checkpoint atomically (train.py, mlx_port/train.py). out_dir/<file> is a link to .checkpoint/<file>, and out_dir/.checkpoint a link to the hidden
-# folder out_dir/.checkpoint-<random> that holds the files: a save writes a new folder and switches
-# .checkpoint to it with one rename, so readers see the old checkpoint whole or the new one whole.
+# Writing a checkpoint folder: train.py's and mlx_port/train.py's out_dir, and distill.py's
+# out_dir/distilled/. out_dir/<file> is a relative link to .checkpoint/<file>, and out_dir/.checkpoint
+# a relative link to the hidden folder out_dir/.checkpoint-<random> that holds the files: a save writes
+# a new folder and switches .checkpoint to it with one rename, so readers see the old checkpoint whole
+# or the new one whole. The folder can be moved, or copied with its links kept or followed.
 
 CURRENT = ".checkpoint"
 KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
@@ -74,7 +80,8 @@ def relink(out_dir, name, target):
 
 
 def adopt_plain_files(out_dir):
-    """A checkpoint of plain files (an older train.py's, or copied): hard-link them into a folder of
+    """A checkpoint of plain files (an older train.py's, or a copy that followed the links, as
+    shutil.copytree does by default: its .checkpoint is a folder): hard-link them into a folder of
     their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
     paths = {n: os.path.join(out_dir, n) for n in FILES}
     plain = [n for n, p in paths.items() if os.path.isfile(p) and not os.path.islink(p)]
@@ -82,6 +89,10 @@ def adopt_plain_files(out_dir):
         folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
         for n in plain:
             os.link(os.path.join(out_dir, n), os.path.join(folder, n))
+        current = os.path.join(out_dir, CURRENT)
+        copied = os.path.isdir(current) and not os.path.islink(current)
+        if copied and not any(os.path.islink(p) for p in paths.values()):  # hidden, goes with the old folders
+            os.replace(current, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), CURRENT))
         relink(out_dir, CURRENT, os.path.basename(folder))
         for n in plain:
             relink(out_dir, n, os.path.join(CURRENT, n))
@@ -90,10 +101,12 @@ def adopt_plain_files(out_dir):
 @contextlib.contextmanager
 def staged(out_dir, new_run=False):
     """Files written into the yielded folder become out_dir's checkpoint together, in one rename (the
-    switch of out_dir/.checkpoint): an interrupted save leaves the last good checkpoint whole. The
-    files of the other kind (a full model vs an adapter) go, so loading never picks up a stale adapter;
-    the rest of out_dir stays, such as distill.py's out_dir/distilled/, unless new_run: the checkpoint
-    replaces another run's (--overwrite), and that run's distilled adapter goes with it."""
+    switch of out_dir/.checkpoint): an interrupted save leaves the last good checkpoint whole. Used by
+    train.py and mlx_port/train.py (a model or an adapter, its tokenizer, optimizer and train state)
+    and by distill.save (the adapter alone, in out_dir/distilled/). The files of the other kind (a
+    full model vs an adapter) go, so loading never picks up a stale adapter; the rest of out_dir
+    stays, such as distill.py's out_dir/distilled/, unless new_run: the checkpoint replaces another
+    run's (train.py --overwrite), and that run's distilled adapter goes with it."""
     os.makedirs(out_dir, exist_ok=True)
     adopt_plain_files(out_dir)
     stage = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)

@@ -19,7 +19,6 @@ The adapter is written to `<out_dir>/distilled/`; isd.py, serve.py and bench.py 
 """
 import argparse
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -143,16 +142,12 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
 
 
 def save(model, out_dir):
-    """Write the adapter to out_dir/distilled/, replacing an earlier one only once it is complete."""
-    final = os.path.join(out_dir, checkpoint.DISTILLED)
-    stage, old = final + ".staging", final + ".old"
-    shutil.rmtree(stage, ignore_errors=True)
-    lora.save_adapter(model.lora, stage)
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(stage, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Write the adapter to out_dir/distilled/ as a checkpoint of its own (checkpoint.staged): an
+    interrupted save leaves the earlier adapter there whole."""
+    folder = os.path.join(out_dir, checkpoint.DISTILLED)
+    with checkpoint.staged(folder) as stage:
+        lora.save_adapter(model.lora, stage)
+    return folder
 
 
 def distill(out_dir, cfg: DistillConfig, stride, data_path=None, log=print):

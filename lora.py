@@ -92,7 +92,7 @@ def add_adapter(model, cfg: LoraConfig, state=None):
 
 
 def save_adapter(lora, out_dir, metadata=None):
-    """Write adapter.safetensors + adapter.json atomically."""
+    """Write adapter.safetensors + adapter.json into out_dir (see model.save_module)."""
     save_module(lora, lora.cfg, out_dir, "adapter.safetensors", "adapter.json", metadata)
 
 

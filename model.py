@@ -325,7 +325,7 @@ class Model(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def save(self, out_dir, metadata=None):
-        """Write model.safetensors + config.json atomically (temporary file, then rename)."""
+        """Write model.safetensors + config.json into out_dir (see save_module)."""
         save_module(self, self.cfg, out_dir, "model.safetensors", "config.json", metadata)
 
     @classmethod
@@ -360,13 +360,14 @@ def window_positions_and_mask(cache, rows, T, context, rel_pos=None, window_mask
 
 
 def save_module(module, cfg, out_dir, weights_name, config_name, metadata=None):
-    """Write a module's tensors (safetensors, `metadata` as strings) and its config dataclass (JSON),
-    each atomically."""
+    """Write a module's tensors (safetensors, `metadata` as strings) and its config dataclass (JSON)
+    into out_dir: plain writes. A checkpoint is saved whole by writing into the folder that
+    checkpoint.staged yields (train.py, distill.py), or into a new folder renamed into place
+    (pretrained.smollm2_dir)."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    _atomic(os.path.join(out_dir, weights_name),
-            lambda f: save_file(tensors, f, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-    _atomic(os.path.join(out_dir, config_name), lambda f: Path(f).write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
+    save_file(tensors, os.path.join(out_dir, weights_name), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    Path(out_dir, config_name).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
 
 def load_config(out_dir):
@@ -381,13 +382,3 @@ def load_config(out_dir):
                          f"missing {sorted(known - set(d))}")
     return ModelConfig(**d)
 
-
-def _atomic(path, write):
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

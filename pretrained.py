@@ -12,6 +12,8 @@ row starts as the mean of the real embeddings.
 """
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tiktoken
@@ -119,14 +121,34 @@ def convert(path=None):
 
 
 def smollm2_dir(cache_dir=None):
-    """The converted checkpoint folder of SmolLM2-135M-Instruct (converted and cached on first use)."""
-    folder = os.path.join(cache_dir or CACHE_DIR, "smollm2-135m-instruct-q4_1")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        cfg, state, enc = convert()
-        model = Model(cfg)
-        model.load_state_dict(state)
-        tok.save(enc, folder)
-        model.save(folder)  # config.json last: its presence marks a complete folder
+    """The converted checkpoint folder of SmolLM2-135M-Instruct (converted and cached on first use).
+
+    The folder appears whole, in one rename: the conversion is written into a new hidden folder beside
+    it, so a conversion cut short never leaves a folder under the final name (an error or Ctrl-C
+    removes the hidden one; a killed process may leave it behind). When two processes convert at once,
+    the first rename wins and the other drops its copy. A folder without config.json is an older
+    version's conversion (written in place) cut short: it is replaced."""
+    cache = cache_dir or CACHE_DIR
+    folder = os.path.join(cache, "smollm2-135m-instruct-q4_1")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    cfg, state, enc = convert()
+    model = Model(cfg)
+    model.load_state_dict(state)
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache)
+    try:
+        model.save(tmp)
+        tok.save(enc, tmp)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone if the rename made it the folder)
     return folder
 
 

@@ -137,7 +137,8 @@ def fingerprint(enc):
 
 def save(enc, directory):
     """Write directory/tokenizer.json: {"name": "gpt2"}, or a BPE's ranks (base64, in rank order,
-    consecutive from first_rank: a vocabulary may put its special tokens first, as SmolLM2's does)."""
+    consecutive from first_rank: a vocabulary may put its special tokens first, as SmolLM2's does).
+    A plain write: a checkpoint is saved whole through checkpoint.staged (see model.save_module)."""
     if enc.name == "gpt2":
         d = {"name": "gpt2"}
     else:
@@ -149,11 +150,8 @@ def save(enc, directory):
              "ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
              "special_tokens": dict(enc._special_tokens)}
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "tokenizer.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
         json.dump(d, f)
-    os.replace(tmp, path)
 
 
 def load(directory):

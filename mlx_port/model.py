@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from model import ModelConfig, _atomic, load_config  # one config, one checkpoint format for both
+from model import ModelConfig, load_config  # one config, one checkpoint format for both
 
 
 def pick_device(name):
@@ -300,17 +300,13 @@ class Model(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, dtype=self.embed_tokens.weight.dtype)
 
     def save(self, out_dir, metadata=None):
-        """Write model.safetensors + config.json atomically (temporary file, then rename)."""
+        """Write model.safetensors + config.json into out_dir: plain writes, as model.save_module
+        (mlx_port/train.py writes them into the folder of checkpoint.staged)."""
         os.makedirs(out_dir, exist_ok=True)
         tensors = dict(tree_flatten(self.parameters()))
-        meta = {k: str(v) for k, v in (metadata or {}).items()}
-
-        def write(f):  # a file object: given a path, MLX would append ".safetensors" to the temporary name
-            with open(f, "wb") as fh:
-                mx.save_safetensors(fh, tensors, metadata=meta)
-        _atomic(os.path.join(out_dir, "model.safetensors"), write)
-        _atomic(os.path.join(out_dir, "config.json"),
-                lambda f: Path(f).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+        mx.save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
+                            metadata={k: str(v) for k, v in (metadata or {}).items()})
+        Path(out_dir, "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
     def load(cls, out_dir):

@@ -31,6 +31,7 @@ import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import isd  # noqa: E402
 import lora  # noqa: E402
+import model as model_module  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -397,11 +398,13 @@ def trained(tmp_path_factory):
 def test_train_writes_a_distilled_adapter_whose_base_is_the_checkpoint(trained):
     out, _ = trained
     folder = out / "distilled"
-    assert sorted(os.listdir(folder)) == ["adapter.json", "adapter.safetensors"]
+    current = os.readlink(folder / ".checkpoint")  # written by checkpoint.staged, as train.py's checkpoint
+    assert sorted(os.listdir(folder)) == sorted([".checkpoint", current, "adapter.json", "adapter.safetensors"])
+    for n in ("adapter.json", "adapter.safetensors"):
+        assert os.readlink(folder / n) == os.path.join(".checkpoint", n)  # relative: the folder can move
     cfg, state = lora.load_adapter(str(folder))
     assert cfg.base == ".."
     assert os.path.samefile(lora.base_of(str(folder), cfg), out)
-    assert not any(n.endswith((".staging", ".old")) for n in os.listdir(out))
     assert checkpoint.distilled_or_base(str(out)) == os.path.join(str(out), "distilled")
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if k.startswith("B."))  # trained
 
@@ -417,11 +420,14 @@ def test_train_distill_usage_errors(tmp_path):
         assert not os.path.exists(tmp_path / "o")
 
 
-def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path):
+@pytest.mark.parametrize("symlinks", [False, True])
+def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path, symlinks):
+    """Copied (links followed: plain files, or links kept: they are relative), then renamed."""
     out, _ = trained
-    shutil.copytree(out, tmp_path / "a")
+    shutil.copytree(out, tmp_path / "a", symlinks=symlinks)
     os.rename(tmp_path / "a", tmp_path / "moved")  # the old folder name no longer exists
     moved = str(tmp_path / "moved")
+    assert os.path.islink(os.path.join(moved, "distilled", "adapter.json")) == symlinks
     src = checkpoint.distilled_or_base(moved)
     assert src == os.path.join(moved, "distilled")
     model, enc = checkpoint.load_model(src)
@@ -447,10 +453,84 @@ def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):
     folder = distill.save(model, ck)
     assert folder == os.path.join(ck, "distilled")
     assert json.load(open(os.path.join(folder, "adapter.json")))["base"] == ".."
-    assert sorted(os.listdir(ck)) == sorted(os.listdir(out))  # nothing left behind (.staging / .old)
+    assert sorted(os.listdir(ck)) == sorted(os.listdir(out))  # nothing left beside distilled/
     loaded, _ = checkpoint.load_model(checkpoint.distilled_or_base(ck))
     assert loaded.lora.cfg.rank == 2
     assert all(torch.equal(loaded.lora.B[k], model.lora.B[k]) for k in model.lora.B)
+
+
+def adapter_in(folder):
+    """(rank, the value every B matrix holds) of the adapter that loads from `folder`'s distilled/,
+    after checking that it is whole: its files come from one save, and it loads over its base."""
+    src = checkpoint.distilled_or_base(folder)
+    assert src == os.path.join(folder, "distilled"), os.listdir(os.path.join(folder, "distilled"))
+    model, _ = checkpoint.load_model(src)
+    values = {v for p in model.lora.B.values() for v in p.detach().flatten().tolist()}
+    assert len(values) == 1 and model.lora.cfg.rank == {0.25: 2, 0.5: 3}[values.pop()]
+    return model.lora.cfg.rank
+
+
+@pytest.mark.parametrize("layout", ["links", "plain files", "copied"])
+def test_a_distill_save_interrupted_anywhere_leaves_one_whole_adapter(trained, tmp_path, monkeypatch, layout):
+    """Interrupt distill.save of a rank-3 adapter over a rank-2 one at each rename in turn, and while it
+    writes the tensors: distilled/ holds the old adapter whole or the new one whole, never a mix or none.
+    "plain files": an adapter folder of plain files (as an older distill.save wrote it); "copied": by
+    shutil.copytree, which follows the links (plain files, and .checkpoint a folder)."""
+    out, _ = trained
+
+    def adapter(rank, value):
+        model = lora.add_adapter(Model.load(str(out)), lora.LoraConfig(rank=rank, alpha=2, base=".."))
+        with torch.no_grad():
+            for p in model.lora.B.values():
+                p.fill_(value)
+        return model
+    old, new = adapter(2, 0.25), adapter(3, 0.5)
+    base = tmp_path / "base"
+    shutil.copytree(out, base, symlinks=True)
+    distill.save(old, str(base))
+    assert adapter_in(str(base)) == 2
+    rename, write = os.replace, model_module.save_file
+    ranks = []
+    for k in range(0, 20):  # k = 0: interrupted while it writes adapter.safetensors
+        ck = str(tmp_path / f"c{k}")
+        if layout == "links":
+            shutil.copytree(base, ck, symlinks=True)
+        elif layout == "copied":
+            shutil.copytree(base, ck)
+            assert os.path.isdir(os.path.join(ck, "distilled", ".checkpoint"))
+        else:
+            shutil.copytree(base, ck, ignore=lambda d, names: [n for n in names if n.startswith(".")])
+        assert os.path.islink(os.path.join(ck, "distilled", "adapter.json")) == (layout == "links")
+        calls = []
+
+        def interrupted(src, dst):
+            calls.append(dst)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return rename(src, dst)
+
+        def half_written(tensors, path, metadata=None):
+            open(path, "wb").write(b"\0" * 100)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(os, "replace", interrupted)
+        if k == 0:
+            monkeypatch.setattr(model_module, "save_file", half_written)
+        try:
+            distill.save(new, ck)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(os, "replace", rename)
+        monkeypatch.setattr(model_module, "save_file", write)
+        ranks.append(adapter_in(ck))
+        if finished:
+            break
+    assert finished and ranks[0] == 2 and ranks[-1] == 3 and set(ranks) == {2, 3}, ranks
+    assert len(ranks) > 2  # more than one rename was interrupted
+    folder = os.path.join(ck, "distilled")  # the finished save left its checkpoint alone, no stage
+    assert sorted(n for n in os.listdir(folder) if n.startswith(".")) == [".checkpoint", os.readlink(f"{folder}/.checkpoint")]
+    distill.save(new, str(tmp_path / "c0"))  # the folder of a save interrupted while writing takes the next
+    assert adapter_in(str(tmp_path / "c0")) == 3
 
 
 def test_isd_cli_names_the_folder_it_decodes_with(trained):

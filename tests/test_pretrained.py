@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import tiktoken
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -12,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrained  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
+from model import Model, ModelConfig  # noqa: E402
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 3,
            "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 0 1 1 2 3 5 8",
@@ -154,3 +156,78 @@ def test_server_chat_on_smollm2(ours, hf_tokenizer):
     assert body["choices"][0]["message"]["content"] == enc.decode(want[:-1])
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["prompt_tokens"] == len(ids) and "Paris" in body["choices"][0]["message"]["content"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the conversion cache, with a stand-in conversion (a tiny model, no GGUF): it appears whole or not at all
+
+def tiny_conversion(fill):
+    """What pretrained.convert returns, for a tiny model whose every weight is `fill`."""
+    enc = tiktoken.Encoding("tiny", pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                            special_tokens={})
+    cfg = ModelConfig(vocab_size=257, mask_token_id=256, n_layer=1, n_head=2, n_kv_head=1, d_model=8, d_ff=16,
+                      max_seq_len=16)
+    return cfg, {k: torch.full_like(v, fill) for k, v in Model(cfg).state_dict().items()}, enc
+
+
+def converted(cache):
+    """The fill of the cached conversion in `cache`, after checking it loads whole."""
+    model, enc = pretrained.load_smollm2(cache_dir=str(cache))
+    assert enc.encode_ordinary("ab c") == [97, 98, 32, 99]
+    fills = {v for p in model.state_dict().values() for v in p.flatten().tolist()}
+    assert len(fills) == 1
+    return fills.pop()
+
+
+@pytest.mark.parametrize("fail_at", ["model.save", "tok.save", "rename"])
+def test_conversion_cut_short_leaves_no_folder(tmp_path, monkeypatch, fail_at):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(pretrained, "convert", lambda path=None: tiny_conversion(1.0))
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def half_written(self, out_dir, metadata=None):
+        open(os.path.join(out_dir, "model.safetensors"), "wb").write(b"\0" * 100)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        if fail_at == "model.save":
+            m.setattr(Model, "save", half_written)
+        elif fail_at == "tok.save":
+            m.setattr(tok, "save", cut_short)
+        else:
+            m.setattr(os, "rename", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            pretrained.smollm2_dir(str(cache))
+    assert os.listdir(cache) == []  # neither the folder nor the hidden one it was written in
+    folder = pretrained.smollm2_dir(str(cache))
+    assert os.listdir(cache) == [os.path.basename(folder)] and converted(cache) == 1.0
+    monkeypatch.setattr(pretrained, "convert", cut_short)  # cached: not converted again
+    assert pretrained.smollm2_dir(str(cache)) == folder
+
+
+def test_conversion_replaces_an_older_half_written_folder(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(pretrained, "convert", lambda path=None: tiny_conversion(1.0))
+    old = cache / "smollm2-135m-instruct-q4_1"  # as the in-place conversion left it, cut short before config.json
+    old.mkdir(parents=True)
+    (old / "tokenizer.json").write_text("{}")
+    (old / "model.safetensors").write_bytes(b"\0" * 100)
+    assert pretrained.smollm2_dir(str(cache)) == str(old)
+    assert os.listdir(cache) == [old.name] and converted(cache) == 1.0
+
+
+def test_concurrent_conversions_keep_the_first_folder(tmp_path, monkeypatch):
+    """Another process's conversion finishes while this one converts: its folder stays, ours goes."""
+    cache = tmp_path / "cache"
+    calls = []
+
+    def convert(path=None):
+        calls.append(path)
+        if len(calls) == 1:
+            pretrained.smollm2_dir(str(cache))  # the other process, done first
+            return tiny_conversion(1.0)
+        return tiny_conversion(2.0)
+    monkeypatch.setattr(pretrained, "convert", convert)
+    folder = pretrained.smollm2_dir(str(cache))
+    assert len(calls) == 2 and os.listdir(cache) == [os.path.basename(folder)] and converted(cache) == 2.0

@@ -155,10 +155,11 @@ def checkpoint_step(out):
     return st["iter"]
 
 
-@pytest.mark.parametrize("layout", ["links", "plain files"])
+@pytest.mark.parametrize("layout", ["links", "plain files", "copied"])
 def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_path, monkeypatch, layout):
     """Interrupt the save of step 4 at each rename in turn: out_dir holds step 2 whole or step 4
-    whole, never a mix. "plain files": a checkpoint laid out as plain files (an older train.py's)."""
+    whole, never a mix. "plain files": a checkpoint laid out as plain files (an older train.py's);
+    "copied": by shutil.copytree, which follows the links (plain files, and .checkpoint a folder)."""
     base = f"{tmp_path}/base"
     common = TINY + [f"--data={corpus}", "--eval_interval=2"]
     run(common + [f"--out_dir={base}", "--max_iters=2"])
@@ -168,6 +169,9 @@ def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_pat
         out = f"{tmp_path}/o{k}"
         if layout == "links":
             shutil.copytree(base, out, symlinks=True)
+        elif layout == "copied":
+            shutil.copytree(base, out)
+            assert os.path.isdir(f"{out}/.checkpoint") and not os.path.islink(f"{out}/.checkpoint")
         else:
             shutil.copytree(base, out, ignore=lambda d, names: [n for n in names if n.startswith(".")])
         calls = []
