@@ -39,7 +39,7 @@ PRESETS = {
     # alpha 1: at this size it beat the paper's 0.2 on BOTH validation losses (README, Results)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
-                eval_interval=200, eval_iters=8, alpha="1", distill_iters=1000),
+                eval_interval=200, eval_iters=8, alpha=1.0, distill_iters=1000),
     # a few seconds; for tests and for trying the code paths
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
                  vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
@@ -54,7 +54,7 @@ PRESETS = {
                     tokenizer="bpe", vocab_size=2048, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4,
                     warmup_iters=20, eval_interval=100, eval_iters=4),
 }
-DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None, out_dir="out",
+DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha=0.2, data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
                 seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
                 lora=0, lora_alpha=16.0, distill_iters=0, block_size=4)
@@ -65,6 +65,16 @@ RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device
 
 class UsageError(ValueError):
     """Bad options or inputs: reported as one line, exit code 2."""
+
+
+def alpha_option(text):
+    """--alpha: a number, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,7 +91,8 @@ def parse_args(argv=None, doc=__doc__):
            "baseline of dlm.py, whole-row / in blocks (default idlm)")
     a("--block_size", type=int, help="bdlm: tokens per block (default 4)")
     a("--stride", type=int, help="N, tokens per forward in ISD; the loss uses N-1 masks per block (default 4)")
-    a("--alpha", help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 1)")
+    a("--alpha", type=alpha_option,
+      help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 1)")
     a("--data", help="a UTF-8 text file or a folder of .txt files (default: the Shakespeare plays)")
     a("--tokenizer", choices=["bpe", "gpt2"], help="bpe: trained on the train split; gpt2: the GPT-2 encoding")
     a("--vocab_size", type=int, help="BPE vocabulary size, end-of-text included (MASK is one more id)")
@@ -127,11 +138,6 @@ def check_options(cfg, given):
         raise UsageError(f"--stride must be >= 1, got {cfg['stride']}")
     if cfg["objective"] == "idlm" and cfg["stride"] < 2:
         raise UsageError("--stride=1 has no masks to train: use --objective=ar for plain AR")
-    if cfg["alpha"] != "auto":
-        try:
-            float(cfg["alpha"])
-        except ValueError:
-            raise UsageError(f"--alpha must be a number or 'auto', got {cfg['alpha']!r}") from None
     if cfg["distill_iters"] < 0:
         raise UsageError(f"--distill_iters must be >= 0, got {cfg['distill_iters']}")
     if "distill_iters" in given and cfg["distill_iters"] and (cfg["lora"] or cfg["objective"] == "ar"):
@@ -183,8 +189,7 @@ def losses(model, x, cfg):
     if cfg["objective"] == "ar":
         clean = ar_loss(model, x)
         return clean, torch.full_like(clean, float("nan")), clean
-    alpha = cfg["alpha"] if cfg["alpha"] == "auto" else float(cfg["alpha"])
-    return idlm_loss(model, x, stride=cfg["stride"], alpha=alpha)
+    return idlm_loss(model, x, stride=cfg["stride"], alpha=cfg["alpha"])
 
 
 @torch.no_grad()
@@ -279,6 +284,8 @@ def read_train_state(out_dir, framework="pytorch"):
     if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
         raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
                          f"with that trainer, or start from its weights with --init_from")
+    if state["config"]["alpha"] != "auto":  # a number; an older train.py saved it as a string
+        state["config"]["alpha"] = float(state["config"]["alpha"])
     return state
 
 

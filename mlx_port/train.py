@@ -39,8 +39,7 @@ def losses(model, x, cfg):
     if cfg["objective"] == "ar":
         clean = ar_loss(model, x)
         return clean, mx.full(clean.shape, float("nan")), clean
-    alpha = cfg["alpha"] if cfg["alpha"] == "auto" else float(cfg["alpha"])
-    return idlm_loss(model, x, stride=cfg["stride"], alpha=alpha)
+    return idlm_loss(model, x, stride=cfg["stride"], alpha=cfg["alpha"])
 
 
 def evaluate(model, val, cfg):

@@ -113,6 +113,20 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     assert resumed["history"] == straight["history"]
 
 
+def test_alpha_is_a_number_and_older_string_alphas_resume(corpus, tmp_path):
+    """--alpha is parsed to a float (or "auto") and saved as one; a checkpoint whose train_state.json
+    records it as a string (an older train.py) resumes, --alpha given again, and continues exactly."""
+    assert train.parse_args([])[0]["alpha"] == 1.0 and train.parse_args(["--alpha=auto"])[0]["alpha"] == "auto"
+    common = TINY + [f"--data={corpus}", "--eval_interval=2", "--alpha=0.5"]
+    straight = run(common + [f"--out_dir={tmp_path}/s", "--max_iters=4"])
+    assert straight["config"]["alpha"] == 0.5
+    st = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=2"])
+    st["config"]["alpha"] = "0.5"
+    json.dump(st, open(f"{tmp_path}/o/train_state.json", "w"))
+    resumed = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=4", "--resume"])
+    assert resumed["history"] == straight["history"] and resumed["config"]["alpha"] == 0.5
+
+
 def test_progress_line_eta():
     cfg = {"objective": "idlm", "max_iters": 800}
     assert progress_line(7, cfg, [9.0, 5.0, 4.0], 1e-3, 3500, 359.6).endswith("| 3.5k tok/s | ETA 6m00s")
