@@ -48,11 +48,10 @@ PRESETS = {
     "gpu": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, seq_len=1024, tokenizer="gpt2",
                 vocab_size=50257, batch_size=16, grad_accum=4, max_iters=20000, lr=6e-4, warmup_iters=1000,
                 eval_interval=1000, eval_iters=50),
-    # fine-tuning SmolLM2-135M (--init_from=smollm2 picks it): its shapes; lr for full fine-tuning
-    # (an adapter, --lora, wants about 1e-3)
-    "smollm2": dict(n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, rope_theta=1e5, seq_len=256,
-                    tokenizer="bpe", vocab_size=2048, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4,
-                    warmup_iters=20, eval_interval=100, eval_iters=4),
+    # fine-tuning SmolLM2-135M (--init_from=smollm2 picks it): the model and tokenizer are SmolLM2's, so
+    # training options only; lr for full fine-tuning (an adapter, --lora, wants about 1e-3)
+    "smollm2": dict(seq_len=256, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4, warmup_iters=20,
+                    eval_interval=100, eval_iters=4),
 }
 DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha=0.2, data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
@@ -368,7 +367,8 @@ def start_from(cfg, given, framework="pytorch", load_weights=load_file):
     """Where the run starts: the run in out_dir (--resume), another checkpoint (--init_from) or
     scratch; a checkpoint already in out_dir is replaced only with --overwrite. Returns (cfg, model
     config, tokenizer, weights, train state, adapter); all but cfg are None from scratch, the state
-    only when resuming, the adapter (LoraConfig, tensors or None) only with --lora."""
+    only when resuming, the adapter (LoraConfig, tensors or None) only with --lora. With --init_from,
+    cfg records the checkpoint's model shape and tokenizer (the run's), not the preset's."""
     out_dir = cfg["out_dir"]
     mcfg = enc = weights = state = adapter = None
     has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
@@ -386,16 +386,17 @@ def start_from(cfg, given, framework="pytorch", load_weights=load_file):
                                                  "--resume: the adapter's base model", load_weights)
         else:
             mcfg, enc, weights = load_pretrained(out_dir, "--resume", load_weights)
+        check_against(mcfg, enc, cfg, given)
     elif has_ckpt and not cfg["overwrite"]:
         raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out_dir")
     elif cfg["init_from"]:
         mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from", load_weights)
+        check_against(mcfg, enc, cfg, given)
+        cfg = {**cfg, **{k: getattr(mcfg, k) for k in MODEL_KEYS}, "tokenizer": enc.name, "vocab_size": enc.n_vocab}
         if cfg["lora"]:  # a new adapter on the base as resolved now
             base = cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"])
             adapter = (lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), None)
-    if enc is not None:
-        check_against(mcfg, enc, cfg, given)
     return cfg, mcfg, enc, weights, state, adapter
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 import data
+import pretrained
 import train
 from model import Model
 from train import progress_line
@@ -125,6 +126,24 @@ def test_alpha_is_a_number_and_older_string_alphas_resume(corpus, tmp_path):
     json.dump(st, open(f"{tmp_path}/o/train_state.json", "w"))
     resumed = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=4", "--resume"])
     assert resumed["history"] == straight["history"] and resumed["config"]["alpha"] == 0.5
+
+
+def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeypatch):
+    """--init_from=smollm2 (stood in for by a tiny checkpoint whose tokenizer is named smollm2) picks the
+    smollm2 preset, which has training options only: the saved config records the model shape and
+    tokenizer the run used, the checkpoint's."""
+    stub = f"{tmp_path}/stub"
+    run(TINY + [f"--data={corpus}", f"--out_dir={stub}", "--max_iters=1"])
+    enc = json.load(open(f"{stub}/tokenizer.json"))
+    json.dump({**enc, "name": "smollm2"}, open(f"{stub}/tokenizer.json", "w"))
+    monkeypatch.setattr(pretrained, "smollm2_dir", lambda cache_dir=None: stub)
+    out = f"--out_dir={tmp_path}/o"
+    st = run(["--init_from=smollm2", f"--data={corpus}", "--seq_len=32", "--max_iters=1", "--eval_iters=1", out])
+    cfg = st["config"]
+    assert cfg["preset"] == "smollm2" and cfg["batch_size"] == 4 and cfg["grad_accum"] == 4
+    assert (cfg["tokenizer"], cfg["vocab_size"], cfg["n_layer"], cfg["d_model"]) == ("smollm2", 300, 2, 64)
+    with pytest.raises(train.UsageError, match="trained with --tokenizer=smollm2"):
+        train.main([out, "--resume", "--tokenizer=bpe"])
 
 
 def test_progress_line_eta():
