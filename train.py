@@ -411,10 +411,20 @@ def load_data(cfg, enc=None, log=print):
     return enc, train_ids, val_ids
 
 
-def new_model_config(cfg, enc):
-    """The model of a run from scratch: the preset's shape, the tokenizer's ids + MASK."""
-    return ModelConfig(vocab_size=enc.n_vocab + 1, mask_token_id=enc.n_vocab, max_seq_len=cfg["seq_len"],
+def new_model_config(cfg, n_vocab):
+    """The model of a run from scratch: cfg's shape, the tokenizer's n_vocab ids + MASK."""
+    return ModelConfig(vocab_size=n_vocab + 1, mask_token_id=n_vocab, max_seq_len=cfg["seq_len"],
                        **{k: cfg[k] for k in MODEL_KEYS})
+
+
+def preset_model_config(preset):
+    """The model of `python train.py --preset=<preset>` with no other option: the preset's shape and its
+    vocab_size ids + MASK (a BPE reaches vocab_size on all but tiny data); for smollm2, which starts
+    from SmolLM2 (--init_from=smollm2), SmolLM2's, converted on first use."""
+    if preset == "smollm2":
+        return load_config(checkpoint_folder(pretrained.NAME, "--preset=smollm2"))
+    cfg, _ = parse_args([f"--preset={preset}"])
+    return new_model_config(cfg, cfg["vocab_size"])
 
 
 def progress_line(step, cfg, losses, lr, tps, eta):
@@ -454,7 +464,7 @@ def main(argv=None):
     cfg, mcfg, enc, weights, state, adapter = start_from(cfg, given)
     enc, train_ids, val_ids = load_data(cfg, enc, log)
     torch.manual_seed(cfg["seed"])
-    model = Model(mcfg or new_model_config(cfg, enc))
+    model = Model(mcfg or new_model_config(cfg, enc.n_vocab))
     if weights is not None:
         model.load_state_dict(weights)
     if adapter is not None:  # R-ISD: freeze the base, train only the gated adapter

@@ -111,7 +111,7 @@ def main(argv=None):
     cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
     enc, train_ids, val_ids = load_data(cfg, enc, print)
     mx.random.seed(cfg["seed"])
-    model = Model(mcfg or new_model_config(cfg, enc))
+    model = Model(mcfg or new_model_config(cfg, enc.n_vocab))
     if weights is not None:
         model.load_weights(list(weights.items()))
     opt = make_optimizer(model, cfg)
