@@ -31,7 +31,6 @@ import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import isd  # noqa: E402
 import lora  # noqa: E402
-import pretrained  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
-import pretrained  # noqa: E402
 import train  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from test_isd import (P_MIN, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, exact_continuations,  # noqa: E402
