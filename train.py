@@ -170,6 +170,21 @@ def pick_device(name):
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def init_processes(cfg):
+    """(ddp, rank, world, device) of this process: the only one, or one of torchrun's (ddp), which join a
+    process group (nccl on CUDA, each on its own GPU; gloo elsewhere) once --grad_accum is known to split."""
+    if "WORLD_SIZE" not in os.environ:
+        return False, 0, 1, pick_device(cfg["device"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    micro_steps(cfg, world)
+    device = pick_device(cfg["device"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, world, device
+
+
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr_frac * lr."""
     if it < cfg["warmup_iters"]:
@@ -225,17 +240,14 @@ def micro_steps(cfg, world):
     return cfg["grad_accum"] // world
 
 
-def step_offsets(n_ids, cfg, it):
-    """Where the rows of step `it`'s global batch start: a function of (seed, it) only, so --resume and
-    any number of processes see the same rows in the same order."""
-    rows = cfg["batch_size"] * cfg["grad_accum"]
-    return data.batch_offsets(n_ids, cfg["seq_len"], rows, seed=cfg["seed"] * 1_000_003 + it)
-
-
-def micro_batch(offsets, micro, rank, world, cfg):
-    """The offsets of micro-batch `micro` of process `rank`: the global batch dealt out row block by row block."""
-    i = (micro * world + rank) * cfg["batch_size"]
-    return offsets[i:i + cfg["batch_size"]]
+def micro_batches(ids, it, cfg, rank=0, world=1):
+    """The micro-batches of process `rank` in step `it`: rows of the step's global batch, which is a function
+    of (seed, it) only, so --resume and any number of processes see the same rows in the same order; it is
+    dealt out row block by row block, micro_steps(cfg, world) blocks to each process."""
+    bs, seed = cfg["batch_size"], cfg["seed"] * 1_000_003 + it
+    offsets = data.batch_offsets(len(ids), cfg["seq_len"], bs * cfg["grad_accum"], seed)
+    starts = [(micro * world + rank) * bs for micro in range(micro_steps(cfg, world))]
+    return [data.get_batch(ids, offsets[i:i + bs], cfg["seq_len"]) for i in starts]
 
 
 def decays(ndim, cfg):
@@ -252,6 +264,29 @@ def make_optimizer(model, cfg):
     groups = [{"params": [p for p in trainable if decays(p.dim(), cfg) == wd], "weight_decay": wd}
               for wd in (cfg["weight_decay"], 0.0)]
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=BETAS)
+
+
+def train_step(net, opt, batches, lr, cfg, device):
+    """One optimizer step at learning rate lr over this process's micro-batches (with DDP the gradients
+    are averaged over the processes at the last one); returns [loss, task, clean] averaged over all."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    ddp, stats = isinstance(net, torch.nn.parallel.DistributedDataParallel), torch.zeros(3)
+    for micro, x in enumerate(batches):
+        last = micro == len(batches) - 1
+        with contextlib.nullcontext() if last or not ddp else net.no_sync():
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+                loss, task, clean = losses(net, x.to(device), cfg)
+            (loss / len(batches)).backward()
+        stats += torch.stack([loss, task, clean]).detach().float().cpu() / len(batches)
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ddp:
+        dist.all_reduce(stats)
+        stats /= dist.get_world_size()
+    return stats.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,6 +462,33 @@ def preset_model_config(preset):
     return new_model_config(cfg, cfg["vocab_size"])
 
 
+def build_model(cfg, mcfg, weights=None, adapter=None):
+    """The model to train, seeded: mcfg's, with the checkpoint's weights if any; with an adapter (R-ISD,
+    --lora) the base is frozen and only the gated adapter trains."""
+    torch.manual_seed(cfg["seed"])
+    model = Model(mcfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    if adapter is not None:
+        lora.add_adapter(model, *adapter)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run prints, shared with mlx_port/train.py
+
+def run_line(cfg, n_params, mcfg, n_train, where):
+    """The run at a glance, printed before its first step; `where`: the processes or framework and device."""
+    return (f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} (MASK = "
+            f"{mcfg.mask_token_id}), {n_train / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
+            f"{cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens per step, {where}")
+
+
+def evaluates_at(it, start, cfg):
+    """Whether the run evaluates and saves before step `it`: every eval_interval steps and at the end."""
+    return it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"])
+
+
 def progress_line(step, cfg, losses, lr, tps, eta):
     """One line of progress: step, losses (loss, task, clean; no task for the AR objective), lr, speed, ETA."""
     parts = {"idlm": f"task {losses[1]:.4f} clean {losses[2]:.4f}", "ar": f"clean {losses[2]:.4f}"}.get(
@@ -437,111 +499,83 @@ def progress_line(step, cfg, losses, lr, tps, eta):
             f" | ETA {minutes}m{seconds:02d}s")
 
 
-def progress(it, start, t0, t_last, cfg):
-    """(tokens per second since t_last, seconds left) after step `it` of a run that began at `start`."""
+def log_progress(it, losses, lr, start, t0, t_last, cfg, log=print):
+    """After step `it`, every log_interval steps and at the last: the progress line (speed since the
+    last line, at t_last; ETA from the run's start step and time t0). Returns the time of the last line."""
+    if (it + 1) % cfg["log_interval"] and it + 1 != cfg["max_iters"]:
+        return t_last
     now = time.time()
     n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
     tps = n * cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"] / (now - t_last)
-    return tps, (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+    eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+    log(progress_line(it + 1, cfg, losses, lr, tps, eta), flush=True)
+    return time.time()
+
+
+def sample(model, enc, cfg):
+    """The model's continuation of a line break (100 tokens at most, temperature 0.8), decoded: AR, or the
+    diffusion decoder for dlm / bdlm."""
+    model.eval()
+    prompt = enc.encode_ordinary("\n")
+    n = min(100, model.cfg.max_seq_len - len(prompt))
+    if cfg["objective"] in dlm.FAMILIES:
+        out = dlm.dlm_generate(model, cfg["objective"], prompt, n, cfg["block_size"], cfg["block_size"],
+                               temperature=0.8, seed=cfg["seed"])[0]
+    else:
+        out = ar_generate(model, prompt, n, temperature=0.8, seed=cfg["seed"])
+    return enc.decode(out)
 
 
 def main(argv=None):
+    # set-up: the options, the processes (several under torchrun: DDP) and the device
     cfg, given = parse_args(argv)
     check_options(cfg, given)
-    ddp = "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    n_micro = micro_steps(cfg, world)
-    device = pick_device(cfg["device"])
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    out_dir = cfg["out_dir"]
+    ddp, rank, world, device = init_processes(cfg)
+    log = print if rank == 0 else (lambda *a, **k: None)
 
+    # the start point: the run in out_dir (--resume), another checkpoint (--init_from) or scratch
     cfg, mcfg, enc, weights, state, adapter = start_from(cfg, given)
     enc, train_ids, val_ids = load_data(cfg, enc, log)
-    torch.manual_seed(cfg["seed"])
-    model = Model(mcfg or new_model_config(cfg, enc.n_vocab))
-    if weights is not None:
-        model.load_state_dict(weights)
-    if adapter is not None:  # R-ISD: freeze the base, train only the gated adapter
-        lora.add_adapter(model, *adapter)
-    model.to(device)
+    model = build_model(cfg, mcfg or new_model_config(cfg, enc.n_vocab), weights, adapter).to(device)
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
-        load_optimizer(out_dir, opt, state)
+        load_optimizer(cfg["out_dir"], opt, state)
         start, history, evals = state["iter"], state["history"], state["evals"]
     net = torch.compile(model) if cfg["compile"] else model
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg["lora"]:
-        log(f"gated LoRA rank {cfg['lora']}: training {sum(p.numel() for p in trainable) / 1e6:.2f}M adapter "
-            f"parameters on a frozen base")
-    log(f"{cfg['objective']} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"vocab {model.cfg.vocab_size} (MASK = {model.cfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train "
-        f"tokens, stride {cfg['stride']}, {cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens "
-        f"per step, {world} process(es) on {device}")
+        n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"gated LoRA rank {cfg['lora']}: training {n_adapter / 1e6:.2f}M adapter parameters on a frozen base")
+    log(run_line(cfg, sum(p.numel() for p in model.parameters()), model.cfg, len(train_ids),
+                 f"{world} process(es) on {device}"))
 
+    # the loop: evaluate and save every eval_interval steps and at the end; between, optimizer steps
     t0 = t_last = time.time()
     for it in range(start, cfg["max_iters"] + 1):
-        # evaluate and save every eval_interval steps and at the end
-        if it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
+        if evaluates_at(it, start, cfg):
             val = evaluate(model, val_ids, cfg, device, rank, world)
             evals.append([it, *val])
             log(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
-            if master:
-                save_checkpoint(out_dir, model, enc, opt, {"iter": it, "config": cfg, "history": history,
-                                                           "evals": evals}, new_run=state is None)
+            if rank == 0:
+                save_checkpoint(cfg["out_dir"], model, enc, opt, {"iter": it, "config": cfg, "history": history,
+                                                                  "evals": evals}, new_run=state is None)
         if it == cfg["max_iters"]:
             break
         lr = lr_at(it, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # forward, backward and update, with grad_accum micro-batches over all processes
-        offsets = step_offsets(len(train_ids), cfg, it)
-        stats = torch.zeros(3)
-        for micro in range(n_micro):
-            x = data.get_batch(train_ids, micro_batch(offsets, micro, rank, world, cfg), cfg["seq_len"]).to(device)
-            last = micro == n_micro - 1
-            with contextlib.nullcontext() if last or not ddp else net.no_sync():  # DDP averages at the last
-                with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-                    loss, task, clean = losses(net, x, cfg)
-                (loss / n_micro).backward()
-            stats += torch.stack([loss, task, clean]).detach().float().cpu() / n_micro
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(stats)
-            stats /= world
-        history.append([it, *[round(v, 6) for v in stats.tolist()]])
-        if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["max_iters"]:
-            tps, eta = progress(it, start, t0, t_last, cfg)
-            log(progress_line(it + 1, cfg, [float(v) for v in stats], lr, tps, eta), flush=True)
-            t_last = time.time()
-    log(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
+        stats = train_step(net, opt, micro_batches(train_ids, it, cfg, rank, world), lr, cfg, device)
+        history.append([it, *[round(v, 6) for v in stats]])
+        t_last = log_progress(it, stats, lr, start, t0, t_last, cfg, log)
+    log(f"done in {time.time() - t0:.0f}s; checkpoint in {cfg['out_dir']}/")
 
-    if master:
-        model.eval()
-        prompt = enc.encode_ordinary("\n")
-        n = min(100, model.cfg.max_seq_len - len(prompt))
-        if cfg["objective"] in dlm.FAMILIES:
-            out = dlm.dlm_generate(model, cfg["objective"], prompt, n, cfg["block_size"], cfg["block_size"],
-                                   temperature=0.8, seed=cfg["seed"])[0]
-        else:
-            out = ar_generate(model, prompt, n, temperature=0.8, seed=cfg["seed"])
-        print("sample:\n" + enc.decode(out))
+    # the end: a sample; then (the cpu preset, --distill_iters) self-distillation of the masks
+    if rank == 0:
+        print("sample:\n" + sample(model, enc, cfg))
         if cfg.get("distill_iters") and cfg["objective"] == "idlm" and not cfg["lora"]:
             log(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
-            distill.distill(out_dir, distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"],
-                                                           seed=cfg["seed"]), cfg["stride"], cfg["data"])
+            dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
+            distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
     if ddp:
         dist.destroy_process_group()
 
