@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import data
 import dlm
@@ -91,43 +92,38 @@ def judge_ppl(judge, jenc, prompts, continuations, batch=8):
     return math.exp(nll / count)
 
 
-def table(a):
-    """The table of the introspection gap: for each model and decoding setting, validation loss,
-    judge perplexity of its continuations, introspective acceptance, tokens per forward, tokens/s."""
-    import matplotlib
-    from tqdm import tqdm
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    if a.quick:
-        a.n, a.max_new_tokens, a.dlm_steps = min(a.n, 8), min(a.max_new_tokens, 24), a.dlm_steps[:2]
-    torch.set_num_threads(a.threads)
-    settings = introspect_settings(a)
-    first = settings[0][1]
+def validation_windows(a, first):
+    """(tokenizer, windows): a.n windows of prompt_len + max_new_tokens tokens from the validation split
+    of the data of checkpoint `first`, tokenized with its tokenizer."""
     enc = tok.load(first)
     with open(os.path.join(first, "train_state.json")) as f:
         data_path = json.load(f)["config"]["data"]
     _, _, val = data.load_corpus(data_path, enc=enc, log=lambda *_: None)
-    windows = [val[o:o + a.prompt_len + a.max_new_tokens].tolist()
-               for o in data.batch_offsets(len(val), a.prompt_len + a.max_new_tokens, a.n, seed=a.seed)]
-    prompts = [w[:a.prompt_len] for w in windows]
-    prompt_texts = [enc.decode(p) for p in prompts]
-    judge, jenc = pretrained.load_smollm2()
-    results = [{"model": "validation text (reference)", "family": "data", "val_loss": None, "val_loss_kind": None,
-                "judge_ppl": judge_ppl(judge, jenc, prompt_texts, [enc.decode(w[a.prompt_len:]) for w in windows]),
-                "introspective_acceptance": None, "tokens_per_forward": None, "tokens_per_s": None}]
+    length = a.prompt_len + a.max_new_tokens
+    return enc, [val[o:o + length].tolist() for o in data.batch_offsets(len(val), length, a.n, seed=a.seed)]
+
+
+def load_models(settings, enc):
+    """{out_dir: model in eval mode} of every setting; all must have the tokenizer enc."""
     models = {}
     for _, out_dir, _, _ in settings:
         if out_dir not in models:
             models[out_dir] = Model.load(out_dir).eval()
             if tok.fingerprint(tok.load(out_dir)) != tok.fingerprint(enc):
-                raise SystemExit(f"bench.py: error: {out_dir} has another tokenizer than {first}")
+                raise SystemExit(f"bench.py: error: {out_dir} has another tokenizer than {settings[0][1]}")
+    return models
+
+
+def generate_all(a, settings, models, prompts):
+    """Each setting's continuations of the prompts, after a warm-up: {"outs", "q"} per continuation, and
+    "forwards", "wall" in all. The settings take turns on each prompt, so that the machine's load drifts
+    over all of them alike."""
     for _, out_dir, family, opts in settings:  # warm-up
         generate_with_acceptance(models[out_dir], family, prompts[0], 4, a.temperature, 0, opts)
-    # the settings take turns on each prompt, so that the machine's load drifts over all of them alike
     runs = [{"outs": [], "q": [], "forwards": 0, "wall": 0.0} for _ in settings]
     bar = tqdm(total=len(settings) * a.n, desc="introspect", file=sys.stderr, disable=a.no_progress)
     for i, p in enumerate(prompts):
-        for (label, out_dir, family, opts), run in zip(settings, runs):
+        for (_, out_dir, family, opts), run in zip(settings, runs):
             out, f, w, q = generate_with_acceptance(models[out_dir], family, p, a.max_new_tokens, a.temperature,
                                                     a.seed + i, opts)
             run["outs"].append(out)
@@ -136,37 +132,58 @@ def table(a):
             run["wall"] += w
             bar.update()
     bar.close()
+    return runs
+
+
+def acceptance_of(a, model, family, opts, prompts, run):
+    """The introspective acceptance of every generated token of a setting: as ISD scored it while
+    verifying the drafts (I-DLM), else min(1, p/q) with p the same model reading each continuation left
+    to right."""
+    if family == "idlm":
+        return torch.cat(run["q"])
+    ids = torch.tensor([p + o for p, o in zip(prompts, run["outs"])])
+    p_logits = dlm.left_to_right_logits(model, family, ids, a.prompt_len, opts.get("block", 4))
+    mask_id = model.cfg.mask_token_id
+    return torch.cat([dlm.acceptance(process_logits(p_logits[i], mask_id, a.temperature), q, torch.tensor(o),
+                                     a.temperature) for i, (o, q) in enumerate(zip(run["outs"], run["q"]))])
+
+
+def setting_rows(a, settings, runs, models, prompts, enc, ppl):
+    """The table's row of each setting; ppl(texts): the judge's perplexity of continuation texts."""
+    rows = []
     for (label, out_dir, family, opts), run in tqdm(list(zip(settings, runs)), desc="acceptance and judge",
                                                      file=sys.stderr, disable=a.no_progress):
-        model, outs = models[out_dir], run["outs"]
-        if family == "idlm":  # scored by ISD as it verified the drafts
-            accs = run["q"]
-        else:  # p: the same model reading each continuation left to right
-            ids = torch.tensor([p + o for p, o in zip(prompts, outs)])
-            p_logits = dlm.left_to_right_logits(model, family, ids, a.prompt_len, opts.get("block", 4))
-            mask_id = model.cfg.mask_token_id
-            accs = [dlm.acceptance(process_logits(p_logits[i], mask_id, a.temperature), q, torch.tensor(o),
-                                   a.temperature) for i, (o, q) in enumerate(zip(outs, run["q"]))]
-        acc = torch.cat(accs)
+        acc = acceptance_of(a, models[out_dir], family, opts, prompts, run)
         evals = json.load(open(os.path.join(out_dir, "train_state.json")))["evals"][-1]
-        tokens = sum(map(len, outs))
-        results.append({"model": label, "family": family, "val_loss": evals[2] if family in ("ar", "idlm") else evals[1],
-                        "val_loss_kind": VAL_LOSS_KIND[family],
-                        "judge_ppl": judge_ppl(judge, jenc, prompt_texts, [enc.decode(o) for o in outs]),
-                        "introspective_acceptance": float(acc.mean()) if len(acc) else None,
-                        "tokens_per_forward": tokens / run["forwards"], "tokens_per_s": tokens / run["wall"]})
+        tokens = sum(map(len, run["outs"]))
+        rows.append({"model": label, "family": family, "val_loss": evals[2] if family in ("ar", "idlm") else evals[1],
+                     "val_loss_kind": VAL_LOSS_KIND[family], "judge_ppl": ppl([enc.decode(o) for o in run["outs"]]),
+                     "introspective_acceptance": float(acc.mean()) if len(acc) else None,
+                     "tokens_per_forward": tokens / run["forwards"], "tokens_per_s": tokens / run["wall"]})
+    return rows
+
+
+def print_table(a, results):
+    """The rows as a markdown table after a line on the setup, or (--json) as a JSON list."""
     if a.json:
         print(json.dumps(results, indent=1))
-    else:
-        print(f"{a.n} continuations of {a.max_new_tokens} tokens after {a.prompt_len}-token validation prompts, "
-              f"temperature {a.temperature}, batch 1, {torch.get_num_threads()} thread(s); judge SmolLM2-135M-Instruct")
-        print("\n| model | validation loss | judge ppl | introspective acceptance | tokens/forward | tokens/s |")
-        print("|---|---|---|---|---|---|")
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        for r in results:
-            loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f} ({r['val_loss_kind']})"
-            print(f"| {r['model']} | {loss} | {r['judge_ppl']:.1f} | {fmt(r['introspective_acceptance'], '.3f')} "
-                  f"| {fmt(r['tokens_per_forward'], '.2f')} | {fmt(r['tokens_per_s'], '.0f')} |")
+        return
+    print(f"{a.n} continuations of {a.max_new_tokens} tokens after {a.prompt_len}-token validation prompts, "
+          f"temperature {a.temperature}, batch 1, {torch.get_num_threads()} thread(s); judge SmolLM2-135M-Instruct")
+    print("\n| model | validation loss | judge ppl | introspective acceptance | tokens/forward | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in results:
+        loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f} ({r['val_loss_kind']})"
+        print(f"| {r['model']} | {loss} | {r['judge_ppl']:.1f} | {fmt(r['introspective_acceptance'], '.3f')} "
+              f"| {fmt(r['tokens_per_forward'], '.2f')} | {fmt(r['tokens_per_s'], '.0f')} |")
+
+
+def plot(a, results):
+    """Judge perplexity against tokens/s, one point per setting, the validation text as a line; to a.plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 5))
     markers = {"ar": "s", "idlm": "*", "dlm": "o", "bdlm": "^"}
     for r in results[1:]:  # one legend entry per point: labels on the plot would overlap
@@ -184,6 +201,28 @@ def table(a):
     fig.tight_layout()
     fig.savefig(a.plot, dpi=120)
     print(f"wrote {a.plot}", file=sys.stderr)
+
+
+def table(a):
+    """The table of the introspection gap: for each model and decoding setting, validation loss,
+    judge perplexity of its continuations, introspective acceptance, tokens per forward, tokens/s."""
+    if a.quick:
+        a.n, a.max_new_tokens, a.dlm_steps = min(a.n, 8), min(a.max_new_tokens, 24), a.dlm_steps[:2]
+    torch.set_num_threads(a.threads)
+    settings = introspect_settings(a)
+    # the prompts, and the judge's perplexity of the validation text that follows them (the reference row)
+    enc, windows = validation_windows(a, settings[0][1])
+    prompts = [w[:a.prompt_len] for w in windows]
+    prompt_texts = [enc.decode(p) for p in prompts]
+    judge, jenc = pretrained.load_smollm2()
+    ppl = lambda texts: judge_ppl(judge, jenc, prompt_texts, texts)  # noqa: E731
+    results = [{"model": "validation text (reference)", "family": "data", "val_loss": None, "val_loss_kind": None,
+                "judge_ppl": ppl([enc.decode(w[a.prompt_len:]) for w in windows]),
+                "introspective_acceptance": None, "tokens_per_forward": None, "tokens_per_s": None}]
+    # every setting's continuations, then their rows
+    models = load_models(settings, enc)
+    runs = generate_all(a, settings, models, prompts)
+    results += setting_rows(a, settings, runs, models, prompts, enc, ppl)
+    print_table(a, results)
+    plot(a, results)
     return results
-
-

@@ -39,7 +39,7 @@ PRESETS = {
     # alpha 1: at this size it beat the paper's 0.2 on BOTH validation losses (README, Results)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
-                eval_interval=200, eval_iters=8, alpha="1", distill_iters=1000),
+                eval_interval=200, eval_iters=8, alpha=1.0, distill_iters=1000),
     # a few seconds; for tests and for trying the code paths
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
                  vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
@@ -48,13 +48,12 @@ PRESETS = {
     "gpu": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, seq_len=1024, tokenizer="gpt2",
                 vocab_size=50257, batch_size=16, grad_accum=4, max_iters=20000, lr=6e-4, warmup_iters=1000,
                 eval_interval=1000, eval_iters=50),
-    # fine-tuning SmolLM2-135M (--init_from=smollm2 picks it): its shapes; lr for full fine-tuning
-    # (an adapter, --lora, wants about 1e-3)
-    "smollm2": dict(n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, rope_theta=1e5, seq_len=256,
-                    tokenizer="bpe", vocab_size=2048, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4,
-                    warmup_iters=20, eval_interval=100, eval_iters=4),
+    # fine-tuning SmolLM2-135M (--init_from=smollm2 picks it): the model and tokenizer are SmolLM2's, so
+    # training options only; lr for full fine-tuning (an adapter, --lora, wants about 1e-3)
+    "smollm2": dict(seq_len=256, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4, warmup_iters=20,
+                    eval_interval=100, eval_iters=4),
 }
-DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha="0.2", data=None, out_dir="out",
+DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha=0.2, data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
                 seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
                 lora=0, lora_alpha=16.0, distill_iters=0, block_size=4)
@@ -65,6 +64,16 @@ RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device
 
 class UsageError(ValueError):
     """Bad options or inputs: reported as one line, exit code 2."""
+
+
+def alpha_option(text):
+    """--alpha: a number, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,7 +90,8 @@ def parse_args(argv=None, doc=__doc__):
            "baseline of dlm.py, whole-row / in blocks (default idlm)")
     a("--block_size", type=int, help="bdlm: tokens per block (default 4)")
     a("--stride", type=int, help="N, tokens per forward in ISD; the loss uses N-1 masks per block (default 4)")
-    a("--alpha", help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 1)")
+    a("--alpha", type=alpha_option,
+      help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 1)")
     a("--data", help="a UTF-8 text file or a folder of .txt files (default: the Shakespeare plays)")
     a("--tokenizer", choices=["bpe", "gpt2"], help="bpe: trained on the train split; gpt2: the GPT-2 encoding")
     a("--vocab_size", type=int, help="BPE vocabulary size, end-of-text included (MASK is one more id)")
@@ -127,11 +137,6 @@ def check_options(cfg, given):
         raise UsageError(f"--stride must be >= 1, got {cfg['stride']}")
     if cfg["objective"] == "idlm" and cfg["stride"] < 2:
         raise UsageError("--stride=1 has no masks to train: use --objective=ar for plain AR")
-    if cfg["alpha"] != "auto":
-        try:
-            float(cfg["alpha"])
-        except ValueError:
-            raise UsageError(f"--alpha must be a number or 'auto', got {cfg['alpha']!r}") from None
     if cfg["distill_iters"] < 0:
         raise UsageError(f"--distill_iters must be >= 0, got {cfg['distill_iters']}")
     if "distill_iters" in given and cfg["distill_iters"] and (cfg["lora"] or cfg["objective"] == "ar"):
@@ -165,6 +170,21 @@ def pick_device(name):
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def init_processes(cfg):
+    """(ddp, rank, world, device) of this process: the only one, or one of torchrun's (ddp), which join a
+    process group (nccl on CUDA, each on its own GPU; gloo elsewhere) once --grad_accum is known to split."""
+    if "WORLD_SIZE" not in os.environ:
+        return False, 0, 1, pick_device(cfg["device"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    micro_steps(cfg, world)
+    device = pick_device(cfg["device"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, world, device
+
+
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr_frac * lr."""
     if it < cfg["warmup_iters"]:
@@ -183,8 +203,7 @@ def losses(model, x, cfg):
     if cfg["objective"] == "ar":
         clean = ar_loss(model, x)
         return clean, torch.full_like(clean, float("nan")), clean
-    alpha = cfg["alpha"] if cfg["alpha"] == "auto" else float(cfg["alpha"])
-    return idlm_loss(model, x, stride=cfg["stride"], alpha=alpha)
+    return idlm_loss(model, x, stride=cfg["stride"], alpha=cfg["alpha"])
 
 
 @torch.no_grad()
@@ -221,17 +240,14 @@ def micro_steps(cfg, world):
     return cfg["grad_accum"] // world
 
 
-def step_offsets(n_ids, cfg, it):
-    """Where the rows of step `it`'s global batch start: a function of (seed, it) only, so --resume and
-    any number of processes see the same rows in the same order."""
-    rows = cfg["batch_size"] * cfg["grad_accum"]
-    return data.batch_offsets(n_ids, cfg["seq_len"], rows, seed=cfg["seed"] * 1_000_003 + it)
-
-
-def micro_batch(offsets, micro, rank, world, cfg):
-    """The offsets of micro-batch `micro` of process `rank`: the global batch dealt out row block by row block."""
-    i = (micro * world + rank) * cfg["batch_size"]
-    return offsets[i:i + cfg["batch_size"]]
+def micro_batches(ids, it, cfg, rank=0, world=1):
+    """The micro-batches of process `rank` in step `it`: rows of the step's global batch, which is a function
+    of (seed, it) only, so --resume and any number of processes see the same rows in the same order; it is
+    dealt out row block by row block, micro_steps(cfg, world) blocks to each process."""
+    bs, seed = cfg["batch_size"], cfg["seed"] * 1_000_003 + it
+    offsets = data.batch_offsets(len(ids), cfg["seq_len"], bs * cfg["grad_accum"], seed)
+    starts = [(micro * world + rank) * bs for micro in range(micro_steps(cfg, world))]
+    return [data.get_batch(ids, offsets[i:i + bs], cfg["seq_len"]) for i in starts]
 
 
 def decays(ndim, cfg):
@@ -248,6 +264,29 @@ def make_optimizer(model, cfg):
     groups = [{"params": [p for p in trainable if decays(p.dim(), cfg) == wd], "weight_decay": wd}
               for wd in (cfg["weight_decay"], 0.0)]
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=BETAS)
+
+
+def train_step(net, opt, batches, lr, cfg, device):
+    """One optimizer step at learning rate lr over this process's micro-batches (with DDP the gradients
+    are averaged over the processes at the last one); returns [loss, task, clean] averaged over all."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    ddp, stats = isinstance(net, torch.nn.parallel.DistributedDataParallel), torch.zeros(3)
+    for micro, x in enumerate(batches):
+        last = micro == len(batches) - 1
+        with contextlib.nullcontext() if last or not ddp else net.no_sync():
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+                loss, task, clean = losses(net, x.to(device), cfg)
+            (loss / len(batches)).backward()
+        stats += torch.stack([loss, task, clean]).detach().float().cpu() / len(batches)
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ddp:
+        dist.all_reduce(stats)
+        stats /= dist.get_world_size()
+    return stats.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +318,8 @@ def read_train_state(out_dir, framework="pytorch"):
     if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
         raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
                          f"with that trainer, or start from its weights with --init_from")
+    if state["config"]["alpha"] != "auto":  # a number; an older train.py saved it as a string
+        state["config"]["alpha"] = float(state["config"]["alpha"])
     return state
 
 
@@ -361,7 +402,8 @@ def start_from(cfg, given, framework="pytorch", load_weights=load_file):
     """Where the run starts: the run in out_dir (--resume), another checkpoint (--init_from) or
     scratch; a checkpoint already in out_dir is replaced only with --overwrite. Returns (cfg, model
     config, tokenizer, weights, train state, adapter); all but cfg are None from scratch, the state
-    only when resuming, the adapter (LoraConfig, tensors or None) only with --lora."""
+    only when resuming, the adapter (LoraConfig, tensors or None) only with --lora. With --init_from,
+    cfg records the checkpoint's model shape and tokenizer (the run's), not the preset's."""
     out_dir = cfg["out_dir"]
     mcfg = enc = weights = state = adapter = None
     has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
@@ -379,16 +421,17 @@ def start_from(cfg, given, framework="pytorch", load_weights=load_file):
                                                  "--resume: the adapter's base model", load_weights)
         else:
             mcfg, enc, weights = load_pretrained(out_dir, "--resume", load_weights)
+        check_against(mcfg, enc, cfg, given)
     elif has_ckpt and not cfg["overwrite"]:
         raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out_dir")
     elif cfg["init_from"]:
         mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from", load_weights)
+        check_against(mcfg, enc, cfg, given)
+        cfg = {**cfg, **{k: getattr(mcfg, k) for k in MODEL_KEYS}, "tokenizer": enc.name, "vocab_size": enc.n_vocab}
         if cfg["lora"]:  # a new adapter on the base as resolved now
             base = cfg["init_from"] if cfg["init_from"] == pretrained.NAME else os.path.abspath(cfg["init_from"])
             adapter = (lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), None)
-    if enc is not None:
-        check_against(mcfg, enc, cfg, given)
     return cfg, mcfg, enc, weights, state, adapter
 
 
@@ -403,10 +446,47 @@ def load_data(cfg, enc=None, log=print):
     return enc, train_ids, val_ids
 
 
-def new_model_config(cfg, enc):
-    """The model of a run from scratch: the preset's shape, the tokenizer's ids + MASK."""
-    return ModelConfig(vocab_size=enc.n_vocab + 1, mask_token_id=enc.n_vocab, max_seq_len=cfg["seq_len"],
+def new_model_config(cfg, n_vocab):
+    """The model of a run from scratch: cfg's shape, the tokenizer's n_vocab ids + MASK."""
+    return ModelConfig(vocab_size=n_vocab + 1, mask_token_id=n_vocab, max_seq_len=cfg["seq_len"],
                        **{k: cfg[k] for k in MODEL_KEYS})
+
+
+def preset_model_config(preset):
+    """The model of `python train.py --preset=<preset>` with no other option: the preset's shape and its
+    vocab_size ids + MASK (a BPE reaches vocab_size on all but tiny data); for smollm2, which starts
+    from SmolLM2 (--init_from=smollm2), SmolLM2's, converted on first use."""
+    if preset == "smollm2":
+        return load_config(checkpoint_folder(pretrained.NAME, "--preset=smollm2"))
+    cfg, _ = parse_args([f"--preset={preset}"])
+    return new_model_config(cfg, cfg["vocab_size"])
+
+
+def build_model(cfg, mcfg, weights=None, adapter=None):
+    """The model to train, seeded: mcfg's, with the checkpoint's weights if any; with an adapter (R-ISD,
+    --lora) the base is frozen and only the gated adapter trains."""
+    torch.manual_seed(cfg["seed"])
+    model = Model(mcfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    if adapter is not None:
+        lora.add_adapter(model, *adapter)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run prints, shared with mlx_port/train.py
+
+def run_line(cfg, n_params, mcfg, n_train, where):
+    """The run at a glance, printed before its first step; `where`: the processes or framework and device."""
+    return (f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} (MASK = "
+            f"{mcfg.mask_token_id}), {n_train / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
+            f"{cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens per step, {where}")
+
+
+def evaluates_at(it, start, cfg):
+    """Whether the run evaluates and saves before step `it`: every eval_interval steps and at the end."""
+    return it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"])
 
 
 def progress_line(step, cfg, losses, lr, tps, eta):
@@ -419,111 +499,83 @@ def progress_line(step, cfg, losses, lr, tps, eta):
             f" | ETA {minutes}m{seconds:02d}s")
 
 
-def progress(it, start, t0, t_last, cfg):
-    """(tokens per second since t_last, seconds left) after step `it` of a run that began at `start`."""
+def log_progress(it, losses, lr, start, t0, t_last, cfg, log=print):
+    """After step `it`, every log_interval steps and at the last: the progress line (speed since the
+    last line, at t_last; ETA from the run's start step and time t0). Returns the time of the last line."""
+    if (it + 1) % cfg["log_interval"] and it + 1 != cfg["max_iters"]:
+        return t_last
     now = time.time()
     n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
     tps = n * cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"] / (now - t_last)
-    return tps, (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+    eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+    log(progress_line(it + 1, cfg, losses, lr, tps, eta), flush=True)
+    return time.time()
+
+
+def sample(model, enc, cfg):
+    """The model's continuation of a line break (100 tokens at most, temperature 0.8), decoded: AR, or the
+    diffusion decoder for dlm / bdlm."""
+    model.eval()
+    prompt = enc.encode_ordinary("\n")
+    n = min(100, model.cfg.max_seq_len - len(prompt))
+    if cfg["objective"] in dlm.FAMILIES:
+        out = dlm.dlm_generate(model, cfg["objective"], prompt, n, cfg["block_size"], cfg["block_size"],
+                               temperature=0.8, seed=cfg["seed"])[0]
+    else:
+        out = ar_generate(model, prompt, n, temperature=0.8, seed=cfg["seed"])
+    return enc.decode(out)
 
 
 def main(argv=None):
+    # set-up: the options, the processes (several under torchrun: DDP) and the device
     cfg, given = parse_args(argv)
     check_options(cfg, given)
-    ddp = "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    n_micro = micro_steps(cfg, world)
-    device = pick_device(cfg["device"])
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    out_dir = cfg["out_dir"]
+    ddp, rank, world, device = init_processes(cfg)
+    log = print if rank == 0 else (lambda *a, **k: None)
 
+    # the start point: the run in out_dir (--resume), another checkpoint (--init_from) or scratch
     cfg, mcfg, enc, weights, state, adapter = start_from(cfg, given)
     enc, train_ids, val_ids = load_data(cfg, enc, log)
-    torch.manual_seed(cfg["seed"])
-    model = Model(mcfg or new_model_config(cfg, enc))
-    if weights is not None:
-        model.load_state_dict(weights)
-    if adapter is not None:  # R-ISD: freeze the base, train only the gated adapter
-        lora.add_adapter(model, *adapter)
-    model.to(device)
+    model = build_model(cfg, mcfg or new_model_config(cfg, enc.n_vocab), weights, adapter).to(device)
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
-        load_optimizer(out_dir, opt, state)
+        load_optimizer(cfg["out_dir"], opt, state)
         start, history, evals = state["iter"], state["history"], state["evals"]
     net = torch.compile(model) if cfg["compile"] else model
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg["lora"]:
-        log(f"gated LoRA rank {cfg['lora']}: training {sum(p.numel() for p in trainable) / 1e6:.2f}M adapter "
-            f"parameters on a frozen base")
-    log(f"{cfg['objective']} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"vocab {model.cfg.vocab_size} (MASK = {model.cfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M train "
-        f"tokens, stride {cfg['stride']}, {cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens "
-        f"per step, {world} process(es) on {device}")
+        n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"gated LoRA rank {cfg['lora']}: training {n_adapter / 1e6:.2f}M adapter parameters on a frozen base")
+    log(run_line(cfg, sum(p.numel() for p in model.parameters()), model.cfg, len(train_ids),
+                 f"{world} process(es) on {device}"))
 
+    # the loop: evaluate and save every eval_interval steps and at the end; between, optimizer steps
     t0 = t_last = time.time()
     for it in range(start, cfg["max_iters"] + 1):
-        # evaluate and save every eval_interval steps and at the end
-        if it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
+        if evaluates_at(it, start, cfg):
             val = evaluate(model, val_ids, cfg, device, rank, world)
             evals.append([it, *val])
             log(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
-            if master:
-                save_checkpoint(out_dir, model, enc, opt, {"iter": it, "config": cfg, "history": history,
-                                                           "evals": evals}, new_run=state is None)
+            if rank == 0:
+                save_checkpoint(cfg["out_dir"], model, enc, opt, {"iter": it, "config": cfg, "history": history,
+                                                                  "evals": evals}, new_run=state is None)
         if it == cfg["max_iters"]:
             break
         lr = lr_at(it, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # forward, backward and update, with grad_accum micro-batches over all processes
-        offsets = step_offsets(len(train_ids), cfg, it)
-        stats = torch.zeros(3)
-        for micro in range(n_micro):
-            x = data.get_batch(train_ids, micro_batch(offsets, micro, rank, world, cfg), cfg["seq_len"]).to(device)
-            last = micro == n_micro - 1
-            with contextlib.nullcontext() if last or not ddp else net.no_sync():  # DDP averages at the last
-                with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-                    loss, task, clean = losses(net, x, cfg)
-                (loss / n_micro).backward()
-            stats += torch.stack([loss, task, clean]).detach().float().cpu() / n_micro
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(stats)
-            stats /= world
-        history.append([it, *[round(v, 6) for v in stats.tolist()]])
-        if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["max_iters"]:
-            tps, eta = progress(it, start, t0, t_last, cfg)
-            log(progress_line(it + 1, cfg, [float(v) for v in stats], lr, tps, eta), flush=True)
-            t_last = time.time()
-    log(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
+        stats = train_step(net, opt, micro_batches(train_ids, it, cfg, rank, world), lr, cfg, device)
+        history.append([it, *[round(v, 6) for v in stats]])
+        t_last = log_progress(it, stats, lr, start, t0, t_last, cfg, log)
+    log(f"done in {time.time() - t0:.0f}s; checkpoint in {cfg['out_dir']}/")
 
-    if master:
-        model.eval()
-        prompt = enc.encode_ordinary("\n")
-        n = min(100, model.cfg.max_seq_len - len(prompt))
-        if cfg["objective"] in dlm.FAMILIES:
-            out = dlm.dlm_generate(model, cfg["objective"], prompt, n, cfg["block_size"], cfg["block_size"],
-                                   temperature=0.8, seed=cfg["seed"])[0]
-        else:
-            out = ar_generate(model, prompt, n, temperature=0.8, seed=cfg["seed"])
-        print("sample:\n" + enc.decode(out))
+    # the end: a sample; then (the cpu preset, --distill_iters) self-distillation of the masks
+    if rank == 0:
+        print("sample:\n" + sample(model, enc, cfg))
         if cfg.get("distill_iters") and cfg["objective"] == "idlm" and not cfg["lora"]:
             log(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
-            distill.distill(out_dir, distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"],
-                                                           seed=cfg["seed"]), cfg["stride"], cfg["data"])
+            dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
+            distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
     if ddp:
         dist.destroy_process_group()
 

@@ -25,8 +25,23 @@ import data
 import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
-from train import (BETAS, UsageError, check_options, decays, load_data, lr_at, micro_batch, new_model_config,
-                   parse_args, progress, progress_line, start_from, step_offsets)
+from train import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at,
+                   micro_batches, new_model_config, parse_args, run_line, start_from)
+
+
+def check_port_options(cfg):
+    """Refuse what the port does not do; make --device MLX's default device."""
+    if cfg["compile"]:
+        raise UsageError("--compile is torch.compile: the MLX port runs without it")
+    if cfg["objective"] not in ("idlm", "ar"):
+        raise UsageError(f"--objective={cfg['objective']}: the diffusion baselines train with train.py; "
+                         f"the MLX port trains idlm and ar")
+    if cfg["lora"]:
+        raise UsageError("--lora: gated LoRA (R-ISD) training is in train.py; the MLX port trains whole models")
+    try:
+        mx.set_default_device(pick_device(cfg["device"]))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def get_batch(ids, offsets, seq_len):
@@ -39,8 +54,7 @@ def losses(model, x, cfg):
     if cfg["objective"] == "ar":
         clean = ar_loss(model, x)
         return clean, mx.full(clean.shape, float("nan")), clean
-    alpha = cfg["alpha"] if cfg["alpha"] == "auto" else float(cfg["alpha"])
-    return idlm_loss(model, x, stride=cfg["stride"], alpha=alpha)
+    return idlm_loss(model, x, stride=cfg["stride"], alpha=cfg["alpha"])
 
 
 def evaluate(model, val, cfg):
@@ -83,6 +97,32 @@ def make_optimizer(model, cfg):
     return opt
 
 
+def build_model(cfg, mcfg, weights=None):
+    """The model to train, seeded: mcfg's, with the checkpoint's weights if any."""
+    mx.random.seed(cfg["seed"])
+    model = Model(mcfg)
+    if weights is not None:
+        model.load_weights(list(weights.items()))
+    return model
+
+
+def train_step(model, opt, loss_and_grad, batches, lr, cfg):
+    """One optimizer step at learning rate lr over the micro-batches (torch tensors, as train.py's);
+    returns [loss, task, clean] averaged over them."""
+    opt.learning_rate = lr
+    grads, stats = None, mx.zeros(3)
+    for x in batches:
+        (loss, task, clean), g = loss_and_grad(mx.array(x.numpy()))
+        g = tree_map(lambda a: a / len(batches), g)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        stats += mx.stack([loss, task, clean]).astype(mx.float32) / len(batches)
+    if cfg["grad_clip"] > 0:
+        grads, _ = optim.clip_grad_norm(grads, cfg["grad_clip"])
+    opt.update(model, grads)
+    mx.eval(model.parameters(), opt.state, stats)
+    return stats.tolist()
+
+
 def load_optimizer(out_dir, opt, state):
     """Restore the optimizer state saved by save_checkpoint (same step as the weights)."""
     tensors, meta = mx.load(os.path.join(out_dir, "optimizer.safetensors"), return_metadata=True)
@@ -94,72 +134,42 @@ def load_optimizer(out_dir, opt, state):
 
 
 def main(argv=None):
+    # set-up: train.py's options, less what the port does not do; the device
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
-    if cfg["compile"]:
-        raise UsageError("--compile is torch.compile: the MLX port runs without it")
-    if cfg["objective"] not in ("idlm", "ar"):
-        raise UsageError(f"--objective={cfg['objective']}: the diffusion baselines train with train.py; "
-                         f"the MLX port trains idlm and ar")
-    if cfg["lora"]:
-        raise UsageError("--lora: gated LoRA (R-ISD) training is in train.py; the MLX port trains whole models")
-    try:
-        mx.set_default_device(pick_device(cfg["device"]))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    out_dir = cfg["out_dir"]
+    check_port_options(cfg)
 
+    # the start point: train.py's (the run in out_dir, another checkpoint or scratch), in MLX
     cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
     enc, train_ids, val_ids = load_data(cfg, enc, print)
-    mx.random.seed(cfg["seed"])
-    model = Model(mcfg or new_model_config(cfg, enc))
-    if weights is not None:
-        model.load_weights(list(weights.items()))
+    model = build_model(cfg, mcfg or new_model_config(cfg, enc.n_vocab), weights)
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
-        load_optimizer(out_dir, opt, state)
+        load_optimizer(cfg["out_dir"], opt, state)
         start, history, evals = state["iter"], state["history"], state["evals"]
     loss_and_grad = nn.value_and_grad(model, lambda x: losses(model, x, cfg))  # gradient of the first output
+    print(run_line(cfg, sum(p.size for _, p in tree_flatten(model.parameters())), model.cfg, len(train_ids),
+                   f"MLX on {mx.default_device()}"))
 
-    print(f"{cfg['objective']} model: {sum(p.size for _, p in tree_flatten(model.parameters())) / 1e6:.2f}M "
-          f"parameters, vocab {model.cfg.vocab_size} (MASK = {model.cfg.mask_token_id}), {len(train_ids) / 1e6:.2f}M "
-          f"train tokens, stride {cfg['stride']}, {cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} "
-          f"tokens per step, MLX on {mx.default_device()}")
-
+    # the loop: train.py's, in one process
     t0 = t_last = time.time()
     for it in range(start, cfg["max_iters"] + 1):
-        # evaluate and save every eval_interval steps and at the end
-        if it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
+        if evaluates_at(it, start, cfg):
             val = evaluate(model, val_ids, cfg)
             evals.append([it, *val])
             print(f"step {it}: val task {val[0]:.4f} clean {val[1]:.4f}")
-            save_checkpoint(out_dir, model, enc, opt, {"iter": it, "config": cfg, "history": history, "evals": evals},
-                            new_run=state is None)
+            save_checkpoint(cfg["out_dir"], model, enc, opt, {"iter": it, "config": cfg, "history": history,
+                                                              "evals": evals}, new_run=state is None)
         if it == cfg["max_iters"]:
             break
         lr = lr_at(it, cfg)
-        opt.learning_rate = lr
-        # forward, backward and update, with grad_accum micro-batches (train.py's rows, one process)
-        offsets = step_offsets(len(train_ids), cfg, it)
-        grads, stats = None, mx.zeros(3)
-        for micro in range(cfg["grad_accum"]):
-            x = get_batch(train_ids, micro_batch(offsets, micro, 0, 1, cfg), cfg["seq_len"])
-            (loss, task, clean), g = loss_and_grad(x)
-            g = tree_map(lambda a: a / cfg["grad_accum"], g)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            stats += mx.stack([loss, task, clean]).astype(mx.float32) / cfg["grad_accum"]
-        if cfg["grad_clip"] > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg["grad_clip"])
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state, stats)
-        history.append([it, *[round(v, 6) for v in stats.tolist()]])
-        if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["max_iters"]:
-            tps, eta = progress(it, start, t0, t_last, cfg)
-            print(progress_line(it + 1, cfg, [v.item() for v in stats], lr, tps, eta), flush=True)
-            t_last = time.time()
-    print(f"done in {time.time() - t0:.0f}s; checkpoint in {out_dir}/")
+        stats = train_step(model, opt, loss_and_grad, micro_batches(train_ids, it, cfg), lr, cfg)
+        history.append([it, *[round(v, 6) for v in stats]])
+        t_last = log_progress(it, stats, lr, start, t0, t_last, cfg)
+    print(f"done in {time.time() - t0:.0f}s; checkpoint in {cfg['out_dir']}/")
 
+    # the end: a sample
     prompt = enc.encode_ordinary("\n")
     out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
     print("sample:\n" + enc.decode(out))

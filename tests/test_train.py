@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 import data
+import pretrained
 import train
-from model import Model
+from model import Model, load_config
 from train import progress_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,46 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     resumed = run(common + ["--max_iters=4", "--resume"])
     straight = run(common[:-2] + [f"--out_dir={tmp_path}/p", "--eval_interval=2", "--max_iters=4"])
     assert resumed["history"] == straight["history"]
+
+
+def test_alpha_is_a_number_and_older_string_alphas_resume(corpus, tmp_path):
+    """--alpha is parsed to a float (or "auto") and saved as one; a checkpoint whose train_state.json
+    records it as a string (an older train.py) resumes, --alpha given again, and continues exactly."""
+    assert train.parse_args([])[0]["alpha"] == 1.0 and train.parse_args(["--alpha=auto"])[0]["alpha"] == "auto"
+    common = TINY + [f"--data={corpus}", "--eval_interval=2", "--alpha=0.5"]
+    straight = run(common + [f"--out_dir={tmp_path}/s", "--max_iters=4"])
+    assert straight["config"]["alpha"] == 0.5
+    st = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=2"])
+    st["config"]["alpha"] = "0.5"
+    json.dump(st, open(f"{tmp_path}/o/train_state.json", "w"))
+    resumed = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=4", "--resume"])
+    assert resumed["history"] == straight["history"] and resumed["config"]["alpha"] == 0.5
+
+
+def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeypatch):
+    """--init_from=smollm2 (stood in for by a tiny checkpoint whose tokenizer is named smollm2) picks the
+    smollm2 preset, which has training options only: the saved config records the model shape and
+    tokenizer the run used, the checkpoint's."""
+    stub = f"{tmp_path}/stub"
+    run(TINY + [f"--data={corpus}", f"--out_dir={stub}", "--max_iters=1"])
+    enc = json.load(open(f"{stub}/tokenizer.json"))
+    json.dump({**enc, "name": "smollm2"}, open(f"{stub}/tokenizer.json", "w"))
+    monkeypatch.setattr(pretrained, "smollm2_dir", lambda cache_dir=None: stub)
+    out = f"--out_dir={tmp_path}/o"
+    st = run(["--init_from=smollm2", f"--data={corpus}", "--seq_len=32", "--max_iters=1", "--eval_iters=1", out])
+    cfg = st["config"]
+    assert cfg["preset"] == "smollm2" and cfg["batch_size"] == 4 and cfg["grad_accum"] == 4
+    assert (cfg["tokenizer"], cfg["vocab_size"], cfg["n_layer"], cfg["d_model"]) == ("smollm2", 300, 2, 64)
+    with pytest.raises(train.UsageError, match="trained with --tokenizer=smollm2"):
+        train.main([out, "--resume", "--tokenizer=bpe"])
+    assert train.preset_model_config("smollm2") == load_config(stub)
+
+
+def test_preset_model_config_is_the_model_a_run_builds(corpus, tmp_path):
+    run(["--preset=tiny", f"--data={corpus}", f"--out_dir={tmp_path}/o", "--max_iters=1", "--eval_iters=1"])
+    assert train.preset_model_config("tiny") == load_config(f"{tmp_path}/o")
+    gpu = train.preset_model_config("gpu")
+    assert (gpu.vocab_size, gpu.mask_token_id, gpu.n_layer, gpu.max_seq_len) == (50258, 50257, 12, 1024)
 
 
 def test_progress_line_eta():
