@@ -1,12 +1,12 @@
 """Train an Introspective Diffusion LM (or a plain AR model) on Shakespeare, offline.
 
-    python train.py                                   # the CPU preset, about 13 minutes on 2 cores
+    python train.py                                   # the CPU preset and its self-distillation, about 8 minutes on 2 cores
     python train.py --objective=ar --out_dir=out-ar   # the autoregressive baseline
-    python train.py --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
+    python train.py --init_from=out-ar --out_dir=out-conv  # convert an AR model into an I-DLM
     python train.py --objective=dlm --out_dir=out-dlm # the masked-diffusion baseline (dlm.py; bdlm: blocks)
     python train.py --init_from=smollm2 --data=my.txt --out_dir=out-smol         # convert SmolLM2-135M
     python train.py --init_from=smollm2 --lora=8 --lr=1e-3 --out_dir=out-rlora  # R-ISD: gated LoRA only
-    torchrun --nproc_per_node=2 train.py --grad_accum=2  # DDP (gloo on CPU, nccl on CUDA): the same run, 2 processes
+    torchrun --nproc_per_node=2 train.py --grad_accum=2 --out_dir=out-ddp  # DDP (gloo on CPU, nccl on CUDA): the same run, 2 processes
 
 Every option is `--key=value`; a preset gives the defaults, any option given overrides it.
 """
@@ -35,8 +35,9 @@ from model import Model, ModelConfig, ar_loss, idlm_loss, load_config
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
-    # ~1M parameters, a 2,048-token BPE: the default, about 13 minutes on a 2-core CPU
-    # alpha 1: at this size it beat the paper's 0.2 on BOTH validation losses (README, Results)
+    # ~1M parameters, a 2,048-token BPE: the default, about 4 minutes of training on a 2-core CPU, then
+    # about 4 of self-distillation; alpha 1: at this size it beat the paper's 0.2 on BOTH validation
+    # losses (docs/results.md, AR vs I-DLM quality)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
                 eval_interval=200, eval_iters=8, alpha=1.0, distill_iters=1000),
@@ -99,8 +100,9 @@ def parse_args(argv=None, doc=__doc__):
     a("--init_from", help="start from the weights (and tokenizer) of this checkpoint folder, e.g. an AR model, "
                           "or of a pretrained model by name: smollm2 (SmolLM2-135M-Instruct)")
     a("--lora", type=int, help="R-ISD: freeze the --init_from model and train gated LoRA adapters of this rank "
-                               "(attention and MLP projections, active only at MASK positions); saves only "
-                               "adapter.safetensors + adapter.json (default 0 = off, train every weight)")
+                               "(attention and MLP projections, active only at MASK positions); the checkpoint holds the "
+                               "adapter (adapter.safetensors + adapter.json) instead of the frozen base weights "
+                               "(default 0 = off, train every weight)")
     a("--lora_alpha", type=float, help="LoRA scale numerator: the adapter's output is scaled by alpha/rank (default 16)")
     a("--distill_iters", type=int, help="after training, self-distil the masks (distill.py: the model's own greedy "
                                         "and sampled continuations, a gated LoRA adapter in out_dir/distilled) for "

@@ -2,7 +2,7 @@
 
     python -m mlx_port.train                                   # the cpu preset (Metal on a Mac)
     python -m mlx_port.train --preset=tiny --out_dir=out-tiny  # a few seconds
-    python -m mlx_port.train --init_from=out-ar --out_dir=out  # convert an AR model into an I-DLM
+    python -m mlx_port.train --init_from=out-ar --out_dir=out-conv  # convert an AR model into an I-DLM
 
 train.py's options, presets, data, data order and checkpoint files: its parser and helpers are used
 as they are, and each checkpoint loads in either framework (--init_from takes a PyTorch one).
@@ -29,7 +29,7 @@ from train import (BETAS, UsageError, check_options, decays, evaluates_at, load_
                    micro_batches, new_model_config, parse_args, run_line, start_from)
 
 
-def check_port_options(cfg):
+def check_port_options(cfg, given):
     """Refuse what the port does not do; make --device MLX's default device."""
     if cfg["compile"]:
         raise UsageError("--compile is torch.compile: the MLX port runs without it")
@@ -38,6 +38,9 @@ def check_port_options(cfg):
                          f"the MLX port trains idlm and ar")
     if cfg["lora"]:
         raise UsageError("--lora: gated LoRA (R-ISD) training is in train.py; the MLX port trains whole models")
+    if "distill_iters" in given and cfg["distill_iters"]:
+        raise UsageError("--distill_iters: self-distillation (a gated LoRA adapter) is PyTorch only: "
+                         "run python distill.py --out_dir=... on the MLX checkpoint")
     try:
         mx.set_default_device(pick_device(cfg["device"]))
     except ValueError as e:
@@ -137,7 +140,7 @@ def main(argv=None):
     # set-up: train.py's options, less what the port does not do; the device
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
-    check_port_options(cfg)
+    check_port_options(cfg, given)
 
     # the start point: train.py's (the run in out_dir, another checkpoint or scratch), in MLX
     cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
@@ -173,6 +176,8 @@ def main(argv=None):
     prompt = enc.encode_ordinary("\n")
     out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
     print("sample:\n" + enc.decode(out))
+    if cfg["distill_iters"] and cfg["objective"] == "idlm":  # the cpu preset's default: say where it went
+        print(f"self-distillation (a gated LoRA adapter) is PyTorch only: python distill.py --out_dir={cfg['out_dir']}")
 
 
 if __name__ == "__main__":

@@ -255,6 +255,8 @@ def test_pretrained_names_and_adapters(start, tmp_path, monkeypatch):
     assert isd.ar_generate(model, enc.encode_ordinary("ROMEO:"), 6, temperature=0) == want  # a TorchView
     with pytest.raises(train.UsageError, match="--lora"):
         mlx_train.main(TINY + [f"--init_from={start[2]}", "--lora=4", f"--out_dir={tmp_path}/x"])
+    with pytest.raises(train.UsageError, match="distill.py"):  # self-distillation trains an adapter too
+        mlx_train.main(TINY + ["--distill_iters=5", f"--out_dir={tmp_path}/x"])
     lora.save_adapter(lora.add_adapter(TorchModel.load(start[2]), lora.LoraConfig(4, 16.0, start[2])).lora,
                       tmp_path / "adapter")
     with pytest.raises(ValueError, match="python isd.py"):
