@@ -579,6 +579,7 @@ def main(argv=None):
             dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
             distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
     if ddp:
+        dist.barrier()  # leave together: a process that tears gloo down while another still runs can abort
         dist.destroy_process_group()
 
 
