@@ -218,11 +218,12 @@ def recorded_drafts():
     calls = []
     verify_drafts = isd.verify_drafts
 
-    def recording(requests, procs, temperature):
-        verdicts = verify_drafts(requests, procs, temperature)
-        for r, p, (_, _, ratios) in zip(requests, procs, verdicts):
-            k = len(ratios)  # the drafts verification reached
-            calls.append((p[:k], r.q[:k], torch.tensor(r.drafts[:k], device=p.device), temperature))
+    def recording(requests, p_logits):
+        verdicts = verify_drafts(requests, p_logits)
+        for r, p, (_, _, ratios) in zip(requests, p_logits, verdicts):
+            k = len(ratios)  # the drafts verification reached (none on a cold start)
+            if k:
+                calls.append((p[:k], r.q[:k], torch.tensor(r.drafts[:k], device=p.device), r.temperature))
         return verdicts
     isd.verify_drafts = recording
     try:

@@ -6,12 +6,12 @@
 
 Each step is one forward of a window of W = N*N tokens per request (window_layout):
     [pending, d_1 .. d_K | N-1 masks after pending | N-1 masks after d_1 | .. after d_K]
-`pending` is the last committed token, not yet in the cache; d_1..d_K (K = N-1) are the drafts the
-previous step proposed. The clean positions give p (the model's own AR distribution); each draft d_j
-is kept with probability min(1, p_j(d_j) / q_j(d_j)), the first rejected one is replaced by a draw
-from normalize((p_j - q_j)+), and the masks after the last accepted draft propose the next drafts
-(the tokens after the correction or clean token), SAMPLED from their q. So every committed token is distributed exactly as p( . | prefix). Only the
-first step after the prompt has no drafts (a cold start).
+`pending` is the last committed token, not yet in the cache; d_1..d_K are the drafts the previous
+step proposed (K = N-1, or 0 on a cold start: the first step after the prompt, and every step at
+stride 1). The clean positions give p (the model's own AR distribution); each draft d_j, sampled
+from its q, is kept with probability min(1, p_j(d_j) / q_j(d_j)), and the first rejected one is
+replaced by a draw from normalize((p_j - q_j)+): that rule makes every committed token distributed
+exactly as p( . | prefix). Group j of masks (after pending, d_1..d_j) proposes the next drafts.
 """
 import argparse
 import functools
@@ -110,7 +110,8 @@ class Request:
     stop_ids: tuple = ()
     out: list = field(default_factory=list)  # committed new tokens
     drafts: list = field(default_factory=list)  # d_1..d_K, proposed by the last forward's masks
-    q: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from
+    q: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from (not yet divided by the
+    # temperature: sample and kernels.verify apply it)
     prefilled: int = 0  # prompt tokens already in the cache
     done: bool = False
     # per forward: [(token, kind)]; kind: "accepted" (a draft that passed), "correction" (drawn from
@@ -146,7 +147,7 @@ class Request:
 
     def commit(self, new):
         """Append a forward's tokens up to the first stop id or max_new_tokens (what the same
-        forward produced after it is dropped); returns what was kept."""
+        forward produced after it is dropped), and count the forward; returns what was kept."""
         for t, n in enumerate(new):
             if n in self.stop_ids or len(self.out) + t + 1 >= self.max_new_tokens:
                 new, self.done = new[:t + 1], True
@@ -228,10 +229,10 @@ def isd_step(model, cache, rows, requests, stride):
       2. p: the clean positions' distributions, filtered (temperature / top-k / top-p act on p and
          q alike)
       3. verify: keep d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right, up to the
-         first rejection (kernels.verify)
-      4. commit: the j accepted drafts, then one more token: the correction of the rejected draft,
-         drawn from normalize((p - q)+), or, when every draft passed, the clean token drawn from p.
-         The masks after the last committed draft give the next N-1 drafts, SAMPLED from their q.
+         first rejection, whose correction is drawn from normalize((p - q)+) (kernels.verify)
+      4. commit: the j accepted drafts, then one more token: that correction, or, when every draft
+         passed, the clean token drawn from p. Group j (the masks after pending, d_1..d_j) gives
+         the next N-1 drafts, sampled from its q.
       5. roll back: the cache keeps pending + accepted drafts; rejected drafts and masks go.
     Logits are computed only where they are used: N clean positions and one group of N-1 masks."""
     N, W, mask_id = stride, window_size(stride), model.cfg.mask_token_id
@@ -247,16 +248,12 @@ def isd_step(model, cache, rows, requests, stride):
     # 2. p at positions 0..N-1 (with K = 0 drafts, positions 1..N-1 are group 0's masks: never read as p)
     p = filtered(model, hidden[:, :N], requests)
 
-    # 3. verify, one batched call per temperature; a request without drafts (cold start) has nothing to verify
-    verdicts = [(0, None, [])] * len(requests)  # (j accepted, correction or None, min(1, p/q) of those reached)
-    for (temperature,), members in grouped(requests, "temperature").items():
-        members = [i for i in members if requests[i].drafts]
-        if members:
-            for i, v in zip(members, verify_drafts([requests[i] for i in members], [p[i] for i in members], temperature)):
-                verdicts[i] = v
+    # 3. verify: per request (j accepted, the correction drawn from (p - q)+ or None, min(1, p/q) of the
+    #    drafts reached)
+    verdicts = verify_drafts(requests, p)
     accepted = [j for j, _, _ in verdicts]
 
-    # 4. commit, and the next drafts from the masks after the last committed draft
+    # 4. commit; the next drafts come from group j (the masks after pending, d_1..d_j)
     q = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), j)] for i, (r, j)
                                      in enumerate(zip(requests, accepted))]), requests)
     committed = []
@@ -269,7 +266,8 @@ def isd_step(model, cache, rows, requests, stride):
             new, kinds = drafts[:j] + [correction], ["accepted"] * j + ["correction"]
             r.drafts = sample(q[i], r.temperature, r.gen).tolist()
             r.stats.rounds_r += 1
-        else:  # all K drafts passed (or K = 0): the clean token from p; drafts in the same draw
+        else:  # all K drafts passed (or K = 0): the clean token from p after d_K (row K), and the
+            # next drafts from q, in one draw from the request's stream
             clean, *r.drafts = sample(torch.cat([p[i][K:K + 1], q[i]]), r.temperature, r.gen).tolist()
             new, kinds = drafts + [clean], ["accepted"] * K + ["clean"]
             r.stats.rounds_v += K > 0
@@ -280,7 +278,8 @@ def isd_step(model, cache, rows, requests, stride):
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
         committed.append(new)
 
-    # 5. roll back: each row keeps pending + its accepted drafts
+    # 5. roll back: each row keeps pending + its accepted drafts. Counted back from the row's end: the
+    #    forward appended W tokens, and make_room may have shifted the row to fit them
     cache.truncate(cache.lengths[rows] - W + 1 + torch.tensor(accepted, device=dev), rows)
     return committed
 
@@ -305,28 +304,35 @@ def grouped(requests, *settings):
     return groups
 
 
-def verify_drafts(requests, procs, temperature):
-    """Verify the drafts of requests that share a temperature in one kernels.verify call. Returns,
-    per request, (j = drafts accepted before the first rejection, the correction token or None,
-    min(1, p/q) of the drafts verification reached: d_1..d_{j+1}, or all K)."""
-    dev = procs[0].device
-    p = torch.cat([proc[:len(r.drafts)] for r, proc in zip(requests, procs)])  # p_j sits just before d_j
-    q = torch.cat([r.q for r in requests])
-    d = torch.tensor([t for r in requests for t in r.drafts], device=dev)
-    if temperature > 0:  # the random numbers are inputs of verify, drawn from each request's own stream
-        u = torch.cat([torch.rand(len(r.drafts), generator=r.gen, dtype=p.dtype) for r in requests]).to(dev)
-        g = torch.cat([gumbel((len(r.drafts), p.shape[-1]), r.gen, p.dtype, dev) for r in requests])
-    else:  # greedy verification reads neither
-        u, g = p.new_zeros(len(d)), p.new_zeros(1, 1).expand_as(p)
-    acc, cor, ratio = (x.tolist() for x in verify(p, q, d, u, g, temperature))
-    out, at = [], 0
-    for r in requests:
-        K = len(r.drafts)
-        a = acc[at:at + K]
-        j = a.index(False) if False in a else K
-        out.append((j, cor[at + j] if j < K else None, ratio[at:at + min(j + 1, K)]))
-        at += K
-    return out
+def verify_drafts(requests, p_logits):
+    """Verify every request's drafts d_1..d_K against p_logits[i] (its clean positions' filtered
+    logits; row c is the distribution after clean token c, so row j-1 verifies d_j), in one
+    kernels.verify call per temperature. Returns, per request, (j = drafts accepted before the first
+    rejection, the correction drawn from normalize((p - q)+) or None, min(1, p/q) of the drafts
+    verification reached: d_1..d_{j+1}, or all K); (0, None, []) for a request without drafts."""
+    verdicts = [(0, None, [])] * len(requests)
+    for (temperature,), members in grouped(requests, "temperature").items():
+        members = [i for i in members if requests[i].drafts]
+        if not members:
+            continue
+        rs = [requests[i] for i in members]
+        p = torch.cat([p_logits[i][:len(r.drafts)] for i, r in zip(members, rs)])
+        q = torch.cat([r.q for r in rs])
+        d = torch.tensor([t for r in rs for t in r.drafts], device=p.device)
+        if temperature > 0:  # the random numbers are inputs of verify, drawn from each request's own stream
+            u = torch.cat([torch.rand(len(r.drafts), generator=r.gen, dtype=p.dtype) for r in rs]).to(p.device)
+            g = torch.cat([gumbel((len(r.drafts), p.shape[-1]), r.gen, p.dtype, p.device) for r in rs])
+        else:  # greedy verification reads neither
+            u, g = p.new_zeros(len(d)), p.new_zeros(1, 1).expand_as(p)
+        acc, cor, ratio = (x.tolist() for x in verify(p, q, d, u, g, temperature))
+        at = 0
+        for i, r in zip(members, rs):
+            K = len(r.drafts)
+            a = acc[at:at + K]
+            j = a.index(False) if False in a else K
+            verdicts[i] = (j, cor[at + j] if j < K else None, ratio[at:at + min(j + 1, K)])
+            at += K
+    return verdicts
 
 
 def cache_length(model, requests, stride):

@@ -5,7 +5,8 @@
 For each draft row r, ISD needs from the verify logits (p) and the draft logits (q):
     ratio = min(1, p(d) / q(d)),  accept = u < ratio,
     on rejection: correction = argmax_i [ log (p_i - q_i)+ + g_i ]   (Gumbel-max: a draw from
-    normalize((p - q)+)), or argmax_i [ log p_i + g_i ] where (p - q)+ is all zero.
+    normalize((p - q)+)), or argmax_i [ log p_i + g_i ] where (p - q)+ is all zero (only by rounding:
+    a rejection means q(d) > p(d), so (p - q)+ has mass elsewhere).
 `verify_reference` writes this down with whole softmaxes. The kernel runs one program per row and
 streams the vocabulary twice: pass 1 keeps an online max and sum of exp for p and q (the softmax
 normalisers) and gathers the draft's logits; pass 2 (rejected rows only) forms p_i and q_i one block

@@ -101,8 +101,8 @@ def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
     """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
 
     `labels` (default x0) marks where loss is wanted (-100 elsewhere); see idlm_logits for the
-    input. The mask at offset m of block B learns token B*b+m+1 (2..N ahead of the last clean token
-    it sees); the clean half is the ordinary AR loss. Both terms are divided by the number of
+    input. The mask at offset m of block B learns token B*b+m+1: 2..N ahead of the block's clean
+    prefix (tokens < B*b); the clean half is the ordinary AR loss. Both terms are divided by the number of
     labelled (shifted) targets. alpha="auto" weights the clean term by (task/clean).detach(), so
     both terms carry equal weight."""
     labels = x0 if labels is None else labels
