@@ -25,9 +25,9 @@ import torch
 import checkpoint
 import data
 import introspect
+import presets
 import pretrained
 import tokenizer as tok
-import train
 from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill, process_logits
 from model import Model, ar_loss, idlm_loss, idlm_mask
 
@@ -38,7 +38,7 @@ def train_throughput(preset, steps, device="cpu", stop=lambda: False):
     """Alternate AR and I-DLM steps on the same random batch of a train.py preset, with the model train.py
     builds for it (bfloat16 autocast on CUDA, as train.py); median tokens/s of each. `stop()` is asked before each step pair after the
     warm-up; True ends the run early. Returns {"ar", "idlm": tok/s, "steps", "params", "tokens_per_step"}."""
-    pre, cfg = train.PRESETS[preset], train.preset_model_config(preset)
+    pre, cfg = presets.PRESETS[preset], presets.preset_model_config(preset)
     V = cfg.mask_token_id  # the ids below MASK
     torch.manual_seed(0)
     x = torch.randint(0, V, (pre["batch_size"], pre["seq_len"]), device=device)
@@ -70,7 +70,7 @@ def train_throughput(preset, steps, device="cpu", stop=lambda: False):
 def bench_train(a):
     """Training tokens/s of the two objectives on a preset's shapes, and their ratio."""
     r = train_throughput(a.preset, a.steps, a.device)
-    pre = train.PRESETS[a.preset]
+    pre = presets.PRESETS[a.preset]
     print(f"preset {a.preset}: {r['params'] / 1e6:.2f}M params, "
           f"{pre['batch_size']} x {pre['seq_len']} tokens per step, median of {r['steps']} steps, "
           f"{torch.get_num_threads()} threads, {a.device}")
@@ -486,7 +486,7 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="what", required=True)
     # train
     t = sub.add_parser("train", help="training throughput, ar vs idlm")
-    t.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
+    t.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS))
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     # decode

@@ -31,33 +31,9 @@ import lora
 import pretrained
 import tokenizer as tok
 from isd import ar_generate
-from model import Model, ModelConfig, ar_loss, idlm_loss, load_config
+from model import Model, ar_loss, idlm_loss, load_config
+from presets import DEFAULTS, MODEL_KEYS, PRESETS, model_config
 
-MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
-PRESETS = {
-    # ~1M parameters, a 2,048-token BPE: the default, about 4 minutes of training on a 2-core CPU, then
-    # about 4 of self-distillation; alpha 1: at this size it beat the paper's 0.2 on BOTH validation
-    # losses (docs/results.md, AR vs I-DLM quality)
-    "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
-                vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
-                eval_interval=200, eval_iters=8, alpha=1.0, distill_iters=1000),
-    # a few seconds; for tests and for trying the code paths
-    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
-                 vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
-                 eval_interval=25, eval_iters=2),
-    # GPT-2-small sized, gpt2 tokenizer: for a GPU
-    "gpu": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, d_ff=2048, seq_len=1024, tokenizer="gpt2",
-                vocab_size=50257, batch_size=16, grad_accum=4, max_iters=20000, lr=6e-4, warmup_iters=1000,
-                eval_interval=1000, eval_iters=50),
-    # fine-tuning SmolLM2-135M (--init_from=smollm2 picks it): the model and tokenizer are SmolLM2's, so
-    # training options only; lr for full fine-tuning (an adapter, --lora, wants about 1e-3)
-    "smollm2": dict(seq_len=256, batch_size=4, grad_accum=4, max_iters=500, lr=1e-4, warmup_iters=20,
-                    eval_interval=100, eval_iters=4),
-}
-DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha=0.2, data=None, out_dir="out",
-                rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
-                seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
-                lora=0, lora_alpha=16.0, distill_iters=0, block_size=4)
 # options that may change when resuming; every other one must match the checkpoint
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite",
              "out_dir", "distill_iters"}  # out_dir: the same folder may be named from another working directory
@@ -448,22 +424,6 @@ def load_data(cfg, enc=None, log=print):
     return enc, train_ids, val_ids
 
 
-def new_model_config(cfg, n_vocab):
-    """The model of a run from scratch: cfg's shape, the tokenizer's n_vocab ids + MASK."""
-    return ModelConfig(vocab_size=n_vocab + 1, mask_token_id=n_vocab, max_seq_len=cfg["seq_len"],
-                       **{k: cfg[k] for k in MODEL_KEYS})
-
-
-def preset_model_config(preset):
-    """The model of `python train.py --preset=<preset>` with no other option: the preset's shape and its
-    vocab_size ids + MASK (a BPE reaches vocab_size on all but tiny data); for smollm2, which starts
-    from SmolLM2 (--init_from=smollm2), SmolLM2's, converted on first use."""
-    if preset == "smollm2":
-        return load_config(checkpoint_folder(pretrained.NAME, "--preset=smollm2"))
-    cfg, _ = parse_args([f"--preset={preset}"])
-    return new_model_config(cfg, cfg["vocab_size"])
-
-
 def build_model(cfg, mcfg, weights=None, adapter=None):
     """The model to train, seeded: mcfg's, with the checkpoint's weights if any; with an adapter (R-ISD,
     --lora) the base is frozen and only the gated adapter trains."""
@@ -538,7 +498,7 @@ def main(argv=None):
     # the start point: the run in out_dir (--resume), another checkpoint (--init_from) or scratch
     cfg, mcfg, enc, weights, state, adapter = start_from(cfg, given)
     enc, train_ids, val_ids = load_data(cfg, enc, log)
-    model = build_model(cfg, mcfg or new_model_config(cfg, enc.n_vocab), weights, adapter).to(device)
+    model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights, adapter).to(device)
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:

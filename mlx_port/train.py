@@ -25,8 +25,9 @@ import data
 import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
+from presets import model_config
 from train import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at,
-                   micro_batches, new_model_config, parse_args, run_line, start_from)
+                   micro_batches, parse_args, run_line, start_from)
 
 
 def check_port_options(cfg, given):
@@ -145,7 +146,7 @@ def main(argv=None):
     # the start point: train.py's (the run in out_dir, another checkpoint or scratch), in MLX
     cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
     enc, train_ids, val_ids = load_data(cfg, enc, print)
-    model = build_model(cfg, mcfg or new_model_config(cfg, enc.n_vocab), weights)
+    model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights)
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
