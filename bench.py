@@ -106,9 +106,9 @@ def validation_prompts(out_dir, enc, n, length=16, seed=1):
     return [row.tolist() for row in data.get_batch(val, data.batch_offsets(len(val), length, n, seed), length)]
 
 
-def decode_stats(model, prompts, n, stride, temperature, seed):
+def decode_stats(model, prompts, n, stride, temperature, seed, narrow=False):
     """ISD's Stats summed over prompts (request i has seed + i)."""
-    return sum((isd_generate(model, p, n, stride, temperature=temperature, seed=seed + i)[1]
+    return sum((isd_generate(model, p, n, stride, temperature=temperature, seed=seed + i, narrow=narrow)[1]
                 for i, p in enumerate(prompts)), Stats())
 
 
@@ -157,7 +157,8 @@ def speed(runs, prompts, n, repeats):
 
 def bench_decode(a):
     """Base vs self-distilled model on held-out validation prompts: ISD statistics per stride and
-    temperature, then batch-1 speed of ISD against the base model's AR (greedy, alternated)."""
+    temperature (and with the narrow window at --speed_stride), then batch-1 speed of ISD against the
+    base model's AR (greedy, alternated)."""
     base, enc = checkpoint.load_model(a.out_dir)
     models = [("base", base)]
     folder = checkpoint.distilled_or_base(a.out_dir)
@@ -169,12 +170,12 @@ def bench_decode(a):
           f"models: " + ", ".join(f"{name} ({folder if name == 'distilled' else a.out_dir})" for name, _ in models))
     print("\n| model | stride | temperature | TPF | acceptance | V | R | C |\n|---|---|---|---|---|---|---|---|")
     for name, model in models:
-        for stride in a.strides:
+        for stride, narrow in [(s, False) for s in a.strides] + [(a.speed_stride, True)]:
             for temp in a.temperatures:
-                st = decode_stats(model, prompts, a.max_new_tokens, stride, temp, a.seed)
+                st = decode_stats(model, prompts, a.max_new_tokens, stride, temp, a.seed, narrow)
                 f = st.forwards
-                print(f"| {name} | {stride} | {temp} | {st.tpf:.2f} | {st.acceptance_rate:.3f} | "
-                      f"{st.rounds_v / f:.0%} | {st.rounds_r / f:.0%} | {st.rounds_c / f:.0%} |")
+                print(f"| {name} | {stride}{' narrow' if narrow else ''} | {temp} | {st.tpf:.2f} | "
+                      f"{st.acceptance_rate:.3f} | {st.rounds_v / f:.0%} | {st.rounds_r / f:.0%} | {st.rounds_c / f:.0%} |")
     for temp in [t for t in a.temperatures if t > 0]:
         ceil = acceptance_ceiling(models, prompts, a.speed_stride, temp)
         print(f"\nsampled drafts at temperature {temp}, stride {a.speed_stride}: acceptance per slot k ahead of the last "
@@ -185,6 +186,8 @@ def bench_decode(a):
     runs = [("AR (base)", lambda p, n: ar_generate(base, p, n, temperature=0))]
     runs += [(f"ISD {name}", lambda p, n, m=model: isd_generate(m, p, n, a.speed_stride, temperature=0)[0])
              for name, model in models]
+    runs += [(f"ISD {models[-1][0]}, narrow window",
+              lambda p, n: isd_generate(models[-1][1], p, n, a.speed_stride, temperature=0, narrow=True)[0])]
     tps = speed(runs, prompts[:a.speed_prompts], a.max_new_tokens, a.repeats)
     print(f"\nbatch 1, greedy, stride {a.speed_stride}, {torch.get_num_threads()} thread(s): "
           + " | ".join(f"{k} {v:.0f} tok/s ({v / tps['AR (base)']:.2f}x)" for k, v in tps.items()))
@@ -234,8 +237,9 @@ def bench_temperature(a):
 
 def bench_step(a):
     """What one step of the batched core costs (isd.isd_step, as the scheduler runs it) on B rows: ISD at
-    --stride vs AR (stride 1), and how much of it is the model's forward. Best of --repeats. The model is
-    the distilled one where there is one (AR through it runs the base weights only)."""
+    --stride with the N*N window and with the narrow one vs AR (stride 1), and how much of it is the
+    model's forward. Best of --repeats. The model is the distilled one where there is one (AR through
+    it runs the base weights only)."""
     source = checkpoint.distilled_or_base(a.out_dir)
     model, enc = checkpoint.load_model(source)
     forward, spent = model.forward, []
@@ -247,33 +251,35 @@ def bench_step(a):
         return out
     model.forward = timed_forward
     print(f"{source}: {a.steps} steps per run, temperature {a.temperature}, {torch.get_num_threads()} thread(s)")
-    print(f"\n| batch | ISD (stride {a.stride}) step ms | its forward ms | tokens per row-step | AR step ms "
-          f"| its forward ms | ISD tok/s | AR tok/s | ISD/AR |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    kinds = {"ISD": (a.stride, False), "ISD narrow": (a.stride, True), "AR": (1, False)}
+    print("\n| batch | " + " | ".join(f"{k} step ms | its forward ms | tokens per row-step" for k in kinds)
+          + " | AR tok/s | ISD/AR | ISD narrow/AR |")
+    print("|---" * (3 * len(kinds) + 4) + "|")
     for B in a.batch:
         best = {}
-        for stride in (a.stride, 1):
-            for rep in range(a.repeats + 1):  # run 0 warms up
+        for rep in range(a.repeats + 1):  # run 0 warms up; the kinds take turns
+            for kind, (stride, narrow) in kinds.items():
                 reqs = [Request(enc.encode_ordinary(PROMPTS[i % len(PROMPTS)]), a.stride * a.steps, a.temperature,
                                 seed=i) for i in range(B)]
                 cache = model.new_cache(B, cache_length(model, reqs, a.stride))
                 prefill(model, cache, list(range(B)), reqs)
                 spent.clear()
                 t0 = time.perf_counter()
-                tokens = sum(len(new) for _ in range(a.steps) for new in isd_step(model, cache, list(range(B)), reqs, stride))
-                run = ((time.perf_counter() - t0) / a.steps, sum(spent) / a.steps, tokens)
-                if rep and (stride not in best or run[0] < best[stride][0]):
-                    best[stride] = run
-        (ti, fi, ni), (ta, fa, na) = best[a.stride], best[1]
-        isd_tps, ar_tps = ni / (ti * a.steps), na / (ta * a.steps)
-        print(f"| {B} | {1e3 * ti:.1f} | {1e3 * fi:.1f} | {ni / (B * a.steps):.2f} | {1e3 * ta:.1f} | {1e3 * fa:.1f} "
-              f"| {isd_tps:.0f} | {ar_tps:.0f} | {isd_tps / ar_tps:.2f}x |")
+                tokens = sum(len(new) for _ in range(a.steps)
+                             for new in isd_step(model, cache, list(range(B)), reqs, stride, narrow))
+                run = ((time.perf_counter() - t0) / a.steps, sum(spent) / a.steps, tokens / (B * a.steps))
+                if rep and (kind not in best or run[0] < best[kind][0]):
+                    best[kind] = run
+        tps = {k: B * tpf / step for k, (step, _, tpf) in best.items()}
+        print(f"| {B} | " + " | ".join(f"{1e3 * s:.1f} | {1e3 * f:.1f} | {n:.2f}" for s, f, n in best.values())
+              + f" | {tps['AR']:.0f} | {tps['ISD'] / tps['AR']:.2f}x | {tps['ISD narrow'] / tps['AR']:.2f}x |")
 
 
 SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by default; --base: the base model)
     ("(a) scheduler, ISD stride 4", ["--stride=4", "--max_batch=32"]),
     ("(b) scheduler, stride 1 (AR), base", ["--stride=1", "--max_batch=32", "--base"]),
     ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
+    ("(d) scheduler, ISD stride 4, narrow window", ["--stride=4", "--max_batch=32", "--narrow"]),
 ]
 
 
@@ -356,18 +362,22 @@ def bench_serve(a):
     results = {label: [(statistics.median(t for t, _ in runs[label][c]),
                         statistics.mean(x for _, lat in runs[label][c] for x in lat)) for c in a.concurrency]
                for label in runs}
-    (la, lb, lc) = [label for label, _ in SERVERS]
+    labels = [label for label, _ in SERVERS]
+    ids = [label.split(" ", 1)[0] for label in labels]  # (a), (b), ..
+    la = labels[0]
     print(f"\n{a.out_dir}: {a.max_tokens} tokens per request, temperature {a.temperature}, "
           f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, median of {a.repeats} "
           f"repeats (the servers take turns), server threads {a.threads}")
     print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
-    print("\n| concurrency | (a) tok/s | (b) tok/s | (c) tok/s | (a)/(b) | (a) vs (a) at 1 "
-          "| (a) latency s | (b) latency s | (c) latency s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    vs_ar = [k for k in ids if k != "(b)"]  # every ISD server against (b), AR
+    print("\n| concurrency | " + " | ".join(f"{k} tok/s" for k in ids) + " | " + " | ".join(f"{k}/(b)" for k in vs_ar)
+          + " | (a) vs (a) at 1 | " + " | ".join(f"{k} latency s" for k in ids) + " |")
+    print("|---" * (2 * len(ids) + len(vs_ar) + 2) + "|")
     for i, c in enumerate(a.concurrency):
-        ra, rb, rc = results[la][i], results[lb][i], results[lc][i]
-        print(f"| {c} | {ra[0]:.0f} | {rb[0]:.0f} | {rc[0]:.0f} | {ra[0] / rb[0]:.2f}x | {ra[0] / results[la][0][0]:.1f}x "
-              f"| {ra[1]:.2f} | {rb[1]:.2f} | {rc[1]:.2f} |")
+        r = {k: results[label][i] for k, label in zip(ids, labels)}
+        print(f"| {c} | " + " | ".join(f"{r[k][0]:.0f}" for k in ids) + " | "
+              + " | ".join(f"{r[k][0] / r['(b)'][0]:.2f}x" for k in vs_ar)
+              + f" | {r['(a)'][0] / results[la][0][0]:.1f}x | " + " | ".join(f"{r[k][1]:.2f}" for k in ids) + " |")
     serve_plot(results, a, model)
 
 
@@ -520,7 +530,7 @@ def parse_args(argv):
     s.add_argument("--steps", type=int, default=16, help="steps per run (default 16)")
     s.add_argument("--repeats", type=int, default=5, help="runs per point; the best is shown (default 5)")
     # serve
-    s = sub.add_parser("serve", help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time")
+    s = sub.add_parser("serve", help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time, (d) the narrow window")
     s.add_argument("--out_dir", default="out", help="checkpoint folder to serve (default out)")
     s.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
                    help="numbers of concurrent clients (default 1,2,4,8,16,32)")

@@ -158,13 +158,14 @@ class Request:
         return new
 
 
-def window_size(stride):
-    """W = N*N tokens per request per forward: pending + N-1 drafts, and N-1 masks after each of those N."""
-    return stride * stride
+def window_size(stride, narrow=False):
+    """W = N*N tokens per request per forward: pending + N-1 drafts, and N-1 masks after each of those N;
+    the narrow window, 2N-1: the N-1 masks after the last draft only."""
+    return 2 * stride - 1 if narrow else stride * stride
 
 
 @functools.lru_cache(maxsize=None)
-def window_layout(stride, n_drafts):
+def window_layout(stride, n_drafts, narrow=False):
     """(relative positions (W,), attention inside the window (W, W)) of a window with K = n_drafts:
 
         [pending, d_1 .. d_K | group 0 | group 1 | .. | group K | padding]
@@ -174,23 +175,26 @@ def window_layout(stride, n_drafts):
     masks of their group, exactly as a training block of masks sees the clean prefix before it
     (model.idlm_mask). So whichever token ends up committed at position g+1 (the correction of a
     rejected d_{g+1}, or the clean token when all K drafts pass, g = K), group g has already proposed
-    the N-1 drafts that follow it: there is no cold start. Padding (K < N-1) sees only itself."""
+    the N-1 drafts that follow it: there is no cold start. Padding (K < N-1) sees only itself.
+
+    The narrow window keeps group K only: fewer tokens per forward (2N-1), but after a rejection
+    nothing has drafted what follows the correction, so the next forward is a cold start."""
     N, K, b = stride, n_drafts, stride - 1
-    W = window_size(N)
+    W = window_size(N, narrow)
     pos, mask = torch.zeros(W, dtype=torch.long), torch.eye(W, dtype=torch.bool)
     pos[:K + 1] = torch.arange(K + 1)
     mask[:K + 1, :K + 1] = torch.ones(K + 1, K + 1, dtype=torch.bool).tril()
-    for g in range(K + 1):
-        at = K + 1 + g * b
+    for g in [K] if narrow else range(K + 1):
+        at = group_rows(N, K, g, narrow).start
         pos[at:at + b] = torch.arange(g + 1, g + 1 + b)
         mask[at:at + b, :g + 1] = True
         mask[at:at + b, at:at + b] = torch.ones(b, b, dtype=torch.bool).tril()
     return pos, mask
 
 
-def group_rows(stride, n_drafts, g):
-    """Window indices of the N-1 masks of group g (see window_layout)."""
-    at = n_drafts + 1 + g * (stride - 1)
+def group_rows(stride, n_drafts, g, narrow=False):
+    """Window indices of the N-1 masks of group g (see window_layout; narrow: g = K only)."""
+    at = n_drafts + 1 + (0 if narrow else g) * (stride - 1)
     return slice(at, at + stride - 1)
 
 
@@ -221,9 +225,9 @@ def prefill(model, cache, rows, requests, chunk=None):
 
 
 @torch.no_grad()
-def isd_step(model, cache, rows, requests, stride):
+def isd_step(model, cache, rows, requests, stride, narrow=False):
     """One ISD forward for every request (cache row `rows[i]` holds requests[i]); returns the tokens
-    each request committed. The phases of the algorithm:
+    each request committed (narrow: the narrow window, see window_layout). The phases of the algorithm:
 
       1. window: [pending, d_1..d_K, N-1 masks after each of those] (window_layout), one forward
       2. p: the clean positions' distributions, filtered (temperature / top-k / top-p act on p and
@@ -235,12 +239,12 @@ def isd_step(model, cache, rows, requests, stride):
          the next N-1 drafts, sampled from its q.
       5. roll back: the cache keeps pending + accepted drafts; rejected drafts and masks go.
     Logits are computed only where they are used: N clean positions and one group of N-1 masks."""
-    N, W, mask_id = stride, window_size(stride), model.cfg.mask_token_id
+    N, W, mask_id = stride, window_size(stride, narrow), model.cfg.mask_token_id
     dev = cache.lengths.device
     rows = torch.as_tensor(rows, device=dev)
 
     # 1. window
-    layouts = [window_layout(N, len(r.drafts)) for r in requests]
+    layouts = [window_layout(N, len(r.drafts), narrow) for r in requests]
     ids = torch.tensor([[r.pending, *r.drafts] + [mask_id] * (W - 1 - len(r.drafts)) for r in requests], device=dev)
     pos, mask = (torch.stack(x).to(dev) for x in zip(*layouts))
     hidden = model(ids, pos=pos, mask=mask, cache=cache, rows=rows, hidden_only=True)
@@ -253,9 +257,11 @@ def isd_step(model, cache, rows, requests, stride):
     verdicts = verify_drafts(requests, p)
     accepted = [j for j, _, _ in verdicts]
 
-    # 4. commit; the next drafts come from group j (the masks after pending, d_1..d_j)
-    q = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), j)] for i, (r, j)
-                                     in enumerate(zip(requests, accepted))]), requests)
+    # 4. commit; the next drafts come from group j (the masks after pending, d_1..d_j); the narrow
+    #    window has group K only, so after a rejection there are none (a cold start follows)
+    groups = [len(r.drafts) if narrow else j for r, j in zip(requests, accepted)]
+    q = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), g, narrow)] for i, (r, g)
+                                     in enumerate(zip(requests, groups))]), requests)
     committed = []
     for i, r in enumerate(requests):
         K, drafts = len(r.drafts), r.drafts
@@ -264,7 +270,7 @@ def isd_step(model, cache, rows, requests, stride):
         r.stats.acceptance_sum += sum(ratios)
         if correction is not None:  # d_{j+1} was rejected: its correction, then fresh drafts
             new, kinds = drafts[:j] + [correction], ["accepted"] * j + ["correction"]
-            r.drafts = sample(q[i], r.temperature, r.gen).tolist()
+            r.drafts = sample(q[i], r.temperature, r.gen).tolist() if not narrow else []
             r.stats.rounds_r += 1
         else:  # all K drafts passed (or K = 0): the clean token from p after d_K (row K), and the
             # next drafts from q, in one draw from the request's stream
@@ -272,7 +278,7 @@ def isd_step(model, cache, rows, requests, stride):
             new, kinds = drafts + [clean], ["accepted"] * K + ["clean"]
             r.stats.rounds_v += K > 0
             r.stats.rounds_c += K == 0
-        r.q = q[i]
+        r.q = q[i] if r.drafts else None
         new = r.commit(new)
         if r.trace is not None:  # what this forward committed, then the drafts verification threw away
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
@@ -337,15 +343,17 @@ def verify_drafts(requests, p_logits):
 
 def cache_length(model, requests, stride):
     """Cache slots per row for decoding `requests`: all they can hold, but at most two contexts (past
-    that, the cache drops tokens that have left the context; see model.KVCache.make_room)."""
+    that, the cache drops tokens that have left the context; see model.KVCache.make_room), and room
+    for the (wide) window."""
     need = max(len(r.prompt) + r.max_new_tokens for r in requests)
     return min(need, 2 * model.cfg.max_seq_len) + window_size(stride)
 
 
 @torch.no_grad()
-def decode(model, requests, stride):
-    """Decode a batch of requests together to the end; each keeps its own acceptance, rollback
-    and random stream, so a row gives exactly what it gives alone with the same seed."""
+def decode(model, requests, stride, narrow=False):
+    """Decode a batch of requests together to the end (narrow: the narrow window); each keeps its own
+    acceptance, rollback and random stream, so a row gives exactly what it gives alone with the same
+    seed."""
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     t0 = time.time()
@@ -353,7 +361,7 @@ def decode(model, requests, stride):
     prefill(model, cache, list(range(len(requests))), requests)
     active = list(range(len(requests)))
     while active:
-        isd_step(model, cache, active, [requests[i] for i in active], stride)
+        isd_step(model, cache, active, [requests[i] for i in active], stride, narrow)
         active = [i for i in active if not requests[i].done]
     for r in requests:
         r.stats.wall_s = time.time() - t0
@@ -361,11 +369,11 @@ def decode(model, requests, stride):
 
 
 def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, stop_ids=None):
+                 seed=None, stop_ids=None, narrow=False):
     """ISD for one prompt: (new token ids, Stats). For the trace of each forward, decode a
     Request(..., trace=[]) yourself."""
     r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
-    decode(model, [r], stride)
+    decode(model, [r], stride, narrow)
     return r.out, r.stats
 
 
@@ -432,6 +440,8 @@ def parse_args(argv, doc):
     p.add_argument("--chat", action="store_true", help="put --prompt as a user message in the chat template (ChatML)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
+    p.add_argument("--narrow", action="store_true", help="the narrow window: 2N-1 tokens per forward instead of N*N, "
+                   "with a cold start after each rejection (fewer tokens per forward, cheaper forwards)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (p and q alike)")
@@ -476,11 +486,11 @@ def main(argv=None, load_model=None, doc=__doc__):
 
     # decode, keeping the trace of every forward
     try:
-        isd_generate(model, ids, 2, a.stride, **kw)  # warm-up: first calls are slow
+        isd_generate(model, ids, 2, a.stride, narrow=a.narrow, **kw)  # warm-up: first calls are slow
         r = Request(ids, a.max_new_tokens, trace=[], **kw)
     except ValueError as e:
         p.error(str(e))
-    out, st = decode(model, [r], a.stride)[0].out, r.stats
+    out, st = decode(model, [r], a.stride, a.narrow)[0].out, r.stats
 
     # show it
     text = enc.decode(out[:-1] if out and out[-1] in r.stop_ids else out)  # the stop token is not text

@@ -10,8 +10,8 @@ One KV cache of `max_batch` rows (slots) stays allocated. Each step of the backg
   1. moves new requests from a thread-safe inbox to a FIFO queue and drops cancelled requests;
   2. gives free slots to queued requests and prefills their prompts, at most `prefill_budget`
      prompt tokens per step in all (a long prompt takes several steps, running rows keep stepping);
-  3. runs ONE forward for every row whose prompt is in: isd.isd_step, W = N*N tokens per row
-     whatever each accepted last step, each row with its own cache length, rollback, settings and
+  3. runs ONE forward for every row whose prompt is in: isd.isd_step, W = N*N tokens per row (2N-1
+     with the narrow window) whatever each accepted last step, each row with its own cache length, rollback, settings and
      random stream, so a request gives exactly what it gives alone with the same seed;
   4. turns the committed tokens into text, cuts it at the first stop string, streams it out, and
      frees the slot of every finished request (EOS, a stop string, max_tokens, or cancel()).
@@ -78,11 +78,11 @@ def held_back(text, stops):
 
 
 class Scheduler:
-    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256):
+    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256, narrow=False):
         for name, v in (("stride", stride), ("max_batch", max_batch), ("prefill_budget", prefill_budget)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        self.model, self.enc, self.stride = model.eval(), enc, stride
+        self.model, self.enc, self.stride, self.narrow = model.eval(), enc, stride, narrow
         self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
         # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
@@ -226,7 +226,8 @@ class Scheduler:
 
     def _forward(self, ready):
         """ONE forward for all ready rows (isd.isd_step); the tokens each row committed."""
-        committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], [j.req for j in ready], self.stride)
+        committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], [j.req for j in ready], self.stride,
+                                   self.narrow)
         self.counters["steps"] += 1
         self.counters["row_forwards"] += len(ready)
         return committed

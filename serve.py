@@ -335,6 +335,8 @@ def main(argv=None):
     p.add_argument("--base", action="store_true", help="serve the base checkpoint without its self-distilled adapter "
                    "(out_dir/distilled, loaded by default: the same outputs, more tokens per forward)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
+    p.add_argument("--narrow", action="store_true", help="the narrow window: 2N-1 tokens per row per forward instead "
+                   "of N*N, a cold start after each rejection (cheaper forwards: see docs/serving.md)")
     p.add_argument("--max_batch", type=int, default=16, help="slots of the resident batch (default 16)")
     p.add_argument("--prefill_budget", type=int, default=256,
                    help="prompt tokens prefilled per step at most, so running requests keep going (default 256)")
@@ -347,7 +349,7 @@ def main(argv=None):
     try:
         source = a.init_from or (a.out_dir if a.base else checkpoint.distilled_or_base(a.out_dir))
         model, enc = checkpoint.load_model(source, device=a.device)
-        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget)
+        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -358,7 +360,7 @@ def main(argv=None):
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: ignore it then
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    print(f"serving model '{name}' from {source} (stride {a.stride}, {a.max_batch} slots) on http://{a.host}:{a.port}/v1",
+    print(f"serving model '{name}' from {source} (stride {a.stride}{', narrow window' if a.narrow else ''}, {a.max_batch} slots) on http://{a.host}:{a.port}/v1",
           file=sys.stderr, flush=True)
     server.run()
     sched.stop()

@@ -164,13 +164,13 @@ def gumbel(gen, shape):
 
 
 def isd_samples(model, prompt, n, stride, n_samples, temperature, top_k=None, top_p=None, seed0=0,
-                batch=500):
+                batch=500, narrow=False):
     """`n_samples` continuations from batched ISD, one seed per row; also the summed stats."""
     counts, tot = Counter(), Counter()
     for start in range(0, n_samples, batch):
         reqs = [Request(list(prompt), n, temperature, top_k, top_p, seed0 + s)
                 for s in range(start, min(n_samples, start + batch))]
-        decode(model, reqs, stride)
+        decode(model, reqs, stride, narrow)
         for r in reqs:
             assert len(r.out) == n
             counts[tuple(r.out)] += 1
@@ -264,6 +264,46 @@ def test_stride_one_is_plain_ar():
         assert [s[0][0] for s in trace] == out
 
 
+def test_narrow_window_greedy_equals_bruteforce_and_cold_starts_after_rejections():
+    """The narrow window (masks after the last draft only) gives the same tokens; after each
+    rejection the next forward has no drafts (a cold start: one clean token)."""
+    rounds = Counter()
+    for seed, V, std in GREEDY_MODELS:
+        model = tiny_model(seed, V, std)
+        for prompt in ([3], [V - 2, 0], [1, 5, 2, 6, 0, 4, 2]):
+            ref = brute_greedy(model, prompt, 23)
+            for N in STRIDES:
+                assert isd_generate(model, prompt, 23, N, temperature=0, narrow=True)[0] == ref, (seed, prompt, N)
+                stop = ref[9]
+                assert isd_generate(model, prompt, 23, N, temperature=0, stop_ids=[stop], narrow=True)[0] == \
+                    ref[:ref.index(stop) + 1]
+                r = Request(list(prompt), 23, 0.0, trace=[])
+                decode(model, [r], N, narrow=True)
+                kinds = [[k for _, k in step if k != "rejected"] for step in r.trace]
+                for before, after in zip(kinds, kinds[1:]):
+                    if "correction" in before:
+                        assert after == ["clean"]  # a cold start
+                rounds.update(rounds_v=r.stats.rounds_v, rounds_r=r.stats.rounds_r, rounds_c=r.stats.rounds_c)
+    assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0 and rounds["rounds_c"] > rounds["rounds_r"] // 2, rounds
+
+
+def test_narrow_layout_is_the_wide_one_without_the_other_groups():
+    """The narrow window's positions and attention are the wide window's rows and columns of the clean
+    tokens and of group K (padding sees only itself in both)."""
+    for N in (2, 3, 4, 5):
+        for K in (0, N - 1):
+            pos_w, mask_w = isd.window_layout(N, K)
+            pos_n, mask_n = isd.window_layout(N, K, narrow=True)
+            assert len(pos_n) == isd.window_size(N, narrow=True) == 2 * N - 1
+            g = isd.group_rows(N, K, K)
+            keep = list(range(K + 1)) + list(range(g.start, g.stop))
+            assert isd.group_rows(N, K, K, narrow=True) == slice(K + 1, K + N)
+            assert torch.equal(pos_n[:len(keep)], pos_w[keep])
+            assert torch.equal(mask_n[:len(keep), :len(keep)], mask_w[keep][:, keep])
+            pad = len(keep)
+            assert torch.equal(mask_n[pad:], torch.eye(2 * N - 1, dtype=torch.bool)[pad:])
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. sampling exactness: ISD's continuation distribution == the enumerated AR distribution
 
@@ -293,14 +333,15 @@ def sampling_model():
     return tiny_model(seed=1, vocab=SAMPLE_V, std=0.3)
 
 
-def _check_exact(temperature, top_k, top_p, stride, n):
+def _check_exact(temperature, top_k, top_p, stride, n, narrow=False):
     model = sampling_model()
     dist = exact_continuations(model, SAMPLE_PROMPT, n, temperature, top_k, top_p)
     counts, tot = isd_samples(model, SAMPLE_PROMPT, n, stride, N_SAMPLES, temperature, top_k, top_p,
-                              seed0=1000 * stride + n)
+                              seed0=1000 * stride + n, narrow=narrow)
     pval = chi2_pvalue(counts, dist)
-    # both branches of verification were exercised
+    # both branches of verification were exercised (narrow: and cold starts after rejections)
     assert tot["rounds_r"] > 0 and tot["rounds_v"] > 0, tot
+    assert not narrow or tot["rounds_c"] > N_SAMPLES, tot
     assert pval > P_MIN, (pval, tot)
     return pval
 
@@ -314,6 +355,11 @@ def test_isd_samples_the_exact_ar_distribution(temperature, top_k, top_p, stride
 @pytest.mark.parametrize("temperature,top_k,top_p,stride,n", EXTRA_CASES)
 def test_isd_samples_the_exact_ar_distribution_more(temperature, top_k, top_p, stride, n):
     _check_exact(temperature, top_k, top_p, stride, n)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,stride,n", [(1.0, None, None, 2, 4), (0.7, None, 0.9, 3, 4)])
+def test_narrow_window_samples_the_exact_ar_distribution(temperature, top_k, top_p, stride, n):
+    _check_exact(temperature, top_k, top_p, stride, n, narrow=True)
 
 
 def test_ar_generate_samples_the_exact_ar_distribution():

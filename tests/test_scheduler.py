@@ -49,8 +49,9 @@ def me():
     return tiny_model_and_tokenizer()
 
 
-def solo(model, enc, ids, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None):
-    return isd_generate(model, ids, n, stride, temperature, top_k, top_p, seed, stop_ids=[enc.eot_token])[0]
+def solo(model, enc, ids, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, narrow=False):
+    return isd_generate(model, ids, n, stride, temperature, top_k, top_p, seed, stop_ids=[enc.eot_token],
+                        narrow=narrow)[0]
 
 
 def shown(enc, out):
@@ -68,11 +69,11 @@ SETTINGS = [  # prompt, max_tokens, temperature, top_k, top_p, seed
 ]
 
 
-@pytest.mark.parametrize("stride", [1, 3])
-def test_batched_requests_equal_solo_runs(me, stride):
+@pytest.mark.parametrize("stride,narrow", [(1, False), (3, False), (3, True)])
+def test_batched_requests_equal_solo_runs(me, stride, narrow):
     model, enc = me
     prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
-    with Scheduler(model, enc, stride, max_batch=3, prefill_budget=7) as s:  # FIFO queue and chunked prefill
+    with Scheduler(model, enc, stride, max_batch=3, prefill_budget=7, narrow=narrow) as s:  # FIFO queue and chunked prefill
         jobs = [s.submit(ids, *rest) for ids, (_, *rest) in zip(prompts, SETTINGS)]
         for j in jobs:
             j.result(60)
@@ -81,7 +82,7 @@ def test_batched_requests_equal_solo_runs(me, stride):
     assert m["requests_stop"] + m["requests_length"] == len(SETTINGS)
     assert m["completion_tokens"] == sum(j.completion_tokens for j in jobs)
     for j, ids, (_, n, t, k, p, seed) in zip(jobs, prompts, SETTINGS):
-        ref = solo(model, enc, ids, n, stride, t, k, p, seed)
+        ref = solo(model, enc, ids, n, stride, t, k, p, seed, narrow)
         assert j.req.out == ref
         if t == 0:
             assert ref == ar_generate(model, ids, n, temperature=0, stop_ids=[enc.eot_token])
