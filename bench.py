@@ -28,7 +28,8 @@ import introspect
 import presets
 import pretrained
 import tokenizer as tok
-from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill, process_logits
+from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill
+from sampling import process_logits
 from model import Model, ar_loss, idlm_loss, idlm_mask
 
 PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import checkpoint
 import isd
 import tokenizer as tok
-from isd import Stats, process_logits, sample
+from isd import Stats
+from sampling import process_logits, sample
 from model import Model
 
 FAMILIES = ("dlm", "bdlm")
@@ -161,7 +162,7 @@ def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, th
 def acceptance(p, q, x, temperature):
     """min(1, p(x) / q(x)) for each token x (n,): the probability that the model, reading left to
     right, accepts a token it generated from q. p and q are filtered logits (n, V) (the output of
-    isd.process_logits with the same settings), turned into probabilities at `temperature`, as ISD
+    sampling.process_logits with the same settings), turned into probabilities at `temperature`, as ISD
     does. Greedy (temperature 0): q is the point mass at x, so the ratio is 1 if x is p's argmax,
     else 0. The introspective acceptance rate is the mean of this over generated tokens."""
     if temperature == 0:

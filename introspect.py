@@ -18,7 +18,8 @@ import data
 import dlm
 import pretrained
 import tokenizer as tok
-from isd import ar_generate, isd_generate, process_logits
+from isd import ar_generate, isd_generate
+from sampling import process_logits
 from model import Model
 
 

@@ -26,42 +26,7 @@ import torch
 import checkpoint
 import tokenizer as tok
 from kernels import verify
-
-MIN_TEMPERATURE = 1e-6  # below it (but above 0, which is greedy) logits / temperature can overflow
-
-
-def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=None):
-    """Filtered logits (..., V): MASK, and whatever top-k / top-p drop, become -inf.
-
-    Applied identically to p (verify) and q (drafts) (**exact here**: the released code filters
-    only the clean token). The temperature is applied where probabilities are formed (`sample` and
-    `kernels.verify`); here it only decides which tokens top-p keeps."""
-    logits = logits.clone()
-    logits[..., mask_token_id] = float("-inf")
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0 and temperature > 0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = (sorted_logits / temperature).softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def gumbel(shape, generator, dtype, device):
-    """Standard Gumbel noise, drawn on the CPU from a request's own stream (so a seed gives the same
-    tokens on every device), then moved to the logits' device."""
-    return -torch.log(-torch.log(torch.rand(shape, generator=generator, dtype=dtype))).to(device)
-
-
-def sample(logits, temperature, generator=None):
-    """Token ids (...,) from filtered logits (..., V): Gumbel-max over logits / temperature, which is
-    a draw from softmax(logits / temperature); argmax at temperature 0."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    return (logits / temperature + gumbel(logits.shape, generator, logits.dtype, logits.device)).argmax(-1)
-
+from sampling import MIN_TEMPERATURE, gumbel, process_logits, sample
 
 @dataclass
 class Stats:

@@ -12,7 +12,8 @@ import bench
 import data
 import dlm
 import train
-from isd import ar_generate, isd_generate, process_logits
+from isd import ar_generate, isd_generate
+from sampling import process_logits
 from test_model import rand_tokens, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import isd  # noqa: E402
+import sampling  # noqa: E402
 from isd import Request, ar_generate, decode, isd_generate, isd_step, prefill, verify  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 
@@ -497,7 +498,7 @@ def test_verify_greedy():
 
 
 def test_process_logits_matches_reference():
-    """isd.process_logits against the reference processing above (also checks MASK is removed)."""
+    """sampling.process_logits against the reference processing above (also checks MASK is removed)."""
     gen = torch.Generator().manual_seed(4)
     V, mask_id = 9, 8
     for _ in range(30):
@@ -505,10 +506,10 @@ def test_process_logits_matches_reference():
         logits[mask_id] = 50.0  # MASK would win if it were not excluded
         for temperature, top_k, top_p in ((1.0, None, None), (0.6, None, None), (1.3, 3, None),
                                           (1.0, None, 0.8), (0.8, None, 0.5), (1.0, 1, None)):
-            got = (isd.process_logits(logits, mask_id, temperature, top_k, top_p) / temperature).softmax(-1)
+            got = (sampling.process_logits(logits, mask_id, temperature, top_k, top_p) / temperature).softmax(-1)
             want = torch.tensor(ref_probs(logits, mask_id, temperature, top_k, top_p), dtype=torch.float64)
             assert torch.allclose(got, want, atol=1e-12), (temperature, top_k, top_p)
-        greedy = isd.process_logits(logits, mask_id, 0)
+        greedy = sampling.process_logits(logits, mask_id, 0)
         assert int(greedy.argmax()) == max(range(mask_id), key=lambda t: float(logits[t]))
 
 
