@@ -25,7 +25,7 @@ import torch
 import checkpoint
 import data
 import introspect
-import presets
+import options
 import pretrained
 import tokenizer as tok
 from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill
@@ -39,7 +39,7 @@ def train_throughput(preset, steps, device="cpu", stop=lambda: False):
     """Alternate AR and I-DLM steps on the same random batch of a train.py preset, with the model train.py
     builds for it (bfloat16 autocast on CUDA, as train.py); median tokens/s of each. `stop()` is asked before each step pair after the
     warm-up; True ends the run early. Returns {"ar", "idlm": tok/s, "steps", "params", "tokens_per_step"}."""
-    pre, cfg = presets.PRESETS[preset], presets.preset_model_config(preset)
+    pre, cfg = options.PRESETS[preset], options.preset_model_config(preset)
     V = cfg.mask_token_id  # the ids below MASK
     torch.manual_seed(0)
     x = torch.randint(0, V, (pre["batch_size"], pre["seq_len"]), device=device)
@@ -71,7 +71,7 @@ def train_throughput(preset, steps, device="cpu", stop=lambda: False):
 def bench_train(a):
     """Training tokens/s of the two objectives on a preset's shapes, and their ratio."""
     r = train_throughput(a.preset, a.steps, a.device)
-    pre = presets.PRESETS[a.preset]
+    pre = options.PRESETS[a.preset]
     print(f"preset {a.preset}: {r['params'] / 1e6:.2f}M params, "
           f"{pre['batch_size']} x {pre['seq_len']} tokens per step, median of {r['steps']} steps, "
           f"{torch.get_num_threads()} threads, {a.device}")
@@ -335,10 +335,10 @@ def bench_serve(a):
 
     # the load: every server at every concurrency, taking turns
     runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies) per repeat
-    servers = {}  # all three run at once; an idle one sleeps
+    servers = {}  # all of them run at once; an idle one sleeps
     try:
-        for label, options in SERVERS:
-            servers[label] = start_server(a.out_dir, options, a.threads)
+        for label, flags in SERVERS:
+            servers[label] = start_server(a.out_dir, flags, a.threads)
         for label, (_, url) in servers.items():
             asyncio.run(load(url, model, 4, 4, a.max_tokens, a.temperature))  # warm-up
         for c in a.concurrency:
@@ -497,7 +497,7 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="what", required=True)
     # train
     t = sub.add_parser("train", help="training throughput, ar vs idlm")
-    t.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS))
+    t.add_argument("--preset", default="cpu", choices=sorted(options.PRESETS))
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     # decode

@@ -25,9 +25,9 @@ import data
 import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
-from presets import model_config
-from train import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at,
-                   micro_batches, parse_args, run_line, start_from)
+from options import UsageError, check_options, model_config, parse_args
+from train import (BETAS, decays, evaluates_at, load_data, log_progress, lr_at, micro_batches, run_line,
+                   start_from)
 
 
 def check_port_options(cfg, given):
