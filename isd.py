@@ -63,6 +63,14 @@ class Stats:
                 "tokens_per_s": self.tokens_per_s}
 
 
+class SettingError(ValueError):
+    """A bad request setting; `param` names it (serve.py reports it as the OpenAI API does)."""
+
+    def __init__(self, param, message):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class Request:
     """One row of the batched decoder: settings, committed tokens, drafts and their q."""
@@ -86,19 +94,19 @@ class Request:
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
-                             f"got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise SettingError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SettingError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows
+            raise SettingError("temperature", f"temperature must be 0 (greedy) or a finite number >= "
+                                              f"{MIN_TEMPERATURE:g}, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SettingError("top_k", f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SettingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise SettingError("seed", f"seed must be in [0, 2**63), got {self.seed}")
         if len(self.prompt) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         self.gen = torch.Generator()

@@ -28,16 +28,9 @@ import torch
 
 import isd
 import tokenizer as tok
+from isd import SettingError
 
 REASONS = ("stop", "length", "cancelled", "error")
-
-
-class SettingError(ValueError):
-    """A request setting that submit() refuses; `param` names it as the OpenAI API does."""
-
-    def __init__(self, param, message):
-        super().__init__(message)
-        self.param = param
 
 
 class Job:
@@ -115,14 +108,10 @@ class Scheduler:
             raise RuntimeError("the scheduler is shutting down")
         if any(not isinstance(s, str) or not s for s in stop):
             raise SettingError("stop", "stop strings must be non-empty strings")
-        checks = {"max_tokens": dict(max_new_tokens=max_tokens), "temperature": dict(temperature=temperature),
-                  "top_k": dict(top_k=top_k), "top_p": dict(top_p=top_p), "seed": dict(seed=seed)}
-        for param, setting in checks.items():  # isd.Request's own checks, one setting at a time: the error names it
-            try:
-                isd.Request(**{"prompt": [0], "max_new_tokens": 1, **setting})
-            except ValueError as e:
-                raise SettingError(param, str(e)) from None
-        req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
+        try:
+            req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
+        except SettingError as e:  # the API's name for max_new_tokens
+            raise SettingError("max_tokens" if e.param == "max_new_tokens" else e.param, str(e)) from None
         job = Job(req, stop, listener)
         self.inbox.put(job)
         return job

@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException
 
 import checkpoint
 import tokenizer as tok
-from scheduler import REASONS, Scheduler, SettingError
+from isd import SettingError
+from scheduler import REASONS, Scheduler
 
 CHAT_STOP = "\n\n"  # a speech ends at a blank line (see chat_prompt)
 
