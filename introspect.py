@@ -14,13 +14,14 @@ import time
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dlm
 import pretrained
 import tokenizer as tok
 from isd import ar_generate, isd_generate
-from sampling import process_logits
 from model import Model
+from sampling import process_logits
 
 
 VAL_LOSS_KIND = {"ar": "NLL", "idlm": "clean-stream NLL", "dlm": "diffusion bound (>= NLL)",
@@ -97,9 +98,7 @@ def validation_windows(a, first):
     """(tokenizer, windows): a.n windows of prompt_len + max_new_tokens tokens from the validation split
     of the data of checkpoint `first`, tokenized with its tokenizer."""
     enc = tok.load(first)
-    with open(os.path.join(first, "train_state.json")) as f:
-        data_path = json.load(f)["config"]["data"]
-    _, _, val = data.load_corpus(data_path, enc=enc, log=lambda *_: None)
+    _, _, val = data.load_corpus(checkpoint.training_config(first)["data"], enc=enc, log=lambda *_: None)
     length = a.prompt_len + a.max_new_tokens
     return enc, [val[o:o + length].tolist() for o in data.batch_offsets(len(val), length, a.n, seed=a.seed)]
 
