@@ -33,6 +33,7 @@ import isd  # noqa: E402
 import lora  # noqa: E402
 import model as model_module  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
+from test_train import copy_checkpoint, interrupt_rename  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -493,26 +494,15 @@ def test_a_distill_save_interrupted_anywhere_leaves_one_whole_adapter(trained, t
     ranks = []
     for k in range(0, 20):  # k = 0: interrupted while it writes adapter.safetensors
         ck = str(tmp_path / f"c{k}")
-        if layout == "links":
-            shutil.copytree(base, ck, symlinks=True)
-        elif layout == "copied":
-            shutil.copytree(base, ck)
+        copy_checkpoint(base, ck, layout)
+        if layout == "copied":
             assert os.path.isdir(os.path.join(ck, "distilled", ".checkpoint"))
-        else:
-            shutil.copytree(base, ck, ignore=lambda d, names: [n for n in names if n.startswith(".")])
         assert os.path.islink(os.path.join(ck, "distilled", "adapter.json")) == (layout == "links")
-        calls = []
-
-        def interrupted(src, dst):
-            calls.append(dst)
-            if len(calls) == k:
-                raise KeyboardInterrupt
-            return rename(src, dst)
 
         def half_written(tensors, path, metadata=None):
             open(path, "wb").write(b"\0" * 100)
             raise KeyboardInterrupt
-        monkeypatch.setattr(os, "replace", interrupted)
+        interrupt_rename(monkeypatch, k)
         if k == 0:
             monkeypatch.setattr(model_module, "save_file", half_written)
         try:

@@ -197,6 +197,30 @@ def checkpoint_step(out):
     return st["iter"]
 
 
+def copy_checkpoint(src, dst, layout):
+    """A copy of a checkpoint folder: "links" as written; "copied" by shutil.copytree, which follows the
+    links (plain files, and .checkpoint a folder); "plain files" without the hidden folders (an older
+    train.py's layout)."""
+    if layout == "links":
+        shutil.copytree(src, dst, symlinks=True)
+    elif layout == "copied":
+        shutil.copytree(src, dst)
+    else:
+        shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n.startswith(".")])
+
+
+def interrupt_rename(monkeypatch, k):
+    """Make os.replace raise KeyboardInterrupt at its k-th call (the earlier ones rename)."""
+    rename, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        return rename(src, dst)
+    monkeypatch.setattr(os, "replace", interrupted)
+
+
 @pytest.mark.parametrize("layout", ["links", "plain files", "copied"])
 def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_path, monkeypatch, layout):
     """Interrupt the save of step 4 at each rename in turn: out_dir holds step 2 whole or step 4
@@ -209,22 +233,10 @@ def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_pat
     steps = []
     for k in range(1, 30):
         out = f"{tmp_path}/o{k}"
-        if layout == "links":
-            shutil.copytree(base, out, symlinks=True)
-        elif layout == "copied":
-            shutil.copytree(base, out)
+        copy_checkpoint(base, out, layout)
+        if layout == "copied":
             assert os.path.isdir(f"{out}/.checkpoint") and not os.path.islink(f"{out}/.checkpoint")
-        else:
-            shutil.copytree(base, out, ignore=lambda d, names: [n for n in names if n.startswith(".")])
-        calls = []
-
-        def interrupted(src, dst):
-            calls.append(dst)
-            if len(calls) == k:
-                raise KeyboardInterrupt
-            return rename(src, dst)
-
-        monkeypatch.setattr(os, "replace", interrupted)
+        interrupt_rename(monkeypatch, k)
         try:
             run(common + [f"--out_dir={out}", "--max_iters=4", "--resume"])
             finished = True
