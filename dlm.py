@@ -38,7 +38,7 @@ import isd
 import tokenizer as tok
 from isd import Stats
 from sampling import process_logits, sample
-from model import Model
+from model import Model, idlm_mask
 
 FAMILIES = ("dlm", "bdlm")
 EPS = 1e-3  # t ~ U(EPS, 1): the 1/t weight stays finite
@@ -51,13 +51,12 @@ def bdlm_mask(L, b, device=None):
     """Boolean attention mask (2L, 2L) over [xt | x0] of the block diffusion LM, True = may attend.
 
     xt -> xt: same block (both ways).   xt -> x0: key's block strictly before the query's.
-    x0 -> x0: causal.                    x0 -> xt: never."""
-    i = torch.arange(L, device=device)
-    blk = i // b
-    xt_xt = blk[None, :] == blk[:, None]
-    xt_x0 = blk[None, :] < blk[:, None]
-    causal = i[None, :] <= i[:, None]
-    return torch.cat([torch.cat([xt_xt, xt_x0], 1), torch.cat([torch.zeros_like(causal), causal], 1)], 0)
+    x0 -> x0: causal.                    x0 -> xt: never.
+    That is model.idlm_mask but for xt -> xt, which I-DLM keeps causal inside a block."""
+    mask = idlm_mask(L, b, device)
+    blk = torch.arange(L, device=device) // b
+    mask[:L, :L] = blk[None, :] == blk[:, None]
+    return mask
 
 
 def dlm_loss(model, x0, block=None, generator=None):
