@@ -9,30 +9,25 @@
     python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
     python bench.py introspect --models=out-ar,out,out-dlm   # the introspection gap: AR vs I-DLM vs DLM
 """
+# This file: the one argument parser (the docstring above is its --help) and the train, decode,
+# temperature and step benchmarks; serve runs bench_serve.py, smollm2 bench_chat.py, introspect introspect.py.
 import argparse
-import asyncio
-import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 
 import torch
 
+import bench_chat
+import bench_serve
 import checkpoint
 import data
 import introspect
 import options
-import pretrained
-import tokenizer as tok
+from bench_serve import PROMPTS
 from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill
+from model import Model, ar_loss, idlm_logits, idlm_loss
 from sampling import process_logits
-from model import Model, ar_loss, idlm_loss, idlm_mask
-
-PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
 
 
 def train_throughput(preset, steps, device="cpu", stop=lambda: False):
@@ -85,13 +80,11 @@ def lookahead_accuracy(model, enc, out_dir, rows=16):
     """Why TPF is what it is: top-1 accuracy on validation rows of the clean stream (1 token ahead)
     and of the masks at each block offset (2..N ahead), from one [xt | x0] training forward.
     A greedy draft passes only if its argmax agrees with the clean stream's, so these bound TPF."""
-    with open(os.path.join(out_dir, "train_state.json")) as f:
-        cfg = json.load(f)["config"]
+    cfg = checkpoint.training_config(out_dir)
     _, _, val = data.load_corpus(cfg["data"], enc=enc, log=lambda *_: None)
     L, b = cfg["seq_len"], cfg["stride"] - 1
     x0 = data.get_batch(val, data.batch_offsets(len(val), L, rows, seed=0), L)
-    xt = torch.full_like(x0, model.cfg.mask_token_id)
-    logits = model(torch.cat([xt, x0], 1), pos=torch.arange(L).repeat(2), mask=idlm_mask(L, b))
+    logits = torch.cat(idlm_logits(model, x0, stride=cfg["stride"]), 1)  # [xt | x0], every xt token a MASK
     logits[..., model.cfg.mask_token_id] = float("-inf")
     pred, target = logits.argmax(-1), x0[:, 1:]
     clean = (pred[:, L:2 * L - 1] == target).float().mean()
@@ -276,221 +269,6 @@ def bench_step(a):
               + f" | {tps['AR']:.0f} | {tps['ISD'] / tps['AR']:.2f}x | {tps['ISD narrow'] / tps['AR']:.2f}x |")
 
 
-SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by default; --base: the base model)
-    ("(a) scheduler, ISD stride 4", ["--stride=4", "--max_batch=32"]),
-    ("(b) scheduler, stride 1 (AR), base", ["--stride=1", "--max_batch=32", "--base"]),
-    ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
-    ("(d) scheduler, ISD stride 4, narrow window", ["--stride=4", "--max_batch=32", "--narrow"]),
-]
-
-
-def start_server(out_dir, options, threads):
-    """serve.py in a subprocess on a free loopback port; returns (process, base url) once healthy."""
-    import httpx
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", *options],
-                            cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
-    url = f"http://127.0.0.1:{port}"
-    while proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise RuntimeError(f"serve.py {' '.join(options)} exited with code {proc.returncode}")
-
-
-async def load(url, model, n_requests, concurrency, max_tokens, temperature):
-    """`concurrency` clients send `n_requests` completions back to back (closed loop); returns
-    (completion tokens, wall seconds, per-request latencies)."""
-    import httpx
-    todo = list(range(n_requests))
-    latencies, tokens = [], 0
-
-    async def client(http):
-        nonlocal tokens
-        while todo:
-            i = todo.pop()
-            t0 = time.perf_counter()
-            r = await http.post(f"{url}/v1/completions", json={
-                "model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                "temperature": temperature, "seed": i})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
-
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return tokens, time.perf_counter() - t0, latencies
-
-
-def bench_serve(a):
-    """Aggregate tokens/s and latency of serve.py at each concurrency for SERVERS; a table and a plot."""
-    import httpx
-    model = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
-
-    # the load: every server at every concurrency, taking turns
-    runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies) per repeat
-    servers = {}  # all of them run at once; an idle one sleeps
-    try:
-        for label, flags in SERVERS:
-            servers[label] = start_server(a.out_dir, flags, a.threads)
-        for label, (_, url) in servers.items():
-            asyncio.run(load(url, model, 4, 4, a.max_tokens, a.temperature))  # warm-up
-        for c in a.concurrency:
-            n = max(a.per_client * c, a.min_requests)
-            for rep in range(a.repeats):  # the servers take turns, so that drift hits all of them alike
-                for label, (_, url) in servers.items():
-                    tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
-                    runs[label][c].append((tokens / wall, lat))
-                    print(f"{label} | concurrency {c:3d} | {n} requests, {tokens} tokens in {wall:.1f} s | "
-                          f"{tokens / wall:.0f} tok/s | latency mean {statistics.mean(lat):.2f} s", flush=True)
-        tpf = {}
-        for label, (_, url) in servers.items():
-            m = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
-                     if not line.startswith("#"))
-            tpf[label] = float(m["idlm_tokens_per_forward"])
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait()
-
-    # the table: label -> [(median tokens/s over the repeats, mean latency over all their requests)] per concurrency
-    results = {label: [(statistics.median(t for t, _ in runs[label][c]),
-                        statistics.mean(x for _, lat in runs[label][c] for x in lat)) for c in a.concurrency]
-               for label in runs}
-    labels = [label for label, _ in SERVERS]
-    ids = [label.split(" ", 1)[0] for label in labels]  # (a), (b), ..
-    la = labels[0]
-    print(f"\n{a.out_dir}: {a.max_tokens} tokens per request, temperature {a.temperature}, "
-          f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, median of {a.repeats} "
-          f"repeats (the servers take turns), server threads {a.threads}")
-    print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
-    vs_ar = [k for k in ids if k != "(b)"]  # every ISD server against (b), AR
-    print("\n| concurrency | " + " | ".join(f"{k} tok/s" for k in ids) + " | " + " | ".join(f"{k}/(b)" for k in vs_ar)
-          + " | (a) vs (a) at 1 | " + " | ".join(f"{k} latency s" for k in ids) + " |")
-    print("|---" * (2 * len(ids) + len(vs_ar) + 2) + "|")
-    for i, c in enumerate(a.concurrency):
-        r = {k: results[label][i] for k, label in zip(ids, labels)}
-        print(f"| {c} | " + " | ".join(f"{r[k][0]:.0f}" for k in ids) + " | "
-              + " | ".join(f"{r[k][0] / r['(b)'][0]:.2f}x" for k in vs_ar)
-              + f" | {r['(a)'][0] / results[la][0][0]:.1f}x | " + " | ".join(f"{r[k][1]:.2f}" for k in ids) + " |")
-    serve_plot(results, a, model)
-
-
-def serve_plot(results, a, model):
-    """bench_serve's figure: throughput and latency against the number of concurrent clients."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, _ in SERVERS:
-        ax1.plot(a.concurrency, [r[0] for r in results[label]], "o-", label=label)
-        ax2.plot(a.concurrency, [r[1] for r in results[label]], "o-", label=label)
-    for ax, title in ((ax1, "aggregate throughput (tokens/s)"), (ax2, "mean request latency (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(a.concurrency, [str(c) for c in a.concurrency])
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    ax2.set_yscale("log")
-    ax1.legend()
-    fig.suptitle(f"serve.py on {model}: {a.max_tokens} tokens per request, temperature {a.temperature}")
-    fig.tight_layout()
-    fig.savefig(a.plot, dpi=120)
-    print(f"\nwrote {a.plot}")
-CHAT_PROMPTS = ["What is the capital of France?", "Explain how a compass works.",  # topics not in the
-                "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of distill.py --replies
-
-
-def hf_generate_fn(max_new_tokens, stops, device="cpu"):
-    """transformers' SmolLM2 (its own loader, from the same local GGUF file, never the hub) as a greedy
-    decoder: prompt ids -> (new ids, None), like the other methods of compare_decoders."""
-    from transformers import AutoModelForCausalLM
-    folder, name = os.path.split(pretrained.gguf_path())
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                              local_files_only=True).to(device).eval()
-
-    def hf_generate(p):
-        ids = torch.tensor([p], device=device)
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          do_sample=False, eos_token_id=stops, pad_token_id=0)
-        return out[0, len(p):].tolist(), None
-    return hf_generate
-
-
-def compare_decoders(runs, prompts, repeats=1, stop=lambda: False):
-    """Run every method of `runs` ({name: prompt ids -> (new ids, isd.Stats or None)}) on every prompt,
-    interleaved so that each sees the same machine load; the first method is the reference of "same".
-    `stop()` is asked before each prompt; True ends early. Returns {name: {"tokens", "forwards", "tpf",
-    "acceptance" (None without drafts), "rounds_vrc" (fractions, or None), "tok_s", "vs_first", "same",
-    "prompts"}}."""
-    for f in runs.values():  # warm-up
-        f(prompts[0][:8])
-    t = {k: 0.0 for k in runs}
-    tot = {k: Stats() for k in runs}
-    same = {k: 0 for k in runs}
-    n = 0
-    with torch.no_grad():
-        for p in [p for _ in range(repeats) for p in prompts]:
-            if stop():
-                break
-            ref = None
-            for k, f in runs.items():
-                t0 = time.perf_counter()
-                out, st = f(p)
-                t[k] += time.perf_counter() - t0
-                ref = out if ref is None else ref
-                same[k] += out == ref
-                tot[k] += st or Stats(forwards=len(out), tokens=len(out))  # None: one token per forward
-            n += 1
-    rows = {}
-    for k, c in tot.items():
-        rounds = [c.rounds_v, c.rounds_r, c.rounds_c]
-        rows[k] = {"tokens": c.tokens, "forwards": c.forwards, "tpf": c.tpf,
-                   "acceptance": c.acceptance_rate if c.drafts_verified else None,
-                   "rounds_vrc": [x / max(1, c.forwards) for x in rounds] if sum(rounds) else None,
-                   "tok_s": c.tokens / t[k] if t[k] else 0.0, "same": same[k], "prompts": n}
-    first = rows[next(iter(rows))]["tok_s"]
-    for r in rows.values():
-        r["vs_first"] = r["tok_s"] / first if first else 0.0
-    return rows
-
-
-def decoder_table(rows):
-    """compare_decoders' result as a Markdown table."""
-    lines = ["| method | TPF | acceptance | V / R / C % | tok/s | vs AR | same tokens as AR |", "|---|---|---|---|---|---|---|"]
-    for k, r in rows.items():
-        vrc = " / ".join(f"{100 * x:.0f}" for x in r["rounds_vrc"]) if r["rounds_vrc"] else "-"
-        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
-        lines.append(f"| {k} | {r['tpf']:.2f} | {acc} | {vrc} | {r['tok_s']:.1f} | {r['vs_first']:.2f}x "
-                     f"| {r['same']}/{r['prompts']} |")
-    return "\n".join(lines)
-
-
-def bench_smollm2(a):
-    """Greedy chat replies of SmolLM2, side by side in one run: its AR decoding (our KV cache), Hugging
-    Face transformers' generate() (KV cache), and ISD on each model of --isd (a converted checkpoint,
-    a folder with an adapter = R-ISD, or smollm2 itself with its untrained MASK row)."""
-    base, enc = pretrained.load_smollm2(a.device)
-    stops = tok.stop_ids(enc)
-    prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
-    runs = {"AR (ours)": lambda p: (ar_generate(base, p, a.max_new_tokens, temperature=0, stop_ids=stops), None)}
-    if not a.no_hf:
-        runs["transformers generate()"] = hf_generate_fn(a.max_new_tokens, stops, a.device)
-    for src in a.isd:
-        m = checkpoint.load_model(src, a.device)[0]
-        runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
-    rows = compare_decoders(runs, prompts, a.repeats)
-    print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts x {a.repeats} repeats, greedy, <= {a.max_new_tokens} "
-          f"new tokens, ISD stride {a.stride}, {torch.get_num_threads()} threads, {a.device}\n")
-    print(decoder_table(rows))
-
-
 def parse_args(argv):
     """The subcommands and their options, one block each."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -582,7 +360,7 @@ def parse_args(argv):
 def main(argv=None):
     a = parse_args(argv)
     {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
-     "serve": bench_serve, "smollm2": bench_smollm2, "introspect": introspect.table}[a.what](a)
+     "serve": bench_serve.bench_serve, "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ stops, and says so, when its next piece of work would overrun its share:
   3. smollm2  SmolLM2-135M-Instruct's own greedy chat replies (generated on the GPU) as data, a
               gated-LoRA R-ISD adapter trained on them by train.py (r_isd_recipe), then ISD vs our AR
               vs transformers generate() on held-out chat prompts, greedy: TPF, acceptance, tok/s,
-              and whether each gives AR's tokens (bench.compare_decoders)
+              and whether each gives AR's tokens (bench_chat.compare_decoders)
   4. serve    the scheduler in-process (no HTTP) with that model at stride 4 and stride 1, 1..64
               concurrent requests (closed loop, greedy): tokens/s and tokens per forward
 One results file, a Markdown table per stage followed by every number as JSON, is rewritten after
@@ -37,6 +37,7 @@ import traceback
 import torch
 
 import bench
+import bench_chat
 import checkpoint
 import distill
 import kernels
@@ -51,7 +52,7 @@ SHARES = {"kernel": 0.10, "train": 0.16, "smollm2": 0.50, "serve": 0.19}  # of -
 # prompts for the self-distillation data: distill.py's 4 templates and these, x its 32 topics
 EXTRA_TEMPLATES = ["Describe {} to a ten-year-old.", "What are common misconceptions about {}?",
                    "Write a short story that involves {}.", "What is the history of {}?"]
-HELD_OUT = bench.CHAT_PROMPTS + [  # topics and wordings not in the data
+HELD_OUT = bench_chat.CHAT_PROMPTS + [  # topics and wordings not in the data
     "What is the capital of Japan?", "How does a refrigerator keep food cold?", "Give me a recipe for pancakes.",
     "What causes earthquakes?", "Summarize the plot of Romeo and Juliet.", "Explain what a black hole is.",
     "What are the benefits of reading books?", "Write a haiku about winter."]
@@ -201,7 +202,7 @@ def stage_smollm2(z, share, ctx):
     n = z["max_new_tokens"]
     runs = {"AR (ours)": lambda p: (ar_generate(model, p, n, temperature=0, stop_ids=stops), None)}
     if z["hf"]:
-        runs["transformers generate()"] = bench.hf_generate_fn(n, stops, z["device"])
+        runs["transformers generate()"] = bench_chat.hf_generate_fn(n, stops, z["device"])
     runs[f"ISD, untrained MASK row (stride {z['stride']})"] = \
         lambda p: isd_generate(model, p, n, z["stride"], temperature=0, stop_ids=stops)
     if adapter:
@@ -209,12 +210,12 @@ def stage_smollm2(z, share, ctx):
         runs[f"ISD, R-ISD adapter (stride {z['stride']})"] = \
             lambda p: isd_generate(rlora, p, n, z["stride"], temperature=0, stop_ids=stops)
     prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT[:z["n_held_out"]]]
-    rows = bench.compare_decoders(runs, prompts, stop=lambda: share.stop("the next prompt"))
+    rows = bench_chat.compare_decoders(runs, prompts, stop=lambda: share.stop("the next prompt"))
     steps = f"{info['train_steps']} steps" if adapter else "no checkpoint reached"
     md = (f"{info['replies']} replies ({info['data_tokens']} tokens) in {info['reply_seconds']:.0f} s; adapter "
           f"({steps}) in {info['train_seconds']:.0f} s: `{info['train_command']}`\n\n{len(HELD_OUT[:z['n_held_out']])} "
           f"held-out chat prompts, greedy, <= {n} new tokens{'' if z['hf'] else ' (transformers left out)'}\n\n"
-          + bench.decoder_table(rows))
+          + bench_chat.decoder_table(rows))
     return {"base": base, "recipe": info, "decoders": rows, "markdown": md}
 
 

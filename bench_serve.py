@@ -1,0 +1,142 @@
+"""The serving benchmark: serve.py under load, tokens/s and latency per number of concurrent clients,
+for the servers of SERVERS side by side (they take turns, so that drift hits all of them alike).
+
+    python bench.py serve --out_dir=out --plot=figures/serve.png   # options: python bench.py serve --help
+"""
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+# the requests' prompts (request i gets PROMPTS[i % 4]); bench.py step decodes the same
+PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
+
+SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by default; --base: the base model)
+    ("(a) scheduler, ISD stride 4", ["--stride=4", "--max_batch=32"]),
+    ("(b) scheduler, stride 1 (AR), base", ["--stride=1", "--max_batch=32", "--base"]),
+    ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
+    ("(d) scheduler, ISD stride 4, narrow window", ["--stride=4", "--max_batch=32", "--narrow"]),
+]
+
+
+def start_server(out_dir, options, threads):
+    """serve.py in a subprocess on a free loopback port; returns (process, base url) once healthy."""
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", *options],
+                            cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
+    url = f"http://127.0.0.1:{port}"
+    while proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"serve.py {' '.join(options)} exited with code {proc.returncode}")
+
+
+async def load(url, model, n_requests, concurrency, max_tokens, temperature):
+    """`concurrency` clients send `n_requests` completions back to back (closed loop); returns
+    (completion tokens, wall seconds, per-request latencies)."""
+    import httpx
+    todo = list(range(n_requests))
+    latencies, tokens = [], 0
+
+    async def client(http):
+        nonlocal tokens
+        while todo:
+            i = todo.pop()
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/v1/completions", json={
+                "model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": temperature, "seed": i})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return tokens, time.perf_counter() - t0, latencies
+
+
+def bench_serve(a):
+    """Aggregate tokens/s and latency of serve.py at each concurrency for SERVERS; a table and a plot."""
+    import httpx
+    model = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
+
+    # the load: every server at every concurrency, taking turns
+    runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies) per repeat
+    servers = {}  # all of them run at once; an idle one sleeps
+    try:
+        for label, options in SERVERS:
+            servers[label] = start_server(a.out_dir, options, a.threads)
+        for label, (_, url) in servers.items():
+            asyncio.run(load(url, model, 4, 4, a.max_tokens, a.temperature))  # warm-up
+        for c in a.concurrency:
+            n = max(a.per_client * c, a.min_requests)
+            for rep in range(a.repeats):  # the servers take turns, so that drift hits all of them alike
+                for label, (_, url) in servers.items():
+                    tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
+                    runs[label][c].append((tokens / wall, lat))
+                    print(f"{label} | concurrency {c:3d} | {n} requests, {tokens} tokens in {wall:.1f} s | "
+                          f"{tokens / wall:.0f} tok/s | latency mean {statistics.mean(lat):.2f} s", flush=True)
+        tpf = {}
+        for label, (_, url) in servers.items():
+            m = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                     if not line.startswith("#"))
+            tpf[label] = float(m["idlm_tokens_per_forward"])
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait()
+
+    # the table: label -> [(median tokens/s over the repeats, mean latency over all their requests)] per concurrency
+    results = {label: [(statistics.median(t for t, _ in runs[label][c]),
+                        statistics.mean(x for _, lat in runs[label][c] for x in lat)) for c in a.concurrency]
+               for label in runs}
+    labels = [label for label, _ in SERVERS]
+    ids = [label.split(" ", 1)[0] for label in labels]  # (a), (b), ..
+    la = labels[0]
+    print(f"\n{a.out_dir}: {a.max_tokens} tokens per request, temperature {a.temperature}, "
+          f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, median of {a.repeats} "
+          f"repeats (the servers take turns), server threads {a.threads}")
+    print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
+    vs_ar = [k for k in ids if k != "(b)"]  # every ISD server against (b), AR
+    print("\n| concurrency | " + " | ".join(f"{k} tok/s" for k in ids) + " | " + " | ".join(f"{k}/(b)" for k in vs_ar)
+          + " | (a) vs (a) at 1 | " + " | ".join(f"{k} latency s" for k in ids) + " |")
+    print("|---" * (2 * len(ids) + len(vs_ar) + 2) + "|")
+    for i, c in enumerate(a.concurrency):
+        r = {k: results[label][i] for k, label in zip(ids, labels)}
+        print(f"| {c} | " + " | ".join(f"{r[k][0]:.0f}" for k in ids) + " | "
+              + " | ".join(f"{r[k][0] / r['(b)'][0]:.2f}x" for k in vs_ar)
+              + f" | {r['(a)'][0] / results[la][0][0]:.1f}x | " + " | ".join(f"{r[k][1]:.2f}" for k in ids) + " |")
+    serve_plot(results, a, model)
+
+
+def serve_plot(results, a, model):
+    """bench_serve's figure: throughput and latency against the number of concurrent clients."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, _ in SERVERS:
+        ax1.plot(a.concurrency, [r[0] for r in results[label]], "o-", label=label)
+        ax2.plot(a.concurrency, [r[1] for r in results[label]], "o-", label=label)
+    for ax, title in ((ax1, "aggregate throughput (tokens/s)"), (ax2, "mean request latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(a.concurrency, [str(c) for c in a.concurrency])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax2.set_yscale("log")
+    ax1.legend()
+    fig.suptitle(f"serve.py on {model}: {a.max_tokens} tokens per request, temperature {a.temperature}")
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
