@@ -12,7 +12,13 @@
 # This file: the one argument parser (the docstring above is its --help) and the train, decode,
 # temperature and step benchmarks; serve runs bench_serve.py, smollm2 bench_chat.py, introspect introspect.py.
 import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
 import statistics
+import sys
 import time
 from collections import Counter
 
@@ -273,13 +279,17 @@ def parse_args(argv):
     """The subcommands and their options, one block each."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # every subcommand
+    common.add_argument("--markdown", metavar="FILE.md", help="also write what the benchmark prints to this file, under "
+                        "the command that made it (the form the tables in README.md and docs/ take), and its rows as "
+                        "JSON to FILE.json where the benchmark returns them")
     # train
-    t = sub.add_parser("train", help="training throughput, ar vs idlm")
+    t = sub.add_parser("train", parents=[common], help="training throughput, ar vs idlm")
     t.add_argument("--preset", default="cpu", choices=sorted(options.PRESETS))
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     # decode
-    d = sub.add_parser("decode", help="ISD statistics per stride, and ISD vs AR speed")
+    d = sub.add_parser("decode", parents=[common], help="ISD statistics per stride, and ISD vs AR speed")
     d.add_argument("--out_dir", default="out", help="base checkpoint; its distilled/ adapter is measured too")
     d.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6])
     d.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.8])
@@ -290,7 +300,7 @@ def parse_args(argv):
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
     # temperature
-    s = sub.add_parser("temperature", help="TPF and ISD/AR speed against temperature, base vs distilled (plot)")
+    s = sub.add_parser("temperature", parents=[common], help="TPF and ISD/AR speed against temperature, base vs distilled (plot)")
     s.add_argument("--out_dir", default="out")
     s.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
     s.add_argument("--stride", type=int, default=4)
@@ -301,7 +311,7 @@ def parse_args(argv):
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--plot", default="temperature.png", help="where to write the PNG plot (default temperature.png)")
     # step
-    s = sub.add_parser("step", help="the cost of one batched ISD / AR step, and of its forward, per batch size")
+    s = sub.add_parser("step", parents=[common], help="the cost of one batched ISD / AR step, and of its forward, per batch size")
     s.add_argument("--out_dir", default="out")
     s.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32])
     s.add_argument("--stride", type=int, default=4)
@@ -309,7 +319,7 @@ def parse_args(argv):
     s.add_argument("--steps", type=int, default=16, help="steps per run (default 16)")
     s.add_argument("--repeats", type=int, default=5, help="runs per point; the best is shown (default 5)")
     # serve
-    s = sub.add_parser("serve", help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time, (d) the narrow window")
+    s = sub.add_parser("serve", parents=[common], help="serve.py under load: (a) ISD stride 4, (b) stride 1, (c) one at a time, (d) the narrow window")
     s.add_argument("--out_dir", default="out", help="checkpoint folder to serve (default out)")
     s.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
                    help="numbers of concurrent clients (default 1,2,4,8,16,32)")
@@ -324,7 +334,7 @@ def parse_args(argv):
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
     s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
     # smollm2
-    s = sub.add_parser("smollm2", help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
+    s = sub.add_parser("smollm2", parents=[common], help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
     s.add_argument("--isd", type=lambda v: v.split(","), default=["smollm2"],
                    help="comma-separated models to decode with ISD: smollm2, checkpoint or adapter folders")
     s.add_argument("--stride", type=int, default=4, help="ISD stride N (default 4)")
@@ -333,7 +343,7 @@ def parse_args(argv):
     s.add_argument("--no_hf", action="store_true", help="leave out transformers' generate()")
     s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     # introspect
-    s = sub.add_parser("introspect", help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
+    s = sub.add_parser("introspect", parents=[common], help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
     s.add_argument("--models", type=lambda v: v.split(","), default=["out-ar", "out", "out-dlm", "out-bdlm"],
                    help="comma-separated train.py checkpoints of any objective, same tokenizer "
                         "(default out-ar,out,out-dlm,out-bdlm)")
@@ -345,22 +355,46 @@ def parse_args(argv):
     s.add_argument("--prompt_len", type=int, default=16, help="prompt tokens, from the validation split (default 16)")
     s.add_argument("--max_new_tokens", type=int, default=64, help="tokens per continuation (default 64)")
     s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every model (default 1)")
+    s.add_argument("--top_k", type=int, default=50, help="top-k of every model, 0 = off (default 50: the paper's evaluation)")
+    s.add_argument("--top_p", type=float, default=0.95, help="top-p of every model, 1 = off (default 0.95: the paper's)")
     s.add_argument("--seed", type=int, default=0, help="picks the prompts; continuation i has seed+i (default 0)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     s.add_argument("--quick", action="store_true", help="8 continuations of 24 tokens, two steps settings")
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     s.add_argument("--no_progress", action="store_true", help="no progress bar")
-    s.add_argument("--plot", default="introspect.png", help="where to write the quality vs speed plot")
+    s.add_argument("--plot", default=None, help="also write the quality vs speed plot (PNG) here")
     a = p.parse_args(argv)
+    if a.what == "introspect":
+        a.top_k, a.top_p = a.top_k or None, (a.top_p if a.top_p < 1 else None)
     if a.what == "decode" and a.repeats < 1:
         p.error("--repeats must be >= 1")
     return a
 
 
+class Tee(io.StringIO):
+    """What is printed goes to the terminal and is kept."""
+
+    def write(self, text):
+        sys.__stdout__.write(text)
+        return super().write(text)
+
+
 def main(argv=None):
     a = parse_args(argv)
-    {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
-     "serve": bench_serve.bench_serve, "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table}[a.what](a)
+    run = {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
+           "serve": bench_serve.bench_serve, "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table}[a.what]
+    if not a.markdown:
+        return run(a)
+    command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    with contextlib.redirect_stdout(Tee()) as out:
+        rows = run(a)
+    with open(a.markdown, "w") as f:
+        f.write(f"Command: `{command}`\n\n{out.getvalue()}")
+    if rows is not None:
+        with open(os.path.splitext(a.markdown)[0] + ".json", "w") as f:
+            json.dump({"command": command, "rows": rows}, f, indent=1)
+    print(f"wrote {a.markdown}", file=sys.stderr)
+    return rows
 
 
 if __name__ == "__main__":

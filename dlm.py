@@ -1,4 +1,5 @@
-"""The masked-diffusion LM baseline, and the introspective acceptance rate of every model family.
+"""The masked-diffusion LM baseline: its loss, its decoder, and how it reads a text left to right
+(for the introspective acceptance rate of introspect.py).
 
     python train.py --objective=dlm --out_dir=out-dlm     # MDLM / LLaDA recipe
     python train.py --objective=bdlm --out_dir=out-bdlm   # SDAR / BD3-LM block recipe
@@ -24,7 +25,6 @@ usually worse. With `threshold` (Fast-dLLM) a step keeps every token whose confi
 (at least the most confident one), so the number of steps adapts.
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -156,20 +156,7 @@ def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, th
 
 
 # ----------------------------------------------------------------------------------------------
-# the introspective acceptance rate, for every model family
-
-def acceptance(p, q, x, temperature):
-    """min(1, p(x) / q(x)) for each token x (n,): the probability that the model, reading left to
-    right, accepts a token it generated from q. p and q are filtered logits (n, V) (the output of
-    sampling.process_logits with the same settings), turned into probabilities at `temperature`, as ISD
-    does. Greedy (temperature 0): q is the point mass at x, so the ratio is 1 if x is p's argmax,
-    else 0. The introspective acceptance rate is the mean of this over generated tokens."""
-    if temperature == 0:
-        return (p.argmax(-1) == x).to(p.dtype)
-    lp = torch.log_softmax(p / temperature, -1).gather(-1, x[:, None])[:, 0]
-    lq = torch.log_softmax(q / temperature, -1).gather(-1, x[:, None])[:, 0]
-    return (lp - lq).clamp(max=0).exp()
-
+# reading a text left to right: the p of the introspective acceptance rate (introspect.py)
 
 @torch.no_grad()
 def left_to_right_logits(model, family, ids, start, block=4):
@@ -190,46 +177,6 @@ def left_to_right_logits(model, family, ids, start, block=4):
         canvas[:, i:] = model.cfg.mask_token_id
         out.append(denoise_logits(model, family, canvas, i, i + 1, block))
     return torch.cat(out, 1)
-
-
-@contextlib.contextmanager
-def recorded_forwards(model):
-    """Collects the logits of every forward of `model` inside the block (to recover, for an AR
-    model decoded by isd.ar_generate, the distribution each token was drawn from)."""
-    rows = []
-    forward = model.forward
-
-    def recording(*args, **kw):
-        out = forward(*args, **kw)
-        rows.append(out)
-        return out
-    model.forward = recording
-    try:
-        yield rows
-    finally:
-        del model.forward
-
-
-@contextlib.contextmanager
-def recorded_drafts():
-    """Collects (p, q, drafts, temperature) of the drafts that ISD's verification reaches inside the
-    block (each forward's drafts up to and including the first rejected one): p the clean stream's
-    filtered logits, q those the drafts were sampled from."""
-    calls = []
-    verify_drafts = isd.verify_drafts
-
-    def recording(requests, p_logits):
-        verdicts = verify_drafts(requests, p_logits)
-        for r, p, (_, _, ratios) in zip(requests, p_logits, verdicts):
-            k = len(ratios)  # the drafts verification reached (none on a cold start)
-            if k:
-                calls.append((p[:k], r.q[:k], torch.tensor(r.drafts[:k], device=p.device), r.temperature))
-        return verdicts
-    isd.verify_drafts = recording
-    try:
-        yield calls
-    finally:
-        isd.verify_drafts = verify_drafts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import checkpoint
 import tokenizer as tok
 from kernels import verify
-from sampling import MIN_TEMPERATURE, gumbel, process_logits, sample
+from sampling import MIN_TEMPERATURE, gumbel, probs, process_logits, sample
 
 @dataclass
 class Stats:
@@ -91,6 +91,9 @@ class Request:
     # (p-q)+ for the first rejected draft), "clean" (drawn from p), "rejected" (a draft thrown away,
     # not committed); None = off
     trace: list = None
+    # per committed token, the distribution (V,) it was drawn from, as probabilities: an accepted draft's
+    # q, a correction's normalize((p - q)+), a clean token's p (see drawn_from); None = off
+    drawn_from: list = None
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -237,7 +240,7 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
                                      in enumerate(zip(requests, groups))]), requests)
     committed = []
     for i, r in enumerate(requests):
-        K, drafts = len(r.drafts), r.drafts
+        K, drafts, q_drafts = len(r.drafts), r.drafts, r.q
         j, correction, ratios = verdicts[i]
         r.stats.drafts_verified += len(ratios)
         r.stats.acceptance_sum += sum(ratios)
@@ -255,12 +258,30 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
         new = r.commit(new)
         if r.trace is not None:  # what this forward committed, then the drafts verification threw away
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
+        if r.drawn_from is not None:
+            r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.temperature)[:len(new)])
         committed.append(new)
 
     # 5. roll back: each row keeps pending + its accepted drafts. Counted back from the row's end: the
     #    forward appended W tokens, and make_room may have shifted the row to fit them
     cache.truncate(cache.lengths[rows] - W + 1 + torch.tensor(accepted, device=dev), rows)
     return committed
+
+
+def drawn_from(p, q, j, rejected, temperature):
+    """The distributions (j+1, V), as probabilities, that the j+1 tokens a forward commits were drawn
+    from: q_1..q_j of the accepted drafts, then normalize((p_{j+1} - q_{j+1})+) for the correction of a
+    rejected d_{j+1} (p_{j+1} where that is all zero, as kernels.verify draws it), or p_{j+1} for the
+    clean token when all j drafts passed. p (N, V), q (K, V): filtered logits (q None on a cold start).
+    These are the q of the introspective acceptance (introspect.py), which scores each committed token."""
+    p = probs(p[:j + 1], temperature)
+    rows = [probs(q[:j], temperature)] if j else []
+    if rejected:
+        excess = (p[j] - probs(q[j], temperature)).clamp(min=0)
+        rows.append((excess / excess.sum() if excess.sum() > 0 else p[j])[None])
+    else:
+        rows.append(p[j:j + 1])
+    return list(torch.cat(rows))
 
 
 def filtered(model, hidden, requests):

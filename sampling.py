@@ -19,8 +19,8 @@ def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=Non
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0 and temperature > 0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = (sorted_logits / temperature).softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        mass = (sorted_logits / temperature).softmax(-1)
+        drop = mass.cumsum(-1) - mass >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -29,6 +29,14 @@ def gumbel(shape, generator, dtype, device):
     """Standard Gumbel noise, drawn on the CPU from a request's own stream (so a seed gives the same
     tokens on every device), then moved to the logits' device."""
     return -torch.log(-torch.log(torch.rand(shape, generator=generator, dtype=dtype))).to(device)
+
+
+def probs(logits, temperature):
+    """The distribution (..., V) that `sample` draws from: softmax(logits / temperature), or at
+    temperature 0 the point mass on the argmax."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    return (logits / temperature).softmax(-1)
 
 
 def sample(logits, temperature, generator=None):

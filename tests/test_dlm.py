@@ -134,48 +134,6 @@ def test_decoder_seeded_and_bad_settings():
 # ----------------------------------------------------------------------------------------------
 # the metric
 
-def test_acceptance_matches_formula():
-    g = torch.Generator().manual_seed(0)
-    p, q = torch.randn(6, V, generator=g, dtype=torch.float64), torch.randn(6, V, generator=g, dtype=torch.float64)
-    x = torch.randint(0, V, (6,), generator=g)
-    for temp in (1.0, 0.5):
-        got = dlm.acceptance(p, q, x, temp)
-        for i in range(6):
-            pp, qq = (p[i] / temp).exp(), (q[i] / temp).exp()
-            ref = min(1.0, float(pp[x[i]] / pp.sum()) / float(qq[x[i]] / qq.sum()))
-            assert abs(float(got[i]) - ref) < 1e-12
-    assert dlm.acceptance(p, q, p.argmax(-1), 0).eq(1).all() and dlm.acceptance(p, q, q.argmin(-1), 0).eq(0).all()
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_ar_model_accepts_its_own_samples(temperature):
-    """The identity: an AR model sampled at temperature T (T=1: its own distribution) scores exactly 1,
-    q recorded from the KV-cached decode, p read from one uncached forward."""
-    model = tiny_model(seed=5)
-    prompt = [3, 1, 4]
-    with dlm.recorded_forwards(model) as rows:
-        out = ar_generate(model, prompt, 12, temperature=temperature, seed=2)
-    rows = rows[1:]  # the forwards that drew the tokens (the first one prefills the prompt)
-    q = process_logits(torch.cat([r[0, -1:] for r in rows]), V - 1, temperature)
-    p = process_logits(dlm.left_to_right_logits(model, "ar", torch.tensor([prompt + out]), 3)[0], V - 1, temperature)
-    acc = dlm.acceptance(p, q, torch.tensor(out), temperature)
-    assert len(rows) == 12 and torch.allclose(acc, torch.ones(12, dtype=acc.dtype), atol=1e-12, rtol=0)
-    # and a diffusion LM reading the same model's tokens does not (the metric can tell)
-    p_dlm = process_logits(dlm.left_to_right_logits(model, "dlm", torch.tensor([prompt + out]), 3)[0], V - 1, temperature)
-    assert dlm.acceptance(p_dlm, q, torch.tensor(out), temperature).mean() < 0.9
-
-
-def test_idlm_recorded_drafts_give_isd_acceptance():
-    """For I-DLM the metric runs on ISD's drafts (q: the masks) against the clean stream (p); it must
-    agree with the acceptance that kernels.verify computed inside ISD."""
-    model = tiny_model(seed=6)
-    with dlm.recorded_drafts() as calls:
-        out, st = isd_generate(model, [1, 2, 3], 20, stride=4, temperature=0.9, seed=3)
-    acc = torch.cat([dlm.acceptance(p, q, d, t) for p, q, d, t in calls])
-    assert len(acc) == st.drafts_verified > 0
-    assert abs(float(acc.mean()) - st.acceptance_rate) < 1e-12
-
-
 @pytest.mark.parametrize("family", dlm.FAMILIES)
 def test_left_to_right_logits_match_reference(family):
     model = tiny_model(seed=7)
@@ -244,21 +202,30 @@ def test_wrong_family_is_a_one_line_error(ckpts):
 
 def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
-    plot = tmp_path / "gap.png"
-    bench.main(["introspect", "--models=" + ",".join(str(ckpts / m) for m in ("ar", "idlm", "dlm", "bdlm")),
-                "--n=2", "--prompt_len=8", "--max_new_tokens=6", "--dlm_steps=4,1", "--json", "--no_progress",
-                f"--plot={plot}"])
+    plot, md = tmp_path / "gap.png", tmp_path / "gap.md"
+    argv = ["introspect", "--models=" + ",".join(str(ckpts / m) for m in ("ar", "idlm", "dlm", "bdlm")),
+            "--n=2", "--prompt_len=8", "--max_new_tokens=6", "--dlm_steps=4,1", "--json", "--no_progress",
+            f"--plot={plot}", f"--markdown={md}"]
+    bench.main(argv)
     rows = json.loads(capsys.readouterr().out)
-    keys = {"model", "val_loss", "judge_ppl", "introspective_acceptance", "tokens_per_forward", "tokens_per_s"}
+    keys = {"model", "val_loss", "judge_ppl", "introspective_acceptance", "draft_acceptance", "parallel_acceptance",
+            "tokens_per_forward", "tokens_per_s"}
     assert all(keys <= set(r) for r in rows) and plot.stat().st_size > 0
+    # --markdown: what was printed, under the command; the rows as JSON beside it
+    assert md.read_text().startswith("Command: `python bench.py " + " ".join(argv) + "`")
+    assert json.loads((tmp_path / "gap.json").read_text())["rows"] == rows
     ref, ar, idlm_row, *diffusion = rows
     assert ref["family"] == "data" and len(diffusion) == 4
     assert abs(ar["introspective_acceptance"] - 1) < 1e-5 and ar["tokens_per_forward"] == 1  # the AR identity
-    assert 1 <= idlm_row["tokens_per_forward"] <= 4
+    assert ar["draft_acceptance"] is None and ar["parallel_acceptance"] is None
+    assert 1 <= idlm_row["tokens_per_forward"] <= 4 and 0 <= idlm_row["draft_acceptance"] <= 1
     state = json.load(open(ckpts / "idlm" / "train_state.json"))
     assert idlm_row["val_loss"] == state["evals"][-1][2]  # the clean stream's NLL
     for r, steps in zip(diffusion, (4, 1, 4, 1)):
         # 6 tokens after 8: blocks [8, 12) and [12, 14); one step per token, or one step per block
         assert r["tokens_per_forward"] == (1.0 if steps == 4 else 3.0)
         assert 0 <= r["introspective_acceptance"] <= 1 and "bound" in r["val_loss_kind"]
+        # one token per step is never committed in parallel, a whole block in one step always is
+        assert r["parallel_share"] == (0.0 if steps == 4 else 1.0) and r["draft_acceptance"] is None
+        assert (r["parallel_acceptance"] is None) == (steps == 4)
     assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
