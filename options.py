@@ -19,7 +19,7 @@ PRESETS = {
     # losses (docs/results.md, AR vs I-DLM quality)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
-                eval_interval=200, eval_iters=8, alpha=1.0, distill_iters=1000),
+                eval_interval=200, eval_iters=8, alpha=1.0, distill_iters=1000, ar_iters=400),
     # a few seconds; for tests and for trying the code paths
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=64, tokenizer="bpe",
                  vocab_size=512, batch_size=8, grad_accum=1, max_iters=50, lr=3e-3, warmup_iters=5,
@@ -37,7 +37,7 @@ PRESETS = {
 DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha=0.2, data=None, out_dir="out",
                 rope_theta=10000.0, weight_decay=0.1, grad_clip=1.0, min_lr_frac=0.1, log_interval=10,
                 seed=1337, device="auto", compile=False, resume=False, init_from=None, overwrite=False,
-                lora=0, lora_alpha=16.0, distill_iters=0, block_size=4)
+                lora=0, lora_alpha=16.0, distill_iters=0, block_size=4, ar_iters=0)
 
 
 def model_config(cfg, n_vocab):
@@ -103,6 +103,10 @@ def parse_args(argv=None, doc=None):
                                         "and sampled continuations, a gated LoRA adapter in out_dir/distilled) for "
                                         "this many steps; "
                                         "0 = off (default: 1000 for the cpu preset, else 0)")
+    a("--ar_iters", type=int, help=f"the paper's recipe: pretrain an AR model for this many of the --max_iters steps "
+                                   "(in out_dir/ar), then convert it into an I-DLM with the introspective loss for the "
+                                   "rest; 0 = train the I-DLM from scratch (default: {PRESETS['cpu']['ar_iters']} for the cpu preset, else 0; "
+                                   "only for an I-DLM from scratch: not with --init_from, --lora or another --objective)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
     for k in MODEL_KEYS:
@@ -126,6 +130,8 @@ def parse_args(argv=None, doc=None):
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", "smollm2" if args.get("init_from") == pretrained.NAME else DEFAULTS["preset"])
     cfg = {**DEFAULTS, **PRESETS[preset], **args, "preset": preset}
+    if "ar_iters" not in args and (cfg["objective"] != "idlm" or cfg["init_from"] or cfg["lora"]):
+        cfg["ar_iters"] = 0  # the preset's recipe makes an I-DLM from scratch; this run starts elsewhere
     return cfg, set(args)
 
 
@@ -141,6 +147,11 @@ def check_options(cfg, given):
     for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters", "log_interval"):
         if cfg[k] < 1:
             raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
+    if cfg["ar_iters"] < 0 or cfg["ar_iters"] >= cfg["max_iters"]:
+        raise UsageError(f"--ar_iters must be in [0, --max_iters={cfg['max_iters']}), got {cfg['ar_iters']}")
+    if cfg["ar_iters"] and (cfg["objective"] != "idlm" or cfg["init_from"] or cfg["lora"]):
+        raise UsageError("--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm "
+                         "from scratch (not with --init_from or --lora)")
     if cfg["resume"] and cfg["init_from"]:
         raise UsageError("--resume continues --out_dir; it cannot be combined with --init_from")
     if cfg["lora"] < 0:

@@ -274,6 +274,11 @@ def check_against(mcfg, enc, cfg, given):
                          f"({enc.n_vocab} tokens)")
 
 
+def has_checkpoint(out_dir):
+    """Whether out_dir holds a model or an adapter."""
+    return os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
+
+
 def start_from(cfg, given, framework="pytorch", load_weights=load_file):
     """Where the run starts: the run in out_dir (--resume), another checkpoint (--init_from) or
     scratch; a checkpoint already in out_dir is replaced only with --overwrite. Returns (cfg, model
@@ -282,7 +287,7 @@ def start_from(cfg, given, framework="pytorch", load_weights=load_file):
     cfg records the checkpoint's model shape and tokenizer (the run's), not the preset's."""
     out_dir = cfg["out_dir"]
     mcfg = enc = weights = state = adapter = None
-    has_ckpt = os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
+    has_ckpt = has_checkpoint(out_dir)
     if cfg["resume"]:
         if not has_ckpt:
             raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
@@ -386,11 +391,47 @@ def sample(model, enc, cfg):
     return enc.decode(out)
 
 
+def recipe(cfg, given):
+    """The runs that make the model asked for, as (options, options given) pairs. With --ar_iters=K
+    (the cpu preset's default) the paper's recipe: an AR model pretrained for K of the max_iters steps in
+    out_dir/ar, then converted with the introspective loss for the other max_iters - K steps in out_dir
+    (--init_from=out_dir/ar, a schedule of its own). With --resume, each run continues where it
+    stopped and a finished AR run is kept. Without --ar_iters: the one run asked for."""
+    out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
+    if cfg["resume"] and has_checkpoint(out_dir):  # the conversion (or a run from scratch) had begun: go on
+        K = read_train_state(out_dir)["config"].get("ar_iters", 0)
+        return [({**cfg, "max_iters": cfg["max_iters"] - K}, given)]
+    if not K:
+        return [(cfg, given)]
+    if has_checkpoint(out_dir) and not (cfg["resume"] or cfg["overwrite"]):  # before the AR run, not after
+        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out_dir")
+    runs = []
+    ar_state = read_train_state(ar_dir) if cfg["resume"] and has_checkpoint(ar_dir) else None
+    if ar_state is None or ar_state["iter"] < K:
+        runs.append(({**cfg, "objective": "ar", "max_iters": K, "out_dir": ar_dir, "ar_iters": 0, "distill_iters": 0,
+                      "resume": ar_state is not None}, given))
+    runs.append(({**cfg, "max_iters": cfg["max_iters"] - K, "resume": False, "init_from": ar_dir}, given))
+    return runs
+
+
 def main(argv=None):
-    # set-up: the options, the processes (several under torchrun: DDP) and the device
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
     ddp, rank, world, device = init_processes(cfg)
+    runs = recipe(cfg, given)
+    if cfg["ar_iters"] and rank == 0:
+        print(f"the paper's recipe: {cfg['ar_iters']} steps of AR pretraining ({os.path.join(cfg['out_dir'], 'ar')}), "
+              f"then {cfg['max_iters'] - cfg['ar_iters']} converting it into an I-DLM ({cfg['out_dir']})")
+    for run_cfg, run_given in runs:
+        train(run_cfg, run_given, rank, world, device, ddp)
+    if ddp:
+        dist.barrier()  # leave together: a process that tears gloo down while another still runs can abort
+        dist.destroy_process_group()
+
+
+def train(cfg, given, rank=0, world=1, device="cpu", ddp=False):
+    """One training run: from the options to a checkpoint in out_dir (and its self-distilled adapter)."""
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # the start point: the run in out_dir (--resume), another checkpoint (--init_from) or scratch
@@ -436,9 +477,6 @@ def main(argv=None):
             log(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
             dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
             distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
-    if ddp:
-        dist.barrier()  # leave together: a process that tears gloo down while another still runs can abort
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

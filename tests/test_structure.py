@@ -1,6 +1,7 @@
 """The module graph: no Python file of the project imports another that imports it back (directly or
 through others), and every project import sits at the top of its file."""
 import ast
+import re
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,3 +53,40 @@ def test_no_import_cycles_and_no_hidden_imports():
         if m not in state:
             visit(m, [])
     assert {"isd", "model", "checkpoint", "pretrained"} <= set(graph)  # the walk saw the project
+
+
+NUMBER = re.compile(r"^\**[~+-]?\d[\d,.]*\s*(x|%|s|ms|k)?\**$")  # a cell that is a figure: 3.11, **1.36x**, 25%
+
+
+def tables(path):
+    """(line number, table lines, the lines between the last heading or table and it) of a Markdown file."""
+    lines, found, above = open(path).read().splitlines(), [], []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            found.append((i + 1, lines[i:j], above))
+            above, i = [], j
+            continue
+        above = [] if lines[i].startswith("#") else above + [lines[i]]
+        i += 1
+    return found
+
+
+def test_every_table_of_figures_carries_its_command():
+    """Each table of figures in README.md and docs/ is a benchmark's output pasted whole (bench.py
+    --markdown FILE writes it so): the command that made it stands above it, after the last heading or
+    table, so that rerunning it refreshes the table. Tables that measure nothing say so."""
+    docs = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+    missing = []
+    for path in docs:
+        for line, rows, above in tables(path):
+            cells = [c.strip() for r in rows[2:] for c in r.strip("|").split("|")[1:]]
+            if not any(NUMBER.match(c) for c in cells) or "<!-- not a measurement -->" in above:
+                continue
+            if not any(a.startswith("Command: `python ") or a.startswith("Command: `OMP_NUM_THREADS") for a in above):
+                missing.append(f"{os.path.relpath(path, ROOT)}:{line}")
+    assert not missing, f"tables of figures without the command that made them: {missing}"
