@@ -4,6 +4,7 @@
     python bench.py decode --out_dir=out  # base vs distilled: TPF / acceptance per stride and temperature,
                                           #   sampled drafts vs the exact-marginal ceiling, ISD vs AR tok/s
     python bench.py temperature --out_dir=out --plot=figures/temperature.png   # TPF and ISD/AR against temperature
+    python bench.py recipes --models=out-ar,out   # how each checkpoint was made: losses, greedy TPF (base, distilled)
     python bench.py step --out_dir=out    # one batched ISD / AR step (the scheduler's unit): ms per batch size
     python bench.py serve --out_dir=out   # serve.py under load: tokens/s and latency per concurrency
     python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
@@ -193,6 +194,38 @@ def bench_decode(a):
           + " | ".join(f"{k} {v:.0f} tok/s ({v / tps['AR (base)']:.2f}x)" for k, v in tps.items()))
 
 
+def bench_recipes(a):
+    """How each checkpoint was made and what it gives: the AR steps it was converted from (its --init_from
+    chain) and its own steps and alpha, its validation losses (the clean loss against the first model's,
+    an AR baseline), and greedy ISD tokens per forward on held-out prompts, base and self-distilled."""
+    rows = []
+    print(f"{a.prompts} held-out validation prompts x {a.max_new_tokens} tokens, greedy ISD, stride {a.stride}\n")
+    print("| checkpoint | AR steps | I-DLM steps | alpha | val clean loss | vs first | val task loss "
+          "| greedy TPF | greedy TPF distilled |\n|---|---|---|---|---|---|---|---|---|")
+    for out_dir in a.models:
+        cfg = checkpoint.training_config(out_dir)
+        if not cfg:
+            raise SystemExit(f"bench.py: error: {out_dir} is not a train.py checkpoint (no train_state.json)")
+        _, task, clean = json.load(open(os.path.join(out_dir, "train_state.json")))["evals"][-1]
+        ar_steps = cfg["max_iters"] if cfg["objective"] == "ar" else 0
+        if cfg.get("init_from") and checkpoint.training_config(cfg["init_from"]).get("objective") == "ar":
+            ar_steps = checkpoint.training_config(cfg["init_from"])["max_iters"]
+        row = {"checkpoint": out_dir, "ar_steps": ar_steps, "idlm_steps": cfg["max_iters"] if cfg["objective"] == "idlm" else 0,
+               "alpha": cfg["alpha"] if cfg["objective"] == "idlm" else None, "val_clean_loss": clean, "val_task_loss": task}
+        base, enc = checkpoint.load_model(out_dir)
+        prompts = validation_prompts(out_dir, enc, a.prompts)
+        tpf = lambda model: decode_stats(model, prompts, a.max_new_tokens, a.stride, 0, a.seed).tpf  # noqa: E731
+        distilled = checkpoint.distilled_or_base(out_dir)
+        row["tpf"] = tpf(base)
+        row["tpf_distilled"] = tpf(checkpoint.load_model(distilled)[0]) if distilled != out_dir else None
+        rows.append(row)
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"| {out_dir} | {ar_steps} | {row['idlm_steps']} | {row['alpha'] if row['alpha'] is not None else '-'} "
+              f"| {clean:.4f} | {clean / rows[0]['val_clean_loss'] - 1:+.1%} | {task:.4f} | {fmt(row['tpf'])} "
+              f"| {fmt(row['tpf_distilled'])} |", flush=True)
+    return rows
+
+
 def bench_temperature(a):
     """TPF and batch-1 ISD/AR speed against temperature, base vs distilled, on held-out prompts; a plot."""
     import matplotlib
@@ -310,6 +343,15 @@ def parse_args(argv):
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--plot", default="temperature.png", help="where to write the PNG plot (default temperature.png)")
+    # recipes
+    s = sub.add_parser("recipes", parents=[common], help="how each checkpoint was made (AR steps, I-DLM steps, alpha), "
+                       "its validation losses and greedy TPF, base and distilled")
+    s.add_argument("--models", type=lambda v: v.split(","), required=True,
+                   help="comma-separated train.py checkpoints; the first (an AR baseline) is the reference loss")
+    s.add_argument("--prompts", type=int, default=16, help="held-out validation prompts (default 16)")
+    s.add_argument("--max_new_tokens", type=int, default=100)
+    s.add_argument("--stride", type=int, default=4)
+    s.add_argument("--seed", type=int, default=1)
     # step
     s = sub.add_parser("step", parents=[common], help="the cost of one batched ISD / AR step, and of its forward, per batch size")
     s.add_argument("--out_dir", default="out")
@@ -382,7 +424,7 @@ class Tee(io.StringIO):
 def main(argv=None):
     a = parse_args(argv)
     run = {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
-           "serve": bench_serve.bench_serve, "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table}[a.what]
+           "serve": bench_serve.bench_serve, "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes}[a.what]
     if not a.markdown:
         return run(a)
     command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
