@@ -414,10 +414,14 @@ def parse_args(argv):
 
 
 class Tee(io.StringIO):
-    """What is printed goes to the terminal and is kept."""
+    """What is printed goes where it went before (the terminal) and is kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = sys.stdout
 
     def write(self, text):
-        sys.__stdout__.write(text)
+        self.out.write(text)
         return super().write(text)
 
 
