@@ -25,6 +25,7 @@ usually worse. With `threshold` (Fast-dLLM) a step keeps every token whose confi
 (at least the most confident one), so the number of steps adapts.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -90,18 +91,31 @@ def denoise_logits(model, family, ids, lo, hi, block):
     """Logits (B, hi-lo, V) at positions lo..hi-1 of the canvases `ids` (B, n), all inside one block.
 
     dlm: one bidirectional forward over the whole canvas (no cache is possible).
-    bdlm: [clean tokens before the block | the block], positions 0..end-1, attention = the rows and
-    columns of the training mask `bdlm_mask` that those tokens occupy; tokens after the block are
-    not read. (The clean prefix is causal, so it could come from a KV cache, whose cached forward
-    takes any window mask; it is recomputed here, so bdlm's speed is a lower bound.)"""
+    bdlm: [clean tokens before the block | the block], positions 0..end-1, attention `block_window`;
+    tokens after the block are not read. (The clean prefix is causal, so it could come from a KV cache,
+    whose cached forward takes any window mask; it is recomputed here, so bdlm's speed is a lower bound.)"""
     if family == "dlm":
         n = ids.shape[1]
         return model(ids, mask=torch.ones(n, n, dtype=torch.bool, device=ids.device))[:, lo:hi]
     start = lo // block * block
     end = min(start + block, ids.shape[1])
-    idx = torch.cat([end + torch.arange(start), torch.arange(start, end)])  # x0 prefix, then xt block
-    mask = bdlm_mask(end, block, ids.device)[idx][:, idx]
+    mask = block_window(start, end - start, block).to(ids.device)
     return model(ids[:, :end], pos=torch.arange(end, device=ids.device), mask=mask)[:, lo:hi]
+
+
+@functools.lru_cache(maxsize=None)
+def block_window(n_clean, n_block, block, T=None):
+    """Attention (T, T) of a window [n_clean clean tokens | a noisy block of n_block tokens | padding
+    up to T] whose clean tokens end where the block starts: the rows and columns these tokens occupy
+    in the training mask `bdlm_mask` (clean tokens causal, the block sees them and itself both ways).
+    Earlier clean tokens, if any, are in the KV cache. Padding sees only itself."""
+    start = -(-n_clean // block) * block  # a block start with n_clean positions before it
+    end = start + n_block
+    idx = torch.cat([end + torch.arange(start - n_clean, start), torch.arange(start, end)])  # x0, then xt
+    T = T or len(idx)
+    mask = torch.eye(T, dtype=torch.bool)
+    mask[:len(idx), :len(idx)] = bdlm_mask(end, block)[idx][:, idx]
+    return mask
 
 
 def block_schedule(n, steps):
@@ -111,48 +125,68 @@ def block_schedule(n, steps):
     return [n // steps + (s < n % steps) for s in range(steps)]
 
 
-@torch.no_grad()
-def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
-                 temperature=1.0, top_k=None, top_p=None, seed=None):
-    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
-    training). Returns (new ids, q, isd.Stats): q (n, V) holds, for each new token, the filtered logits
-    of the distribution it was drawn from in the step that committed it (for the metric below)."""
+def unmask_step(proc, still, step, steps, threshold, temperature, gen):
+    """Step `step` of low-confidence remasking in a block of n = len(still) positions: every position
+    draws a token from its filtered logits proc (n, V) (all of them, so a request's random stream is
+    read alike by every decoder); of the still-masked ones (`still`, (n,) bool) the
+    block_schedule(n, steps)[step] most confident (highest probability of the drawn token) are kept,
+    or with `threshold` (Fast-dLLM) every one above it, at least the best. Returns (the kept positions,
+    their tokens, whether each was kept "in parallel": with another one, or while a position to its left
+    was still masked)."""
+    x = sample(proc, temperature, gen)
+    conf = (proc / (temperature or 1.0)).softmax(-1).gather(-1, x[:, None])[:, 0]
+    conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
+    k = block_schedule(len(still), steps)[step] if threshold is None else max(1, int((conf > threshold).sum()))
+    pick = conf.topk(min(k, int(still.sum()))).indices
+    left_masked = still.cumsum(0) - still.long() > 0
+    return pick, x[pick], left_masked[pick] | (len(pick) > 1)
+
+
+def check_settings(model, family, requests, block, steps, threshold):
+    """ValueError for settings no diffusion decoder takes (the requests' own were checked by isd.Request)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
     if block < 1 or steps < 1:
         raise ValueError(f"block and steps must be >= 1, got {block}, {steps}")
     if threshold is not None and not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    if len(r.prompt) + max_new_tokens > model.cfg.max_seq_len:  # the whole canvas is one forward
-        raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"context of {model.cfg.max_seq_len} tokens")
+    for r in requests:  # a canvas fits the context: dlm reads it whole, a bdlm block sees all before it
+        if len(r.prompt) + r.max_new_tokens > model.cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the "
+                             f"context of {model.cfg.max_seq_len} tokens")
+
+
+@torch.no_grad()
+def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
+                 temperature=1.0, top_k=None, top_p=None, seed=None):
+    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
+    training). Returns (new ids, q, parallel, isd.Stats): q (n, V) holds, for each new token, the
+    filtered logits of the distribution it was drawn from in the step that committed it (for the metric
+    below), parallel (n,) whether it was committed in parallel (unmask_step)."""
+    r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
+    check_settings(model, family, [r], block, steps, threshold)
     mask_id, P = model.cfg.mask_token_id, len(r.prompt)
     dev = model.embed_tokens.weight.device
     ids = torch.tensor([r.prompt + [mask_id] * max_new_tokens], device=dev)
     dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
     q = torch.empty(max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev)
+    parallel = torch.zeros(max_new_tokens, dtype=torch.bool, device=dev)
     forwards, t0 = 0, time.time()
     for lo in [P, *range((P // block + 1) * block, P + max_new_tokens, block)]:  # the first block may be cut
         hi = min((lo // block + 1) * block, P + max_new_tokens)
-        plan = block_schedule(hi - lo, steps)
         for step in range(hi - lo):  # at most one step per position
             logits = denoise_logits(model, family, ids, lo, hi, block)[0].to(dtype)
             forwards += 1
             proc = process_logits(logits, mask_id, temperature, top_k, top_p)
-            x = sample(proc, temperature, r.gen)
-            conf = (proc / (temperature or 1.0)).softmax(-1).gather(-1, x[:, None])[:, 0]
-            still = ids[0, lo:hi] == mask_id
-            conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
-            k = plan[step] if threshold is None else max(1, int((conf > threshold).sum()))
-            pick = conf.topk(min(k, int(still.sum()))).indices
-            ids[0, lo + pick] = x[pick]
+            pick, x, par = unmask_step(proc, ids[0, lo:hi] == mask_id, step, steps, threshold, temperature, r.gen)
+            ids[0, lo + pick] = x
             q[lo + pick - P] = proc[pick]
+            parallel[lo + pick - P] = par
             if not (ids[0, lo:hi] == mask_id).any():
                 break
     wall = time.time() - t0
     out = ids[0, P:].tolist()
-    return out, q, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
+    return out, q, parallel, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +257,8 @@ def main(argv=None):
         raise ValueError(f"{a.out_dir} is a block DLM trained with blocks of {block}: --block must be {block}")
     block = a.block or block
     ids = enc.encode_ordinary(a.prompt)
-    out, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
-                              a.temperature, a.top_k, a.top_p, a.seed)
+    out, _, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
+                                 a.temperature, a.top_k, a.top_p, a.seed)
     if a.json:
         print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st.as_dict()}))
     else:

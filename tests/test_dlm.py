@@ -106,7 +106,7 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
     model = tiny_model(seed=3)
     prompt = rand_tokens(torch.Generator().manual_seed(prompt_len), (prompt_len,), V).tolist()
     n, block = 11, 4
-    out, q, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
+    out, q, _, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
     assert len(out) == n and model.cfg.mask_token_id not in out and all(0 <= t < V for t in out)
     assert st.tokens == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
     # blocks are aligned to position 0; the first one may be cut by the prompt
@@ -129,6 +129,47 @@ def test_decoder_seeded_and_bad_settings():
         args = {**dict(family="bdlm", prompt_ids=[1, 2], max_new_tokens=5, steps=2), **kw}
         with pytest.raises(ValueError, match=needle):
             dlm.dlm_generate(model, **args)
+
+
+def canvases_of(model, family, prompt, n, block, steps, threshold, temperature, seed):
+    """dlm_generate's (out, q, parallel, stats), and the canvas after each of its forwards, read from the
+    token ids the model was given (each forward's input is the canvas before it) and the final text."""
+    inputs, forward = [], model.forward
+    model.forward = lambda idx, *args, **kw: forward(inputs.append(idx[0].clone()) or idx, *args, **kw)
+    try:
+        res = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=seed)
+    finally:
+        del model.forward
+    return res, inputs[1:] + [torch.tensor(prompt + res[0])]
+
+
+@pytest.mark.parametrize("family", dlm.FAMILIES)
+@pytest.mark.parametrize("steps,threshold,temperature", [(1, None, 1.0), (2, None, 0.0), (2, None, 1.0),
+                                                         (4, None, 0.0), (4, None, 1.0), (4, 0.3, 1.0)])
+def test_parallel_flags_follow_the_order_of_unmasking(family, steps, threshold, temperature):
+    """A token is committed in parallel iff another token of its block was unmasked in the same forward, or
+    one to its left in the block (after the prompt) was unmasked in a later forward."""
+    model, block, flags = tiny_model(seed=8), 4, []
+    for P, n in [(1, 9), (4, 7), (6, 10)]:
+        prompt = rand_tokens(torch.Generator().manual_seed(P), (P,), V).tolist()
+        (out, _, parallel, st), canvases = canvases_of(model, family, prompt, n, block, steps, threshold,
+                                                       temperature, seed=P)
+        assert len(canvases) == st.forwards
+        when = {i: next(s for s, c in enumerate(canvases) if len(c) > i and c[i] != V - 1) for i in range(P, P + n)}
+        ref = [any(j != i and j // block == i // block and (when[j] == when[i] or j < i and when[j] > when[i])
+                   for j in when) for i in when]
+        assert parallel.tolist() == ref
+        flags += ref
+    assert (steps == 1) == all(flags) and any(flags)  # one step per block commits (almost) every token in parallel
+
+
+def test_block_window_matches_rules():
+    for n_clean, n_block, T in [(0, 4, 4), (3, 4, 9), (5, 2, 7), (8, 3, 11), (1, 1, 2)]:
+        m = dlm.block_window(n_clean, n_block, 4, T)
+        e = n_clean + n_block
+        ref = torch.tensor([[k == q or (k <= q if q < n_clean else q < e and k < e) for k in range(T)]
+                            for q in range(T)])
+        assert torch.equal(m, ref), (n_clean, n_block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,3 +271,4 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
         assert r["parallel_share"] == 1.0 if steps == 1 else 0 <= r["parallel_share"] < 1
         assert (r["parallel_acceptance"] is None) == (r["parallel_share"] == 0) and r["draft_acceptance"] is None
     assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
+
