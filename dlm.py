@@ -22,7 +22,9 @@ as MASKs; blocks are filled left to right; in each of `steps` steps per block ev
 of the block draws a token from its distribution q, and the most confident (highest q of the drawn
 token) are kept, the others stay masked. Fewer steps per block = more tokens per forward = faster and
 usually worse. With `threshold` (Fast-dLLM) a step keeps every token whose confidence exceeds it
-(at least the most confident one), so the number of steps adapts.
+(at least the most confident one), so the number of steps adapts. `dlm_generate` decodes one request
+and recomputes the clean prefix at every step (the reference); `bdlm_decode` decodes a batch of
+requests over a KV cache (bdlm only: the plain dlm has nothing to cache), token for token the same.
 """
 import argparse
 import functools
@@ -92,8 +94,8 @@ def denoise_logits(model, family, ids, lo, hi, block):
 
     dlm: one bidirectional forward over the whole canvas (no cache is possible).
     bdlm: [clean tokens before the block | the block], positions 0..end-1, attention `block_window`;
-    tokens after the block are not read. (The clean prefix is causal, so it could come from a KV cache,
-    whose cached forward takes any window mask; it is recomputed here, so bdlm's speed is a lower bound.)"""
+    tokens after the block are not read. The clean prefix is recomputed at every step here (the
+    reference); `bdlm_decode` keeps it in a KV cache."""
     if family == "dlm":
         n = ids.shape[1]
         return model(ids, mask=torch.ones(n, n, dtype=torch.bool, device=ids.device))[:, lo:hi]
@@ -160,9 +162,10 @@ def check_settings(model, family, requests, block, steps, threshold):
 def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
                  temperature=1.0, top_k=None, top_p=None, seed=None):
     """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
-    training). Returns (new ids, q, parallel, isd.Stats): q (n, V) holds, for each new token, the
-    filtered logits of the distribution it was drawn from in the step that committed it (for the metric
-    below), parallel (n,) whether it was committed in parallel (unmask_step)."""
+    training), one request, no cache: the reference decoder. Returns (new ids, q, parallel, isd.Stats):
+    q (n, V) holds, for each new token, the filtered logits of the distribution it was drawn from in the
+    step that committed it (for the metric below), parallel (n,) whether it was committed in parallel
+    (unmask_step)."""
     r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
     check_settings(model, family, [r], block, steps, threshold)
     mask_id, P = model.cfg.mask_token_id, len(r.prompt)
@@ -187,6 +190,77 @@ def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, th
     wall = time.time() - t0
     out = ids[0, P:].tolist()
     return out, q, parallel, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
+
+
+@torch.no_grad()
+def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
+    """dlm_generate for a batch of requests (isd.Request) over one KV cache: block diffusion only.
+
+    Each forward puts, per request, the window [clean tokens not yet cached | its current block]
+    through the model (model.window_positions_and_mask, attention `block_window`): the clean tokens
+    causally, as the x0 stream, the block's tokens (committed ones and MASKs) seeing the cache, those
+    clean tokens and the whole block, as bdlm_mask's noisy block; then the clean tokens stay in the
+    cache and the block is forgotten. So the prompt's clean blocks ride along the first forward and a
+    finished block rides along the next block's first forward: there is no other forward, and
+    r.stats.forwards counts every forward a request took part in (its denoising steps, as dlm_generate
+    counts them). Rows whose windows are shorter are padded; padding sees only itself.
+
+    Each request draws from its own stream r.gen exactly as dlm_generate does, so it gets exactly the
+    tokens dlm_generate gives it alone with the same seed. Fills r.out (cut at a stop id once every
+    token up to it is unmasked, as Request.commit does) and r.stats; returns, per request, (q,
+    parallel) of its new tokens, as dlm_generate does."""
+    check_settings(model, family, requests, block, steps, threshold)
+    if family != "bdlm":
+        raise ValueError(f"bdlm_decode decodes the block diffusion LM (bdlm), not {family!r}: dlm attends both "
+                         f"ways over the whole row, so no key or value is final before the end (use dlm_generate)")
+    mask_id, dev, B = model.cfg.mask_token_id, model.embed_tokens.weight.device, len(requests)
+    dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
+    t0 = time.time()
+    cache = model.new_cache(B, max(len(r.prompt) + r.max_new_tokens for r in requests) + 2 * block)
+    canvas = [torch.tensor(r.prompt + [mask_id] * r.max_new_tokens, device=dev) for r in requests]
+    q = [torch.empty(r.max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev) for r in requests]
+    parallel = [torch.zeros(r.max_new_tokens, dtype=torch.bool, device=dev) for r in requests]
+    start = [len(r.prompt) // block * block for r in requests]  # each row's block; the first may be cut
+    step = [0] * B
+    active = list(range(B))
+    while active:
+        # the window of each row: [clean tokens not yet cached | its block], padded to T
+        rows = torch.tensor(active, device=dev)
+        cached = (cache.offsets + cache.lengths)[rows].tolist()
+        ends = [min(start[i] + block, len(canvas[i])) for i in active]
+        T = max(e - c for c, e in zip(cached, ends))
+        ids = torch.full((len(active), T), mask_id, device=dev)
+        for j, (i, c, e) in enumerate(zip(active, cached, ends)):
+            ids[j, :e - c] = canvas[i][c:e]
+        mask = torch.stack([block_window(start[i] - c, e - start[i], block, T)
+                            for i, c, e in zip(active, cached, ends)]).to(dev)
+        hidden = model(ids, pos=torch.arange(T, device=dev), mask=mask, cache=cache, rows=rows, hidden_only=True)
+        cache.truncate(cache.lengths[rows] - T + torch.tensor([start[i] - c for i, c in zip(active, cached)],
+                                                              device=dev), rows)  # keep the clean tokens
+
+        # the block's positions after the prompt: their filtered logits, then one unmasking step per row
+        lo = [max(start[i], len(requests[i].prompt)) for i in active]
+        at = torch.tensor([l - c for l, c in zip(lo, cached)], device=dev)
+        at = (at[:, None] + torch.arange(max(e - l for e, l in zip(ends, lo)), device=dev)).clamp(max=T - 1)
+        reqs = [requests[i] for i in active]
+        proc = isd.filtered(model, hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])), reqs)
+        for j, (i, r, l, e) in enumerate(zip(active, reqs, lo, ends)):
+            P, p = len(r.prompt), proc[j][:e - l]
+            pick, x, par = unmask_step(p, canvas[i][l:e] == mask_id, step[i], steps, threshold, r.temperature, r.gen)
+            canvas[i][l + pick] = x
+            q[i][l + pick - P] = p[pick]
+            parallel[i][l + pick - P] = par
+            step[i] += 1
+            # commit what is now unmasked left to right; a finished block moves the row to the next one
+            todo = canvas[i][P + len(r.out):e]
+            masked = (todo == mask_id).nonzero()
+            r.commit(todo[:int(masked[0]) if len(masked) else len(todo)].tolist())
+            if not len(masked):
+                start[i], step[i] = e, 0
+        active = [i for i in active if not requests[i].done]
+    for r in requests:
+        r.stats.wall_s = time.time() - t0
+    return [(q[i][:len(r.out)], parallel[i][:len(r.out)]) for i, r in enumerate(requests)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import bench
 import data
 import dlm
 import train
-from isd import ar_generate, isd_generate
+from isd import Request, ar_generate, isd_generate
 from sampling import process_logits
 from test_model import rand_tokens, tiny_model
 
@@ -161,6 +161,60 @@ def test_parallel_flags_follow_the_order_of_unmasking(family, steps, threshold, 
         assert parallel.tolist() == ref
         flags += ref
     assert (steps == 1) == all(flags) and any(flags)  # one step per block commits (almost) every token in parallel
+
+
+def bdlm_requests(temperature, seed=0, stop_ids=()):
+    """Requests of different prompt lengths (the first block cut at offsets 0..3) and lengths, and at
+    temperature > 0 different top-k / top-p."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 9), (2, 10), (3, 11), (4, 12), (5, 5), (7, 8), (9, 13), (12, 1)]
+    filters = [(None, None), (5, None), (None, 0.9), (8, 0.8)] if temperature else [(None, None)]
+    return [Request(rand_tokens(g, (P,), V).tolist(), n, temperature, *filters[i % len(filters)], seed=seed + i,
+                    stop_ids=stop_ids) for i, (P, n) in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("steps,threshold", [(1, None), (2, None), (3, None), (4, None), (4, 0.3)])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_batched_bdlm_equals_uncached_decoder(steps, threshold, temperature):
+    """bdlm_decode (KV cache, one batch) gives each request the tokens, q, parallel flags and forwards of
+    the uncached dlm_generate alone with the same seed (float64)."""
+    model = tiny_model(seed=9)
+    reqs = bdlm_requests(temperature, seed=3)
+    got = dlm.bdlm_decode(model, "bdlm", reqs, 4, steps, threshold)
+    for r, (q, parallel) in zip(reqs, got):
+        out, q_ref, par_ref, st = dlm.dlm_generate(model, "bdlm", r.prompt, r.max_new_tokens, 4, steps, threshold,
+                                                   r.temperature, r.top_k, r.top_p, r.seed)
+        assert r.out == out and torch.equal(parallel, par_ref) and torch.allclose(q, q_ref, atol=1e-10, rtol=0)
+        assert (r.stats.forwards, r.stats.tokens) == (st.forwards, st.tokens) and r.done
+    assert len({len(r.prompt) % 4 for r in reqs}) == 4  # every cut of the first block
+
+
+def test_bdlm_batch_gives_each_row_what_it_gives_alone_and_stops():
+    model = tiny_model(seed=10)
+    batch = bdlm_requests(1.0, seed=4)
+    dlm.bdlm_decode(model, "bdlm", batch, 4, 2)
+    for r in batch:
+        alone = bdlm_requests(1.0, seed=4)[batch.index(r)]
+        dlm.bdlm_decode(model, "bdlm", [alone], 4, 2)
+        assert alone.out == r.out and alone.stats.forwards == r.stats.forwards
+    # a stop id ends a request once every token up to it is unmasked: the uncached text, cut after it
+    stop = batch[2].out[5]
+    stopped = bdlm_requests(1.0, seed=4, stop_ids=(stop,))
+    dlm.bdlm_decode(model, "bdlm", stopped, 4, 2)
+    for r, full in zip(stopped, batch):
+        cut = full.out[:full.out.index(stop) + 1] if stop in full.out else full.out
+        assert r.out == cut and r.stats.forwards <= full.stats.forwards
+    assert any(len(r.out) < len(f.out) for r, f in zip(stopped, batch))
+
+
+def test_bdlm_decode_refuses_what_has_no_cache():
+    model = tiny_model(seed=11)
+    for family, kw, needle in [("dlm", {}, "nothing|no key or value"), ("bdlm", dict(steps=0), "steps"),
+                               ("bdlm", dict(threshold=1.0), "threshold")]:
+        with pytest.raises(ValueError, match=needle):
+            dlm.bdlm_decode(model, family, [Request([1, 2], 5)], **kw)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        dlm.bdlm_decode(model, "bdlm", [Request([1, 2], 5), Request([1] * 60, 5)])
 
 
 def test_block_window_matches_rules():
