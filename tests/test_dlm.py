@@ -326,3 +326,16 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
         assert (r["parallel_acceptance"] is None) == (r["parallel_share"] == 0) and r["draft_acceptance"] is None
     assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
 
+
+def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
+    rows = bench.main(["concurrency", f"--idlm={ckpts}/idlm", f"--bdlm={ckpts}/bdlm", "--concurrency=1,3",
+                       "--prompt_len=8", "--max_new_tokens=8", "--ar"])
+    table = capsys.readouterr().out
+    assert len(rows) == 8 and table.count("\n| ") == 9  # the header, 2 x 4 settings
+    for r in rows:
+        assert r["tokens"] == 8 * r["concurrency"] and r["tokens_per_s"] > 0
+        assert (r["judge_ppl"] is None) == (r["concurrency"] == 1) and (r["judge_ppl"] or 2) > 1
+    tpf = [r["tokens_per_forward"] for r in rows[:4]]
+    assert 1 <= tpf[0] <= 4 and tpf[1:] == [2.0, 4.0, 1.0]  # ISD; bdlm at 2 and 1 steps per block of 4; AR
+    assert rows[0]["idlm_ratio"] == 1 and rows[1]["idlm_ratio"] == rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
