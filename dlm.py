@@ -140,8 +140,7 @@ def unmask_step(proc, still, step, steps, threshold, temperature, gen):
     conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
     k = block_schedule(len(still), steps)[step] if threshold is None else max(1, int((conf > threshold).sum()))
     pick = conf.topk(min(k, int(still.sum()))).indices
-    left_masked = still.cumsum(0) - still.long() > 0
-    return pick, x[pick], left_masked[pick] | (len(pick) > 1)
+    return pick, x[pick], (pick > still.int().argmax()) | (len(pick) > 1)  # right of the first masked position
 
 
 def check_settings(model, family, requests, block, steps, threshold):
@@ -216,10 +215,11 @@ def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
     mask_id, dev, B = model.cfg.mask_token_id, model.embed_tokens.weight.device, len(requests)
     dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
     t0 = time.time()
+    # room for the longest row and a window (after the first: a finished block and the next, two blocks)
     cache = model.new_cache(B, max(len(r.prompt) + r.max_new_tokens for r in requests) + 2 * block)
-    canvas = [torch.tensor(r.prompt + [mask_id] * r.max_new_tokens, device=dev) for r in requests]
+    canvas = [r.prompt + [mask_id] * r.max_new_tokens for r in requests]  # lists: read and written per token
     q = [torch.empty(r.max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev) for r in requests]
-    parallel = [torch.zeros(r.max_new_tokens, dtype=torch.bool, device=dev) for r in requests]
+    parallel = [[False] * r.max_new_tokens for r in requests]
     start = [len(r.prompt) // block * block for r in requests]  # each row's block; the first may be cut
     step = [0] * B
     active = list(range(B))
@@ -229,9 +229,8 @@ def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
         cached = (cache.offsets + cache.lengths)[rows].tolist()
         ends = [min(start[i] + block, len(canvas[i])) for i in active]
         T = max(e - c for c, e in zip(cached, ends))
-        ids = torch.full((len(active), T), mask_id, device=dev)
-        for j, (i, c, e) in enumerate(zip(active, cached, ends)):
-            ids[j, :e - c] = canvas[i][c:e]
+        ids = torch.tensor([canvas[i][c:e] + [mask_id] * (T - e + c) for i, c, e in zip(active, cached, ends)],
+                           device=dev)
         mask = torch.stack([block_window(start[i] - c, e - start[i], block, T)
                             for i, c, e in zip(active, cached, ends)]).to(dev)
         hidden = model(ids, pos=torch.arange(T, device=dev), mask=mask, cache=cache, rows=rows, hidden_only=True)
@@ -239,28 +238,29 @@ def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
                                                               device=dev), rows)  # keep the clean tokens
 
         # the block's positions after the prompt: their filtered logits, then one unmasking step per row
-        lo = [max(start[i], len(requests[i].prompt)) for i in active]
-        at = torch.tensor([l - c for l, c in zip(lo, cached)], device=dev)
-        at = (at[:, None] + torch.arange(max(e - l for e, l in zip(ends, lo)), device=dev)).clamp(max=T - 1)
+        first = [max(start[i], len(requests[i].prompt)) for i in active]
+        at = torch.tensor([f - c for f, c in zip(first, cached)], device=dev)
+        at = (at[:, None] + torch.arange(max(e - f for e, f in zip(ends, first)), device=dev)).clamp(max=T - 1)
         reqs = [requests[i] for i in active]
         proc = isd.filtered(model, hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])), reqs)
-        for j, (i, r, l, e) in enumerate(zip(active, reqs, lo, ends)):
-            P, p = len(r.prompt), proc[j][:e - l]
-            pick, x, par = unmask_step(p, canvas[i][l:e] == mask_id, step[i], steps, threshold, r.temperature, r.gen)
-            canvas[i][l + pick] = x
-            q[i][l + pick - P] = p[pick]
-            parallel[i][l + pick - P] = par
+        for j, (i, r, f, e) in enumerate(zip(active, reqs, first, ends)):
+            P, p = len(r.prompt), proc[j][:e - f]
+            still = torch.tensor([t == mask_id for t in canvas[i][f:e]], device=dev)
+            pick, x, par = unmask_step(p, still, step[i], steps, threshold, r.temperature, r.gen)
+            q[i][pick + (f - P)] = p[pick]
+            for m, t, in_parallel in zip(pick.tolist(), x.tolist(), par.tolist()):
+                canvas[i][f + m], parallel[i][f + m - P] = t, in_parallel
             step[i] += 1
             # commit what is now unmasked left to right; a finished block moves the row to the next one
             todo = canvas[i][P + len(r.out):e]
-            masked = (todo == mask_id).nonzero()
-            r.commit(todo[:int(masked[0]) if len(masked) else len(todo)].tolist())
-            if not len(masked):
+            k = todo.index(mask_id) if mask_id in todo else len(todo)
+            r.commit(todo[:k])
+            if k == len(todo):
                 start[i], step[i] = e, 0
         active = [i for i in active if not requests[i].done]
     for r in requests:
         r.stats.wall_s = time.time() - t0
-    return [(q[i][:len(r.out)], parallel[i][:len(r.out)]) for i, r in enumerate(requests)]
+    return [(q[i][:len(r.out)], torch.tensor(parallel[i][:len(r.out)], device=dev)) for i, r in enumerate(requests)]
 
 
 # ----------------------------------------------------------------------------------------------
