@@ -312,6 +312,19 @@ def parse_args(argv):
     common.add_argument("--markdown", metavar="FILE.md", help="also write what the benchmark prints to this file, under "
                         "the command that made it (the form the tables in README.md and docs/ take), and its rows as "
                         "JSON to FILE.json where the benchmark returns them")
+    held_out = argparse.ArgumentParser(add_help=False)  # introspect, concurrency: continuations of held-out prompts
+    held_out.add_argument("--prompt_len", type=int, default=16,
+                          help="prompt tokens, from the validation split (default 16)")
+    held_out.add_argument("--max_new_tokens", type=int, default=64, help="tokens per continuation (default 64)")
+    held_out.add_argument("--temperature", type=float, default=1.0,
+                          help="sampling temperature of every model (default 1)")
+    held_out.add_argument("--top_k", type=int, default=50,
+                          help="top-k of every model, 0 = off (default 50: the paper's evaluation)")
+    held_out.add_argument("--top_p", type=float, default=0.95,
+                          help="top-p of every model, 1 = off (default 0.95: the paper's)")
+    held_out.add_argument("--seed", type=int, default=0,
+                          help="picks the prompts; continuation i has seed+i (default 0)")
+    held_out.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     # train
     t = sub.add_parser("train", parents=[common], help="training throughput, ar vs idlm")
     t.add_argument("--preset", default="cpu", choices=sorted(options.PRESETS))
@@ -372,8 +385,8 @@ def parse_args(argv):
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
     s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
     # concurrency
-    s = sub.add_parser("concurrency", parents=[common], help="static batches of C held-out prompts: I-DLM (ISD) vs "
-                       "block diffusion (KV cache) tokens/s per C")
+    s = sub.add_parser("concurrency", parents=[common, held_out],
+                       help="static batches of C held-out prompts: I-DLM (ISD) vs block diffusion (KV cache) tokens/s per C")
     s.add_argument("--idlm", default="out", help="I-DLM checkpoint; its distilled adapter is used where there is one "
                    "(default out)")
     s.add_argument("--base", action="store_true", help="decode the I-DLM without its distilled adapter")
@@ -386,14 +399,7 @@ def parse_args(argv):
                         "with blocks of 4)")
     s.add_argument("--stride", type=int, default=4, help="ISD stride N of the I-DLM (default 4)")
     s.add_argument("--ar", action="store_true", help="also AR: stride-1 decoding of the I-DLM's base model")
-    s.add_argument("--max_new_tokens", type=int, default=64, help="new tokens per prompt (default 64)")
-    s.add_argument("--prompt_len", type=int, default=16, help="prompt tokens, from the validation split (default 16)")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1)")
-    s.add_argument("--top_k", type=int, default=50, help="0 = off (default 50)")
-    s.add_argument("--top_p", type=float, default=0.95, help="1 = off (default 0.95)")
-    s.add_argument("--seed", type=int, default=0, help="picks the prompts; request i has seed+i (default 0)")
     s.add_argument("--repeats", type=int, default=1, help="runs per point, the median is shown (default 1)")
-    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu; the judge runs on the CPU)")
     # smollm2
     s = sub.add_parser("smollm2", parents=[common], help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
@@ -405,7 +411,8 @@ def parse_args(argv):
     s.add_argument("--no_hf", action="store_true", help="leave out transformers' generate()")
     s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     # introspect
-    s = sub.add_parser("introspect", parents=[common], help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
+    s = sub.add_parser("introspect", parents=[common, held_out],
+                       help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
     s.add_argument("--models", type=lambda v: v.split(","), default=["out-ar", "out", "out-dlm", "out-bdlm"],
                    help="comma-separated train.py checkpoints of any objective, same tokenizer "
                         "(default out-ar,out,out-dlm,out-bdlm)")
@@ -414,13 +421,6 @@ def parse_args(argv):
     s.add_argument("--threshold", type=float, default=None, help="also a Fast-dLLM row with this confidence threshold")
     s.add_argument("--stride", type=int, default=4, help="ISD stride N of the I-DLM models (default 4)")
     s.add_argument("--n", type=int, default=64, help="continuations per row (default 64)")
-    s.add_argument("--prompt_len", type=int, default=16, help="prompt tokens, from the validation split (default 16)")
-    s.add_argument("--max_new_tokens", type=int, default=64, help="tokens per continuation (default 64)")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every model (default 1)")
-    s.add_argument("--top_k", type=int, default=50, help="top-k of every model, 0 = off (default 50: the paper's evaluation)")
-    s.add_argument("--top_p", type=float, default=0.95, help="top-p of every model, 1 = off (default 0.95: the paper's)")
-    s.add_argument("--seed", type=int, default=0, help="picks the prompts; continuation i has seed+i (default 0)")
-    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     s.add_argument("--quick", action="store_true", help="8 continuations of 24 tokens, two steps settings")
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     s.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -215,7 +215,8 @@ def bench_concurrency(a):
             reqs = done[-1][0]  # every repeat decodes the same requests (same seeds)
             st = sum((r.stats for r in reqs), Stats())
             rows.append({"setting": label, "concurrency": C, "tokens": st.tokens, "forwards": st.forwards,
-                         "tokens_per_forward": st.tpf, "tokens_per_s": st.tokens / statistics.median(w for _, w in done)})
+                         "tokens_per_forward": st.tpf,
+                         "tokens_per_s": st.tokens / statistics.median(w for _, w in done)})
             if C == C_max:
                 texts[label] = [enc.decode(r.out) for r in reqs]
         for r in rows[first:]:
@@ -228,9 +229,9 @@ def bench_concurrency(a):
     for r in rows:
         r["judge_ppl"] = ppl[r["setting"]] if r["concurrency"] == C_max else None
     print(f"\n{C_max} held-out validation prompts of {a.prompt_len} tokens ({a.idlm}'s data, seed {a.seed}), "
-          f"{a.max_new_tokens} new tokens each; temperature {a.temperature}, top-k {a.top_k or 'off'}, top-p {a.top_p or 'off'}; "
-          f"C prompts per static batch, median of {a.repeats} run(s), {torch.get_num_threads()} thread(s), {a.device}; "
-          f"{models}; judge SmolLM2-135M-Instruct at C={C_max}")
+          f"{a.max_new_tokens} new tokens each; temperature {a.temperature}, top-k {a.top_k or 'off'}, "
+          f"top-p {a.top_p or 'off'}; C prompts per static batch, median of {a.repeats} run(s), "
+          f"{torch.get_num_threads()} thread(s), {a.device}; {models}; judge SmolLM2-135M-Instruct at C={C_max}")
     print("\n| C | setting | tokens/s | tokens/forward | I-DLM / setting | judge ppl |\n|---|---|---|---|---|---|")
     for r in rows:
         ppl_cell = "-" if r["judge_ppl"] is None else f"{r['judge_ppl']:.1f}"
