@@ -7,11 +7,13 @@
     python bench.py recipes --models=out-ar,out   # how each checkpoint was made: losses, greedy TPF (base, distilled)
     python bench.py step --out_dir=out    # one batched ISD / AR step (the scheduler's unit): ms per batch size
     python bench.py serve --out_dir=out   # serve.py under load: tokens/s and latency per concurrency
+    python bench.py concurrency --idlm=out --bdlm=out-bdlm   # static batches of C prompts: I-DLM vs block diffusion
     python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
     python bench.py introspect --models=out-ar,out,out-dlm   # the introspection gap: AR vs I-DLM vs DLM
 """
 # This file: the one argument parser (the docstring above is its --help) and the train, decode,
-# temperature and step benchmarks; serve runs bench_serve.py, smollm2 bench_chat.py, introspect introspect.py.
+# temperature and step benchmarks; serve and concurrency run bench_serve.py, smollm2 bench_chat.py,
+# introspect introspect.py.
 import argparse
 import contextlib
 import io
@@ -31,7 +33,7 @@ import checkpoint
 import data
 import introspect
 import options
-from bench_serve import PROMPTS
+from bench_serve import PROMPTS, validation_prompts
 from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill
 from model import Model, ar_loss, idlm_logits, idlm_loss
 from sampling import process_logits
@@ -99,12 +101,6 @@ def lookahead_accuracy(model, enc, out_dir, rows=16):
     offset = torch.arange(L - 1) % b
     print(f"top-1 accuracy on {rows} validation rows of {L} tokens: clean (1 ahead) {clean:.3f} | masks: "
           + " | ".join(f"{m + 2} ahead {mask_hit[:, offset == m].float().mean():.3f}" for m in range(b)))
-
-
-def validation_prompts(out_dir, enc, n, length=16, seed=1):
-    """n held-out prompts of `length` tokens from the validation split of the checkpoint's data."""
-    _, _, val = data.load_corpus(checkpoint.training_config(out_dir).get("data"), enc=enc, log=lambda *_: None)
-    return [row.tolist() for row in data.get_batch(val, data.batch_offsets(len(val), length, n, seed), length)]
 
 
 def decode_stats(model, prompts, n, stride, temperature, seed, narrow=False):
@@ -316,6 +312,19 @@ def parse_args(argv):
     common.add_argument("--markdown", metavar="FILE.md", help="also write what the benchmark prints to this file, under "
                         "the command that made it (the form the tables in README.md and docs/ take), and its rows as "
                         "JSON to FILE.json where the benchmark returns them")
+    held_out = argparse.ArgumentParser(add_help=False)  # introspect, concurrency: continuations of held-out prompts
+    held_out.add_argument("--prompt_len", type=int, default=16,
+                          help="prompt tokens, from the validation split (default 16)")
+    held_out.add_argument("--max_new_tokens", type=int, default=64, help="tokens per continuation (default 64)")
+    held_out.add_argument("--temperature", type=float, default=1.0,
+                          help="sampling temperature of every model (default 1)")
+    held_out.add_argument("--top_k", type=int, default=50,
+                          help="top-k of every model, 0 = off (default 50: the paper's evaluation)")
+    held_out.add_argument("--top_p", type=float, default=0.95,
+                          help="top-p of every model, 1 = off (default 0.95: the paper's)")
+    held_out.add_argument("--seed", type=int, default=0,
+                          help="picks the prompts; continuation i has seed+i (default 0)")
+    held_out.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     # train
     t = sub.add_parser("train", parents=[common], help="training throughput, ar vs idlm")
     t.add_argument("--preset", default="cpu", choices=sorted(options.PRESETS))
@@ -375,6 +384,23 @@ def parse_args(argv):
                    help="requests per point: max(per_client x concurrency, this) (default 8)")
     s.add_argument("--threads", type=int, default=1, help="torch threads of the server, as OMP_NUM_THREADS (default 1)")
     s.add_argument("--plot", default="serve.png", help="where to write the PNG plot (default serve.png)")
+    # concurrency
+    s = sub.add_parser("concurrency", parents=[common, held_out],
+                       help="static batches of C held-out prompts: I-DLM (ISD) vs block diffusion (KV cache) tokens/s per C")
+    s.add_argument("--idlm", default="out", help="I-DLM checkpoint; its distilled adapter is used where there is one "
+                   "(default out)")
+    s.add_argument("--base", action="store_true", help="decode the I-DLM without its distilled adapter")
+    s.add_argument("--bdlm", default="out-bdlm", help="block diffusion checkpoint, train.py --objective=bdlm "
+                   "(default out-bdlm)")
+    s.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64],
+                   help="prompts per static batch (default 1,2,4,8,16,32,64)")
+    s.add_argument("--dlm_steps", type=lambda s: [int(x) for x in s.split(",")], default=[2, 1],
+                   help="bdlm denoising steps per block, one setting each (default 2,1: 2 and 4 tokens per forward "
+                        "with blocks of 4)")
+    s.add_argument("--stride", type=int, default=4, help="ISD stride N of the I-DLM (default 4)")
+    s.add_argument("--ar", action="store_true", help="also AR: stride-1 decoding of the I-DLM's base model")
+    s.add_argument("--repeats", type=int, default=1, help="runs per point, the median is shown (default 1)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu; the judge runs on the CPU)")
     # smollm2
     s = sub.add_parser("smollm2", parents=[common], help="SmolLM2 chat: ISD / R-ISD vs AR vs transformers generate()")
     s.add_argument("--isd", type=lambda v: v.split(","), default=["smollm2"],
@@ -385,7 +411,8 @@ def parse_args(argv):
     s.add_argument("--no_hf", action="store_true", help="leave out transformers' generate()")
     s.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     # introspect
-    s = sub.add_parser("introspect", parents=[common], help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
+    s = sub.add_parser("introspect", parents=[common, held_out],
+                       help="the introspection gap: quality, acceptance and speed of AR, I-DLM, DLM")
     s.add_argument("--models", type=lambda v: v.split(","), default=["out-ar", "out", "out-dlm", "out-bdlm"],
                    help="comma-separated train.py checkpoints of any objective, same tokenizer "
                         "(default out-ar,out,out-dlm,out-bdlm)")
@@ -394,21 +421,14 @@ def parse_args(argv):
     s.add_argument("--threshold", type=float, default=None, help="also a Fast-dLLM row with this confidence threshold")
     s.add_argument("--stride", type=int, default=4, help="ISD stride N of the I-DLM models (default 4)")
     s.add_argument("--n", type=int, default=64, help="continuations per row (default 64)")
-    s.add_argument("--prompt_len", type=int, default=16, help="prompt tokens, from the validation split (default 16)")
-    s.add_argument("--max_new_tokens", type=int, default=64, help="tokens per continuation (default 64)")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every model (default 1)")
-    s.add_argument("--top_k", type=int, default=50, help="top-k of every model, 0 = off (default 50: the paper's evaluation)")
-    s.add_argument("--top_p", type=float, default=0.95, help="top-p of every model, 1 = off (default 0.95: the paper's)")
-    s.add_argument("--seed", type=int, default=0, help="picks the prompts; continuation i has seed+i (default 0)")
-    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     s.add_argument("--quick", action="store_true", help="8 continuations of 24 tokens, two steps settings")
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     s.add_argument("--no_progress", action="store_true", help="no progress bar")
     s.add_argument("--plot", default=None, help="also write the quality vs speed plot (PNG) here")
     a = p.parse_args(argv)
-    if a.what == "introspect":
+    if a.what in ("introspect", "concurrency"):
         a.top_k, a.top_p = a.top_k or None, (a.top_p if a.top_p < 1 else None)
-    if a.what == "decode" and a.repeats < 1:
+    if a.what in ("decode", "concurrency") and a.repeats < 1:
         p.error("--repeats must be >= 1")
     return a
 
@@ -428,7 +448,8 @@ class Tee(io.StringIO):
 def main(argv=None):
     a = parse_args(argv)
     run = {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
-           "serve": bench_serve.bench_serve, "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes}[a.what]
+           "serve": bench_serve.bench_serve, "concurrency": bench_serve.bench_concurrency,
+           "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes}[a.what]
     if not a.markdown:
         return run(a)
     command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -1,7 +1,9 @@
-"""The serving benchmark: serve.py under load, tokens/s and latency per number of concurrent clients,
-for the servers of SERVERS side by side (they take turns, so that drift hits all of them alike).
+"""The serving benchmarks: serve.py under load, tokens/s and latency per number of concurrent clients,
+for the servers of SERVERS side by side (they take turns, so that drift hits all of them alike); and
+static batches of C held-out prompts decoded together, I-DLM against block diffusion, per C.
 
     python bench.py serve --out_dir=out --plot=figures/serve.png   # options: python bench.py serve --help
+    python bench.py concurrency --idlm=out --bdlm=out-bdlm           # python bench.py concurrency --help
 """
 import asyncio
 import os
@@ -10,6 +12,16 @@ import statistics
 import subprocess
 import sys
 import time
+
+import torch
+
+import checkpoint
+import data
+import dlm
+import introspect
+import pretrained
+import tokenizer as tok
+from isd import Request, Stats, decode
 
 # the requests' prompts (request i gets PROMPTS[i % 4]); bench.py step decodes the same
 PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
@@ -20,6 +32,13 @@ SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by defa
     ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
     ("(d) scheduler, ISD stride 4, narrow window", ["--stride=4", "--max_batch=32", "--narrow"]),
 ]
+
+
+def validation_prompts(out_dir, enc, n, length=16, seed=1):
+    """n held-out prompts of `length` tokens from the validation split of the checkpoint's data."""
+    _, _, val = data.load_corpus(checkpoint.training_config(out_dir).get("data"), enc=enc, log=lambda *_: None)
+    return [row.tolist() for row in data.get_batch(val, data.batch_offsets(len(val), length, n, seed), length)]
+
 
 
 def start_server(out_dir, options, threads):
@@ -140,3 +159,82 @@ def serve_plot(results, a, model):
     fig.suptitle(f"serve.py on {model}: {a.max_tokens} tokens per request, temperature {a.temperature}")
     fig.tight_layout()
     fig.savefig(a.plot, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------
+# static batches: I-DLM vs block diffusion per concurrency
+
+def concurrency_settings(a):
+    """([(label, decode(requests))] of every setting, the tokenizer, a line on the models): I-DLM by ISD
+    (its distilled adapter unless --base), the block diffusion LM by dlm.bdlm_decode at each --dlm_steps,
+    with --ar AR (stride 1) through the I-DLM's base."""
+    folder = a.idlm if a.base else checkpoint.distilled_or_base(a.idlm)
+    idlm, enc = checkpoint.load_model(folder, device=a.device)
+    bdlm, benc, family, block = dlm.load(a.bdlm, device=a.device)
+    if tok.fingerprint(benc) != tok.fingerprint(enc):
+        raise SystemExit(f"bench.py: error: {a.bdlm} has another tokenizer than {a.idlm}")
+    settings = [(f"I-DLM, ISD N={a.stride}", lambda rs: decode(idlm, rs, a.stride))]
+    settings += [(f"bdlm, {steps} steps/block", lambda rs, s=steps: dlm.bdlm_decode(bdlm, family, rs, block, s))
+                 for steps in a.dlm_steps]
+    if a.ar:
+        base = idlm if folder == a.idlm else checkpoint.load_model(a.idlm, device=a.device)[0]
+        settings.append(("AR (I-DLM's base)", lambda rs: decode(base, rs, 1)))
+    return settings, enc, f"I-DLM {folder} (ISD stride {a.stride}), bdlm {a.bdlm} (blocks of {block}, KV cache)"
+
+
+def bench_concurrency(a):
+    """Throughput against concurrency, static batches: for each C, C held-out validation prompts
+    decoded together, the same number of new tokens, by every setting (concurrency_settings; they
+    take turns). Per setting and C: total tokens/s (all tokens / the batch's wall time, prefill
+    included, median of --repeats), tokens per forward (tokens / the requests' forwards: ISD's prefill
+    forward is not counted, bdlm has none, its prompt rides along its first counted forward), I-DLM's
+    tokens/s over the setting's, and at the largest C the judge's perplexity of the text
+    (introspect.judge_ppl, SmolLM2-135M). Prints a table; returns its rows."""
+    torch.set_num_threads(a.threads)
+    settings, enc, models = concurrency_settings(a)
+    C_max = max(a.concurrency)
+    prompts = validation_prompts(a.idlm, enc, C_max, a.prompt_len, a.seed)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+
+    def run(dec, C, n):
+        reqs = [Request(p, n, seed=a.seed + i, **kw) for i, p in enumerate(prompts[:C])]
+        t0 = time.perf_counter()
+        dec(reqs)
+        return reqs, time.perf_counter() - t0
+
+    for _, dec in settings:  # warm-up
+        run(dec, min(2, C_max), 4)
+    rows, texts = [], {}
+    for C in a.concurrency:
+        runs = {label: [] for label, _ in settings}  # (requests, wall seconds) of each repeat
+        for _ in range(a.repeats):  # the settings take turns, so that drift hits all of them alike
+            for label, dec in settings:
+                runs[label].append(run(dec, C, a.max_new_tokens))
+        first = len(rows)
+        for label, done in runs.items():
+            reqs = done[-1][0]  # every repeat decodes the same requests (same seeds)
+            st = sum((r.stats for r in reqs), Stats())
+            rows.append({"setting": label, "concurrency": C, "tokens": st.tokens, "forwards": st.forwards,
+                         "tokens_per_forward": st.tpf,
+                         "tokens_per_s": st.tokens / statistics.median(w for _, w in done)})
+            if C == C_max:
+                texts[label] = [enc.decode(r.out) for r in reqs]
+        for r in rows[first:]:
+            r["idlm_ratio"] = rows[first]["tokens_per_s"] / r["tokens_per_s"]
+            print(f"C={C} | {r['setting']} | {r['tokens_per_s']:.0f} tok/s | TPF {r['tokens_per_forward']:.2f}",
+                  file=sys.stderr, flush=True)
+    judge, jenc = pretrained.load_smollm2()
+    prompt_texts = [enc.decode(p) for p in prompts]
+    ppl = {label: introspect.judge_ppl(judge, jenc, prompt_texts, t) for label, t in texts.items()}
+    for r in rows:
+        r["judge_ppl"] = ppl[r["setting"]] if r["concurrency"] == C_max else None
+    print(f"\n{C_max} held-out validation prompts of {a.prompt_len} tokens ({a.idlm}'s data, seed {a.seed}), "
+          f"{a.max_new_tokens} new tokens each; temperature {a.temperature}, top-k {a.top_k or 'off'}, "
+          f"top-p {a.top_p or 'off'}; C prompts per static batch, median of {a.repeats} run(s), "
+          f"{torch.get_num_threads()} thread(s), {a.device}; {models}; judge SmolLM2-135M-Instruct at C={C_max}")
+    print("\n| C | setting | tokens/s | tokens/forward | I-DLM / setting | judge ppl |\n|---|---|---|---|---|---|")
+    for r in rows:
+        ppl_cell = "-" if r["judge_ppl"] is None else f"{r['judge_ppl']:.1f}"
+        print(f"| {r['concurrency']} | {r['setting']} | {r['tokens_per_s']:.0f} | {r['tokens_per_forward']:.2f} "
+              f"| {r['idlm_ratio']:.2f}x | {ppl_cell} |")
+    return rows

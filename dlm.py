@@ -22,9 +22,12 @@ as MASKs; blocks are filled left to right; in each of `steps` steps per block ev
 of the block draws a token from its distribution q, and the most confident (highest q of the drawn
 token) are kept, the others stay masked. Fewer steps per block = more tokens per forward = faster and
 usually worse. With `threshold` (Fast-dLLM) a step keeps every token whose confidence exceeds it
-(at least the most confident one), so the number of steps adapts.
+(at least the most confident one), so the number of steps adapts. `dlm_generate` decodes one request
+and recomputes the clean prefix at every step (the reference); `bdlm_decode` decodes a batch of
+requests over a KV cache (bdlm only: the plain dlm has nothing to cache), token for token the same.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -90,18 +93,31 @@ def denoise_logits(model, family, ids, lo, hi, block):
     """Logits (B, hi-lo, V) at positions lo..hi-1 of the canvases `ids` (B, n), all inside one block.
 
     dlm: one bidirectional forward over the whole canvas (no cache is possible).
-    bdlm: [clean tokens before the block | the block], positions 0..end-1, attention = the rows and
-    columns of the training mask `bdlm_mask` that those tokens occupy; tokens after the block are
-    not read. (The clean prefix is causal, so it could come from a KV cache, whose cached forward
-    takes any window mask; it is recomputed here, so bdlm's speed is a lower bound.)"""
+    bdlm: [clean tokens before the block | the block], positions 0..end-1, attention `block_window`;
+    tokens after the block are not read. The clean prefix is recomputed at every step here (the
+    reference); `bdlm_decode` keeps it in a KV cache."""
     if family == "dlm":
         n = ids.shape[1]
         return model(ids, mask=torch.ones(n, n, dtype=torch.bool, device=ids.device))[:, lo:hi]
     start = lo // block * block
     end = min(start + block, ids.shape[1])
-    idx = torch.cat([end + torch.arange(start), torch.arange(start, end)])  # x0 prefix, then xt block
-    mask = bdlm_mask(end, block, ids.device)[idx][:, idx]
+    mask = block_window(start, end - start, block).to(ids.device)
     return model(ids[:, :end], pos=torch.arange(end, device=ids.device), mask=mask)[:, lo:hi]
+
+
+@functools.lru_cache(maxsize=None)
+def block_window(n_clean, n_block, block, T=None):
+    """Attention (T, T) of a window [n_clean clean tokens | a noisy block of n_block tokens | padding
+    up to T] whose clean tokens end where the block starts: the rows and columns these tokens occupy
+    in the training mask `bdlm_mask` (clean tokens causal, the block sees them and itself both ways).
+    Earlier clean tokens, if any, are in the KV cache. Padding sees only itself."""
+    start = -(-n_clean // block) * block  # a block start with n_clean positions before it
+    end = start + n_block
+    idx = torch.cat([end + torch.arange(start - n_clean, start), torch.arange(start, end)])  # x0, then xt
+    T = T or len(idx)
+    mask = torch.eye(T, dtype=torch.bool)
+    mask[:len(idx), :len(idx)] = bdlm_mask(end, block)[idx][:, idx]
+    return mask
 
 
 def block_schedule(n, steps):
@@ -111,48 +127,140 @@ def block_schedule(n, steps):
     return [n // steps + (s < n % steps) for s in range(steps)]
 
 
-@torch.no_grad()
-def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
-                 temperature=1.0, top_k=None, top_p=None, seed=None):
-    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
-    training). Returns (new ids, q, isd.Stats): q (n, V) holds, for each new token, the filtered logits
-    of the distribution it was drawn from in the step that committed it (for the metric below)."""
+def unmask_step(proc, still, step, steps, threshold, temperature, gen):
+    """Step `step` of low-confidence remasking in a block of n = len(still) positions: every position
+    draws a token from its filtered logits proc (n, V) (all of them, so a request's random stream is
+    read alike by every decoder); of the still-masked ones (`still`, (n,) bool) the
+    block_schedule(n, steps)[step] most confident (highest probability of the drawn token) are kept,
+    or with `threshold` (Fast-dLLM) every one above it, at least the best. Returns (the kept positions,
+    their tokens, whether each was kept "in parallel": with another one, or while a position to its left
+    was still masked)."""
+    x = sample(proc, temperature, gen)
+    conf = (proc / (temperature or 1.0)).softmax(-1).gather(-1, x[:, None])[:, 0]
+    conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
+    k = block_schedule(len(still), steps)[step] if threshold is None else max(1, int((conf > threshold).sum()))
+    pick = conf.topk(min(k, int(still.sum()))).indices
+    return pick, x[pick], (pick > still.int().argmax()) | (len(pick) > 1)  # right of the first masked position
+
+
+def check_settings(model, family, requests, block, steps, threshold):
+    """ValueError for settings no diffusion decoder takes (the requests' own were checked by isd.Request)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
     if block < 1 or steps < 1:
         raise ValueError(f"block and steps must be >= 1, got {block}, {steps}")
     if threshold is not None and not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    if len(r.prompt) + max_new_tokens > model.cfg.max_seq_len:  # the whole canvas is one forward
-        raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"context of {model.cfg.max_seq_len} tokens")
+    for r in requests:  # a canvas fits the context: dlm reads it whole, a bdlm block sees all before it
+        if len(r.prompt) + r.max_new_tokens > model.cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the "
+                             f"context of {model.cfg.max_seq_len} tokens")
+
+
+@torch.no_grad()
+def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
+                 temperature=1.0, top_k=None, top_p=None, seed=None):
+    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
+    training), one request, no cache: the reference decoder. Returns (new ids, q, parallel, isd.Stats):
+    q (n, V) holds, for each new token, the filtered logits of the distribution it was drawn from in the
+    step that committed it (for the metric below), parallel (n,) whether it was committed in parallel
+    (unmask_step)."""
+    r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
+    check_settings(model, family, [r], block, steps, threshold)
     mask_id, P = model.cfg.mask_token_id, len(r.prompt)
     dev = model.embed_tokens.weight.device
     ids = torch.tensor([r.prompt + [mask_id] * max_new_tokens], device=dev)
     dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
     q = torch.empty(max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev)
+    parallel = torch.zeros(max_new_tokens, dtype=torch.bool, device=dev)
     forwards, t0 = 0, time.time()
     for lo in [P, *range((P // block + 1) * block, P + max_new_tokens, block)]:  # the first block may be cut
         hi = min((lo // block + 1) * block, P + max_new_tokens)
-        plan = block_schedule(hi - lo, steps)
         for step in range(hi - lo):  # at most one step per position
             logits = denoise_logits(model, family, ids, lo, hi, block)[0].to(dtype)
             forwards += 1
             proc = process_logits(logits, mask_id, temperature, top_k, top_p)
-            x = sample(proc, temperature, r.gen)
-            conf = (proc / (temperature or 1.0)).softmax(-1).gather(-1, x[:, None])[:, 0]
-            still = ids[0, lo:hi] == mask_id
-            conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
-            k = plan[step] if threshold is None else max(1, int((conf > threshold).sum()))
-            pick = conf.topk(min(k, int(still.sum()))).indices
-            ids[0, lo + pick] = x[pick]
+            pick, x, par = unmask_step(proc, ids[0, lo:hi] == mask_id, step, steps, threshold, temperature, r.gen)
+            ids[0, lo + pick] = x
             q[lo + pick - P] = proc[pick]
+            parallel[lo + pick - P] = par
             if not (ids[0, lo:hi] == mask_id).any():
                 break
     wall = time.time() - t0
     out = ids[0, P:].tolist()
-    return out, q, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
+    return out, q, parallel, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
+
+
+@torch.no_grad()
+def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
+    """dlm_generate for a batch of requests (isd.Request) over one KV cache: block diffusion only.
+
+    Each forward puts, per request, the window [clean tokens not yet cached | its current block]
+    through the model (model.window_positions_and_mask, attention `block_window`): the clean tokens
+    causally, as the x0 stream, the block's tokens (committed ones and MASKs) seeing the cache, those
+    clean tokens and the whole block, as bdlm_mask's noisy block; then the clean tokens stay in the
+    cache and the block is forgotten. So the prompt's clean blocks ride along the first forward and a
+    finished block rides along the next block's first forward: there is no other forward, and
+    r.stats.forwards counts every forward a request took part in (its denoising steps, as dlm_generate
+    counts them). Rows whose windows are shorter are padded; padding sees only itself.
+
+    Each request draws from its own stream r.gen exactly as dlm_generate does, so it gets exactly the
+    tokens dlm_generate gives it alone with the same seed. Fills r.out (cut at a stop id once every
+    token up to it is unmasked, as Request.commit does) and r.stats; returns, per request, (q,
+    parallel) of its new tokens, as dlm_generate does."""
+    check_settings(model, family, requests, block, steps, threshold)
+    if family != "bdlm":
+        raise ValueError(f"bdlm_decode decodes the block diffusion LM (bdlm), not {family!r}: dlm attends both "
+                         f"ways over the whole row, so no key or value is final before the end (use dlm_generate)")
+    mask_id, dev, B = model.cfg.mask_token_id, model.embed_tokens.weight.device, len(requests)
+    dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
+    t0 = time.time()
+    # room for the longest row and a window (after the first: a finished block and the next, two blocks)
+    cache = model.new_cache(B, max(len(r.prompt) + r.max_new_tokens for r in requests) + 2 * block)
+    canvas = [r.prompt + [mask_id] * r.max_new_tokens for r in requests]  # lists: read and written per token
+    q = [torch.empty(r.max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev) for r in requests]
+    parallel = [[False] * r.max_new_tokens for r in requests]
+    start = [len(r.prompt) // block * block for r in requests]  # each row's block; the first may be cut
+    step = [0] * B
+    active = list(range(B))
+    while active:
+        # the window of each row: [clean tokens not yet cached | its block], padded to T
+        rows = torch.tensor(active, device=dev)
+        cached = (cache.offsets + cache.lengths)[rows].tolist()
+        ends = [min(start[i] + block, len(canvas[i])) for i in active]
+        T = max(e - c for c, e in zip(cached, ends))
+        ids = torch.tensor([canvas[i][c:e] + [mask_id] * (T - e + c) for i, c, e in zip(active, cached, ends)],
+                           device=dev)
+        mask = torch.stack([block_window(start[i] - c, e - start[i], block, T)
+                            for i, c, e in zip(active, cached, ends)]).to(dev)
+        hidden = model(ids, pos=torch.arange(T, device=dev), mask=mask, cache=cache, rows=rows, hidden_only=True)
+        cache.truncate(cache.lengths[rows] - T + torch.tensor([start[i] - c for i, c in zip(active, cached)],
+                                                              device=dev), rows)  # keep the clean tokens
+
+        # the block's positions after the prompt: their filtered logits, then one unmasking step per row
+        first = [max(start[i], len(requests[i].prompt)) for i in active]
+        at = torch.tensor([f - c for f, c in zip(first, cached)], device=dev)
+        at = (at[:, None] + torch.arange(max(e - f for e, f in zip(ends, first)), device=dev)).clamp(max=T - 1)
+        reqs = [requests[i] for i in active]
+        proc = isd.filtered(model, hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])), reqs)
+        for j, (i, r, f, e) in enumerate(zip(active, reqs, first, ends)):
+            P, p = len(r.prompt), proc[j][:e - f]
+            still = torch.tensor([t == mask_id for t in canvas[i][f:e]], device=dev)
+            pick, x, par = unmask_step(p, still, step[i], steps, threshold, r.temperature, r.gen)
+            q[i][pick + (f - P)] = p[pick]
+            for m, t, in_parallel in zip(pick.tolist(), x.tolist(), par.tolist()):
+                canvas[i][f + m], parallel[i][f + m - P] = t, in_parallel
+            step[i] += 1
+            # commit what is now unmasked left to right; a finished block moves the row to the next one
+            todo = canvas[i][P + len(r.out):e]
+            k = todo.index(mask_id) if mask_id in todo else len(todo)
+            r.commit(todo[:k])
+            if k == len(todo):
+                start[i], step[i] = e, 0
+        active = [i for i in active if not requests[i].done]
+    for r in requests:
+        r.stats.wall_s = time.time() - t0
+    return [(q[i][:len(r.out)], torch.tensor(parallel[i][:len(r.out)], device=dev)) for i, r in enumerate(requests)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +331,8 @@ def main(argv=None):
         raise ValueError(f"{a.out_dir} is a block DLM trained with blocks of {block}: --block must be {block}")
     block = a.block or block
     ids = enc.encode_ordinary(a.prompt)
-    out, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
-                              a.temperature, a.top_k, a.top_p, a.seed)
+    out, _, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
+                                 a.temperature, a.top_k, a.top_p, a.seed)
     if a.json:
         print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st.as_dict()}))
     else:

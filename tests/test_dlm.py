@@ -12,7 +12,7 @@ import bench
 import data
 import dlm
 import train
-from isd import ar_generate, isd_generate
+from isd import Request, ar_generate, isd_generate
 from sampling import process_logits
 from test_model import rand_tokens, tiny_model
 
@@ -106,7 +106,7 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
     model = tiny_model(seed=3)
     prompt = rand_tokens(torch.Generator().manual_seed(prompt_len), (prompt_len,), V).tolist()
     n, block = 11, 4
-    out, q, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
+    out, q, _, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
     assert len(out) == n and model.cfg.mask_token_id not in out and all(0 <= t < V for t in out)
     assert st.tokens == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
     # blocks are aligned to position 0; the first one may be cut by the prompt
@@ -129,6 +129,101 @@ def test_decoder_seeded_and_bad_settings():
         args = {**dict(family="bdlm", prompt_ids=[1, 2], max_new_tokens=5, steps=2), **kw}
         with pytest.raises(ValueError, match=needle):
             dlm.dlm_generate(model, **args)
+
+
+def canvases_of(model, family, prompt, n, block, steps, threshold, temperature, seed):
+    """dlm_generate's (out, q, parallel, stats), and the canvas after each of its forwards, read from the
+    token ids the model was given (each forward's input is the canvas before it) and the final text."""
+    inputs, forward = [], model.forward
+    model.forward = lambda idx, *args, **kw: forward(inputs.append(idx[0].clone()) or idx, *args, **kw)
+    try:
+        res = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=seed)
+    finally:
+        del model.forward
+    return res, inputs[1:] + [torch.tensor(prompt + res[0])]
+
+
+@pytest.mark.parametrize("family", dlm.FAMILIES)
+@pytest.mark.parametrize("steps,threshold,temperature", [(1, None, 1.0), (2, None, 0.0), (2, None, 1.0),
+                                                         (4, None, 0.0), (4, None, 1.0), (4, 0.3, 1.0)])
+def test_parallel_flags_follow_the_order_of_unmasking(family, steps, threshold, temperature):
+    """A token is committed in parallel iff another token of its block was unmasked in the same forward, or
+    one to its left in the block (after the prompt) was unmasked in a later forward."""
+    model, block, flags = tiny_model(seed=8), 4, []
+    for P, n in [(1, 9), (4, 7), (6, 10)]:
+        prompt = rand_tokens(torch.Generator().manual_seed(P), (P,), V).tolist()
+        (out, _, parallel, st), canvases = canvases_of(model, family, prompt, n, block, steps, threshold,
+                                                       temperature, seed=P)
+        assert len(canvases) == st.forwards
+        when = {i: next(s for s, c in enumerate(canvases) if len(c) > i and c[i] != V - 1) for i in range(P, P + n)}
+        ref = [any(j != i and j // block == i // block and (when[j] == when[i] or j < i and when[j] > when[i])
+                   for j in when) for i in when]
+        assert parallel.tolist() == ref
+        flags += ref
+    assert (steps == 1) == all(flags) and any(flags)  # one step per block commits (almost) every token in parallel
+
+
+def bdlm_requests(temperature, seed=0, stop_ids=()):
+    """Requests of different prompt lengths (the first block cut at offsets 0..3) and lengths, and at
+    temperature > 0 different top-k / top-p."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 9), (2, 10), (3, 11), (4, 12), (5, 5), (7, 8), (9, 13), (12, 1)]
+    filters = [(None, None), (5, None), (None, 0.9), (8, 0.8)] if temperature else [(None, None)]
+    return [Request(rand_tokens(g, (P,), V).tolist(), n, temperature, *filters[i % len(filters)], seed=seed + i,
+                    stop_ids=stop_ids) for i, (P, n) in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("steps,threshold", [(1, None), (2, None), (3, None), (4, None), (4, 0.3)])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_batched_bdlm_equals_uncached_decoder(steps, threshold, temperature):
+    """bdlm_decode (KV cache, one batch) gives each request the tokens, q, parallel flags and forwards of
+    the uncached dlm_generate alone with the same seed (float64)."""
+    model = tiny_model(seed=9)
+    reqs = bdlm_requests(temperature, seed=3)
+    got = dlm.bdlm_decode(model, "bdlm", reqs, 4, steps, threshold)
+    for r, (q, parallel) in zip(reqs, got):
+        out, q_ref, par_ref, st = dlm.dlm_generate(model, "bdlm", r.prompt, r.max_new_tokens, 4, steps, threshold,
+                                                   r.temperature, r.top_k, r.top_p, r.seed)
+        assert r.out == out and torch.equal(parallel, par_ref) and torch.allclose(q, q_ref, atol=1e-10, rtol=0)
+        assert (r.stats.forwards, r.stats.tokens) == (st.forwards, st.tokens) and r.done
+    assert len({len(r.prompt) % 4 for r in reqs}) == 4  # every cut of the first block
+
+
+def test_bdlm_batch_gives_each_row_what_it_gives_alone_and_stops():
+    model = tiny_model(seed=10)
+    batch = bdlm_requests(1.0, seed=4)
+    dlm.bdlm_decode(model, "bdlm", batch, 4, 2)
+    for r in batch:
+        alone = bdlm_requests(1.0, seed=4)[batch.index(r)]
+        dlm.bdlm_decode(model, "bdlm", [alone], 4, 2)
+        assert alone.out == r.out and alone.stats.forwards == r.stats.forwards
+    # a stop id ends a request once every token up to it is unmasked: the uncached text, cut after it
+    stop = batch[2].out[5]
+    stopped = bdlm_requests(1.0, seed=4, stop_ids=(stop,))
+    dlm.bdlm_decode(model, "bdlm", stopped, 4, 2)
+    for r, full in zip(stopped, batch):
+        cut = full.out[:full.out.index(stop) + 1] if stop in full.out else full.out
+        assert r.out == cut and r.stats.forwards <= full.stats.forwards
+    assert any(len(r.out) < len(f.out) for r, f in zip(stopped, batch))
+
+
+def test_bdlm_decode_refuses_what_has_no_cache():
+    model = tiny_model(seed=11)
+    for family, kw, needle in [("dlm", {}, "nothing|no key or value"), ("bdlm", dict(steps=0), "steps"),
+                               ("bdlm", dict(threshold=1.0), "threshold")]:
+        with pytest.raises(ValueError, match=needle):
+            dlm.bdlm_decode(model, family, [Request([1, 2], 5)], **kw)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        dlm.bdlm_decode(model, "bdlm", [Request([1, 2], 5), Request([1] * 60, 5)])
+
+
+def test_block_window_matches_rules():
+    for n_clean, n_block, T in [(0, 4, 4), (3, 4, 9), (5, 2, 7), (8, 3, 11), (1, 1, 2)]:
+        m = dlm.block_window(n_clean, n_block, 4, T)
+        e = n_clean + n_block
+        ref = torch.tensor([[k == q or (k <= q if q < n_clean else q < e and k < e) for k in range(T)]
+                            for q in range(T)])
+        assert torch.equal(m, ref), (n_clean, n_block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,3 +325,17 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
         assert r["parallel_share"] == 1.0 if steps == 1 else 0 <= r["parallel_share"] < 1
         assert (r["parallel_acceptance"] is None) == (r["parallel_share"] == 0) and r["draft_acceptance"] is None
     assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
+
+
+def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
+    rows = bench.main(["concurrency", f"--idlm={ckpts}/idlm", f"--bdlm={ckpts}/bdlm", "--concurrency=1,3",
+                       "--prompt_len=8", "--max_new_tokens=8", "--ar"])
+    table = capsys.readouterr().out
+    assert len(rows) == 8 and table.count("\n| ") == 9  # the header, 2 x 4 settings
+    for r in rows:
+        assert r["tokens"] == 8 * r["concurrency"] and r["tokens_per_s"] > 0
+        assert (r["judge_ppl"] is None) == (r["concurrency"] == 1) and (r["judge_ppl"] or 2) > 1
+    tpf = [r["tokens_per_forward"] for r in rows[:4]]
+    assert 1 <= tpf[0] <= 4 and tpf[1:] == [2.0, 4.0, 1.0]  # ISD; bdlm at 2 and 1 steps per block of 4; AR
+    assert rows[0]["idlm_ratio"] == 1 and rows[1]["idlm_ratio"] == rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
