@@ -95,13 +95,19 @@ def generate(model, family, prompt, a, seed, opts):
     """One continuation of a.max_new_tokens tokens at batch 1: (new ids, q (n, V): the probabilities
     each was drawn from, flags of the tokens committed in parallel or None, Stats). AR and I-DLM decode
     with ISD (stride 1 is plain AR), recording what each committed token was drawn from; the diffusion
-    models with dlm_generate."""
+    models by low-confidence remasking (bdlm over a KV cache: dlm.bdlm_decode, the same tokens as
+    dlm_generate's)."""
     if family in ("ar", "idlm"):
         r = Request(list(prompt), a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed, drawn_from=[])
         decode(model, [r], opts["stride"])
         return r.out, torch.stack(r.drawn_from), None, r.stats
-    out, q, parallel, st = dlm.dlm_generate(model, family, prompt, a.max_new_tokens, opts["block"], opts["steps"],
-                                            opts.get("threshold"), a.temperature, a.top_k, a.top_p, seed)
+    if family == "bdlm":  # over a KV cache of the committed blocks
+        r = Request(list(prompt), a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed)
+        (q, parallel), = dlm.bdlm_decode(model, family, [r], opts["block"], opts["steps"], opts.get("threshold"))
+        out, st = r.out, r.stats
+    else:
+        out, q, parallel, st = dlm.dlm_generate(model, family, prompt, a.max_new_tokens, opts["block"], opts["steps"],
+                                                opts.get("threshold"), a.temperature, a.top_k, a.top_p, seed)
     return out, probs(q, a.temperature), parallel, st
 
 
