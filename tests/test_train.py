@@ -330,3 +330,62 @@ def test_init_from_converts_ar_to_idlm(corpus, tmp_path):
     ar_state = json.load(open(f"{tmp_path}/ar/train_state.json"))
     # starts from the AR weights: the first clean loss is near where the AR run ended, not at ln(V)
     assert st["history"][0][3] < ar_state["history"][0][3] - 0.5
+
+
+def weights(out):
+    return {k: v for k, v in Model.load(out).state_dict().items()}
+
+
+def test_ar_iters_is_the_two_runs_of_the_papers_recipe(corpus, tmp_path):
+    """--ar_iters=K trains exactly what the two commands of the paper's recipe train by hand: K steps of
+    AR, then max_iters - K steps converting them (--init_from); the AR model stays in out_dir/ar."""
+    common = TINY + [f"--data={corpus}", "--eval_interval=3"]
+    run(common + ["--objective=ar", "--max_iters=6", f"--out_dir={tmp_path}/ar"])
+    by_hand = run(common + [f"--init_from={tmp_path}/ar", "--max_iters=4", f"--out_dir={tmp_path}/conv"])
+    recipe = run(common + ["--ar_iters=6", "--max_iters=10", f"--out_dir={tmp_path}/o"])
+    assert recipe["history"] == by_hand["history"] and recipe["evals"] == by_hand["evals"]
+    assert recipe["config"]["ar_iters"] == 6 and recipe["config"]["init_from"] == f"{tmp_path}/o/ar"
+    for a, b in [(f"{tmp_path}/ar", f"{tmp_path}/o/ar"), (f"{tmp_path}/conv", f"{tmp_path}/o")]:
+        wa, wb = weights(a), weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.load(open(f"{tmp_path}/o/ar/train_state.json"))["config"]["objective"] == "ar"
+
+
+@pytest.mark.parametrize("cut_at", [2, 5])  # in the AR run, in the conversion
+def test_ar_iters_resumes_exactly_in_either_run(corpus, tmp_path, monkeypatch, cut_at):
+    common = TINY + [f"--data={corpus}", "--eval_interval=1", "--ar_iters=4", "--max_iters=7"]
+    full = run(common + [f"--out_dir={tmp_path}/full"])
+    calls, orig = {"n": 0}, data.batch_offsets
+
+    def interrupt(n_ids, seq_len, n_rows, seed):
+        if seed > 0:  # training batches
+            calls["n"] += 1
+            if calls["n"] == cut_at + 1:
+                raise KeyboardInterrupt
+        return orig(n_ids, seq_len, n_rows, seed)
+
+    monkeypatch.setattr(data, "batch_offsets", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(common + [f"--out_dir={tmp_path}/cut"])
+    monkeypatch.setattr(data, "batch_offsets", orig)
+    resumed = run(common + [f"--out_dir={tmp_path}/cut", "--resume"])
+    assert resumed["history"] == full["history"] and resumed["evals"] == full["evals"]
+    for sub in ("", "ar"):
+        wa, wb = weights(f"{tmp_path}/full/{sub}"), weights(f"{tmp_path}/cut/{sub}")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ar_iters_options(corpus, tmp_path):
+    o = f"--out_dir={tmp_path}/o"
+    for args, needle in [(["--ar_iters=5", "--max_iters=5"], "ar_iters must be in"),
+                         (["--ar_iters=-1"], "ar_iters must be in"),
+                         (["--ar_iters=2", "--objective=ar"], "only for --objective=idlm"),
+                         (["--ar_iters=2", f"--init_from={tmp_path}"], "only for --objective=idlm")]:
+        with pytest.raises(train.UsageError, match=needle):
+            train.main(TINY + [f"--data={corpus}", o, *args])
+    # the cpu preset's recipe applies to an I-DLM from scratch only: an AR run or a conversion is one run
+    for args in (["--objective=ar"], ["--init_from=out-ar"], ["--objective=dlm"]):
+        cfg, given = train.parse_args(args)
+        assert cfg["ar_iters"] == 0 and len(train.recipe(cfg, given)) == 1
+    cfg, given = train.parse_args([])
+    assert cfg["ar_iters"] == options.PRESETS["cpu"]["ar_iters"] > 0 and len(train.recipe(cfg, given)) == 2
