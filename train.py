@@ -1,8 +1,10 @@
 """Train an Introspective Diffusion LM (or a plain AR model) on Shakespeare, offline.
 
-    python train.py                                   # the CPU preset and its self-distillation, about 8 minutes on 2 cores
+    python train.py                                   # the CPU preset, the paper's recipe: AR pretraining (out/ar),
+                                                      #   conversion into an I-DLM (out), self-distillation (out/distilled)
+    python train.py --ar_iters=0 --out_dir=out-scratch  # an I-DLM from scratch instead
     python train.py --objective=ar --out_dir=out-ar   # the autoregressive baseline
-    python train.py --init_from=out-ar --out_dir=out-conv  # convert an AR model into an I-DLM
+    python train.py --init_from=out-ar --out_dir=out-conv  # convert an AR model of your own into an I-DLM
     python train.py --objective=dlm --out_dir=out-dlm # the masked-diffusion baseline (dlm.py; bdlm: blocks)
     python train.py --init_from=smollm2 --data=my.txt --out_dir=out-smol         # convert SmolLM2-135M
     python train.py --init_from=smollm2 --lora=8 --lr=1e-3 --out_dir=out-rlora  # R-ISD: gated LoRA only
