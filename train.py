@@ -393,7 +393,7 @@ def sample(model, enc, cfg):
     return enc.decode(out)
 
 
-def recipe(cfg, given):
+def recipe(cfg, given, framework="pytorch"):
     """The runs that make the model asked for, as (options, options given) pairs. With --ar_iters=K
     (the cpu preset's default) the paper's recipe: an AR model pretrained for K of the max_iters steps in
     out_dir/ar, then converted with the introspective loss for the other max_iters - K steps in out_dir
@@ -401,7 +401,7 @@ def recipe(cfg, given):
     stopped and a finished AR run is kept. Without --ar_iters: the one run asked for."""
     out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
     if cfg["resume"] and has_checkpoint(out_dir):  # the conversion (or a run from scratch) had begun: go on
-        K = read_train_state(out_dir)["config"].get("ar_iters", 0)
+        K = read_train_state(out_dir, framework)["config"].get("ar_iters", 0)
         return [({**cfg, "max_iters": cfg["max_iters"] - K}, given)]
     if not K:
         return [(cfg, given)]
@@ -409,7 +409,7 @@ def recipe(cfg, given):
         raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out_dir")
     runs = []
-    ar_state = read_train_state(ar_dir) if cfg["resume"] and has_checkpoint(ar_dir) else None
+    ar_state = read_train_state(ar_dir, framework) if cfg["resume"] and has_checkpoint(ar_dir) else None
     if ar_state is None or ar_state["iter"] < K:
         runs.append(({**cfg, "objective": "ar", "max_iters": K, "out_dir": ar_dir, "ar_iters": 0, "distill_iters": 0,
                       "resume": ar_state is not None}, given))

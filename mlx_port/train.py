@@ -1,6 +1,6 @@
 """Train an Introspective Diffusion LM (or a plain AR model) with MLX: train.py, framework for framework.
 
-    python -m mlx_port.train                                   # the cpu preset (Metal on a Mac)
+    python -m mlx_port.train                                   # the cpu preset (Metal on a Mac): AR, then converted
     python -m mlx_port.train --preset=tiny --out_dir=out-tiny  # a few seconds
     python -m mlx_port.train --init_from=out-ar --out_dir=out-conv  # convert an AR model into an I-DLM
 
@@ -26,7 +26,7 @@ import tokenizer as tok
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
 from options import UsageError, check_options, model_config, parse_args
-from train import (BETAS, decays, evaluates_at, load_data, log_progress, lr_at, micro_batches, run_line,
+from train import (BETAS, decays, evaluates_at, load_data, log_progress, lr_at, micro_batches, recipe, run_line,
                    start_from)
 
 
@@ -138,11 +138,17 @@ def load_optimizer(out_dir, opt, state):
 
 
 def main(argv=None):
-    # set-up: train.py's options, less what the port does not do; the device
+    # set-up: train.py's options, less what the port does not do; the device; then train.py's runs (the
+    # cpu preset: AR pretraining, then the conversion)
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
     check_port_options(cfg, given)
+    for run_cfg, run_given in recipe(cfg, given, framework="mlx"):
+        train(run_cfg, run_given)
 
+
+def train(cfg, given):
+    """One training run, as train.train: from the options to a checkpoint in out_dir."""
     # the start point: train.py's (the run in out_dir, another checkpoint or scratch), in MLX
     cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
     enc, train_ids, val_ids = load_data(cfg, enc, print)
