@@ -196,8 +196,8 @@ def bench_recipes(a):
     an AR baseline), and greedy ISD tokens per forward on held-out prompts, base and self-distilled."""
     rows = []
     print(f"{a.prompts} held-out validation prompts x {a.max_new_tokens} tokens, greedy ISD, stride {a.stride}\n")
-    print("| checkpoint | AR steps | I-DLM steps | alpha | val clean loss | vs first | val task loss "
-          "| greedy TPF | greedy TPF distilled |\n|---|---|---|---|---|---|---|---|---|")
+    print("| checkpoint | AR steps | I-DLM steps | alpha | lr | val clean loss | vs first | val task loss "
+          "| greedy TPF | greedy TPF distilled |\n|---|---|---|---|---|---|---|---|---|---|")
     for out_dir in a.models:
         cfg = checkpoint.training_config(out_dir)
         if not cfg:
@@ -207,7 +207,8 @@ def bench_recipes(a):
         if cfg.get("init_from") and checkpoint.training_config(cfg["init_from"]).get("objective") == "ar":
             ar_steps = checkpoint.training_config(cfg["init_from"])["max_iters"]
         row = {"checkpoint": out_dir, "ar_steps": ar_steps, "idlm_steps": cfg["max_iters"] if cfg["objective"] == "idlm" else 0,
-               "alpha": cfg["alpha"] if cfg["objective"] == "idlm" else None, "val_clean_loss": clean, "val_task_loss": task}
+               "alpha": cfg["alpha"] if cfg["objective"] == "idlm" else None, "lr": cfg["lr"], "val_clean_loss": clean,
+               "val_task_loss": task}
         base, enc = checkpoint.load_model(out_dir)
         prompts = validation_prompts(out_dir, enc, a.prompts)
         tpf = lambda model: decode_stats(model, prompts, a.max_new_tokens, a.stride, 0, a.seed).tpf  # noqa: E731
@@ -217,7 +218,7 @@ def bench_recipes(a):
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"| {out_dir} | {ar_steps} | {row['idlm_steps']} | {row['alpha'] if row['alpha'] is not None else '-'} "
-              f"| {clean:.4f} | {clean / rows[0]['val_clean_loss'] - 1:+.1%} | {task:.4f} | {fmt(row['tpf'])} "
+              f"| {cfg['lr']:g} | {clean:.4f} | {clean / rows[0]['val_clean_loss'] - 1:+.1%} | {task:.4f} | {fmt(row['tpf'])} "
               f"| {fmt(row['tpf_distilled'])} |", flush=True)
     return rows
 

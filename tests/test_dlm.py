@@ -339,3 +339,21 @@ def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
     tpf = [r["tokens_per_forward"] for r in rows[:4]]
     assert 1 <= tpf[0] <= 4 and tpf[1:] == [2.0, 4.0, 1.0]  # ISD; bdlm at 2 and 1 steps per block of 4; AR
     assert rows[0]["idlm_ratio"] == 1 and rows[1]["idlm_ratio"] == rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+
+
+def test_bench_recipes_rows(ckpts, tmp_path, monkeypatch, capsys):
+    """bench.py recipes reads how each checkpoint was made from its train_state.json, and measures greedy
+    TPF with ISD (an AR model's untrained masks: still between 1 and N tokens per forward)."""
+    monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
+    conv = tmp_path / "conv"
+    train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=4", "--eval_interval=4",
+                "--eval_iters=2", f"--init_from={ckpts / 'ar'}", f"--out_dir={conv}", "--alpha=3"])
+    rows = bench.main(["recipes", f"--models={ckpts / 'ar'},{ckpts / 'idlm'},{conv}", "--prompts=2",
+                       "--max_new_tokens=6"])
+    ar, idlm, converted = rows
+    assert (ar["ar_steps"], ar["idlm_steps"], idlm["ar_steps"], idlm["idlm_steps"]) == (30, 0, 0, 30)
+    assert (converted["ar_steps"], converted["idlm_steps"], converted["alpha"]) == (30, 4, 3.0)
+    for r, out in zip(rows, ("ar", "idlm", conv)):
+        state = json.load(open(os.path.join(ckpts, out, "train_state.json")))
+        assert r["val_clean_loss"] == state["evals"][-1][2] and 1 <= r["tpf"] <= 4 and r["tpf_distilled"] is None
+    assert f"{idlm['val_clean_loss'] / ar['val_clean_loss'] - 1:+.1%}" in capsys.readouterr().out
