@@ -50,6 +50,23 @@ def run(args):
     return json.load(open(os.path.join(out, "train_state.json")))
 
 
+def run_interrupted(args, monkeypatch, batch):
+    """train.main, interrupted as it asks for its batch-th training batch (evaluation batches have seed 0)."""
+    calls, orig = {"n": 0}, data.batch_offsets
+
+    def interrupt(n_ids, seq_len, n_rows, seed):
+        if seed > 0:
+            calls["n"] += 1
+            if calls["n"] == batch:
+                raise KeyboardInterrupt
+        return orig(n_ids, seq_len, n_rows, seed)
+
+    monkeypatch.setattr(data, "batch_offsets", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(args)
+    monkeypatch.setattr(data, "batch_offsets", orig)
+
+
 def test_tiny_run_lowers_both_losses(corpus, tmp_path):
     st = run(TINY + [f"--data={corpus}", f"--out_dir={tmp_path}/o", "--max_iters=60", "--eval_interval=60",
                      "--lr=1e-2"])
@@ -71,20 +88,7 @@ def test_resume_after_interrupt_is_exact(corpus, tmp_path, monkeypatch):
     common = TINY + [f"--data={corpus}", "--max_iters=8", "--eval_interval=4"]
     full = run(common + [f"--out_dir={tmp_path}/full"])
 
-    calls = {"n": 0}
-    orig = data.batch_offsets
-
-    def interrupt_at_step_6(n_ids, seq_len, n_rows, seed):
-        if seed > 0:  # training batches (evaluation uses seed 0)
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt
-        return orig(n_ids, seq_len, n_rows, seed)
-
-    monkeypatch.setattr(data, "batch_offsets", interrupt_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        run(common + [f"--out_dir={tmp_path}/cut"])
-    monkeypatch.setattr(data, "batch_offsets", orig)
+    run_interrupted(common + [f"--out_dir={tmp_path}/cut"], monkeypatch, batch=7)  # at step 6
     assert json.load(open(f"{tmp_path}/cut/train_state.json"))["iter"] == 4  # last good checkpoint
     resumed = run(common + [f"--out_dir={tmp_path}/cut", "--resume"])
     assert resumed["history"] == full["history"]
@@ -355,19 +359,7 @@ def test_ar_iters_is_the_two_runs_of_the_papers_recipe(corpus, tmp_path):
 def test_ar_iters_resumes_exactly_in_either_run(corpus, tmp_path, monkeypatch, cut_at):
     common = TINY + [f"--data={corpus}", "--eval_interval=1", "--ar_iters=4", "--max_iters=7"]
     full = run(common + [f"--out_dir={tmp_path}/full"])
-    calls, orig = {"n": 0}, data.batch_offsets
-
-    def interrupt(n_ids, seq_len, n_rows, seed):
-        if seed > 0:  # training batches
-            calls["n"] += 1
-            if calls["n"] == cut_at + 1:
-                raise KeyboardInterrupt
-        return orig(n_ids, seq_len, n_rows, seed)
-
-    monkeypatch.setattr(data, "batch_offsets", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(common + [f"--out_dir={tmp_path}/cut"])
-    monkeypatch.setattr(data, "batch_offsets", orig)
+    run_interrupted(common + [f"--out_dir={tmp_path}/cut"], monkeypatch, batch=cut_at + 1)
     resumed = run(common + [f"--out_dir={tmp_path}/cut", "--resume"])
     assert resumed["history"] == full["history"] and resumed["evals"] == full["evals"]
     for sub in ("", "ar"):
