@@ -122,7 +122,7 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
 def test_alpha_is_a_number_and_older_string_alphas_resume(corpus, tmp_path):
     """--alpha is parsed to a float (or "auto") and saved as one; a checkpoint whose train_state.json
     records it as a string (an older train.py) resumes, --alpha given again, and continues exactly."""
-    assert train.parse_args([])[0]["alpha"] == 1.0 and train.parse_args(["--alpha=auto"])[0]["alpha"] == "auto"
+    assert train.parse_args([])[0]["alpha"] == 3.0 and train.parse_args(["--alpha=auto"])[0]["alpha"] == "auto"
     common = TINY + [f"--data={corpus}", "--eval_interval=2", "--alpha=0.5"]
     straight = run(common + [f"--out_dir={tmp_path}/s", "--max_iters=4"])
     assert straight["config"]["alpha"] == 0.5
@@ -377,7 +377,7 @@ def test_ar_iters_options(corpus, tmp_path):
             train.main(TINY + [f"--data={corpus}", o, *args])
     # the cpu preset's recipe applies to an I-DLM from scratch only: an AR run or a conversion is one run
     for args in (["--objective=ar"], ["--init_from=out-ar"], ["--objective=dlm"]):
-        cfg, given = train.parse_args(args)
+        cfg, given = train.parse_args(args + [o])
         assert cfg["ar_iters"] == 0 and len(train.recipe(cfg, given)) == 1
-    cfg, given = train.parse_args([])
+    cfg, given = train.parse_args([o])
     assert cfg["ar_iters"] == options.PRESETS["cpu"]["ar_iters"] > 0 and len(train.recipe(cfg, given)) == 2
