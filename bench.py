@@ -311,8 +311,8 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="what", required=True)
     common = argparse.ArgumentParser(add_help=False)  # every subcommand
     common.add_argument("--markdown", metavar="FILE.md", help="also write what the benchmark prints to this file, under "
-                        "the command that made it (the form the tables in README.md and docs/ take), and its rows as "
-                        "JSON to FILE.json where the benchmark returns them")
+                        "the command that made it (less this option; with OMP_NUM_THREADS when set): the form the tables "
+                        "in README.md and docs/ take; and its rows as JSON to FILE.json where the benchmark returns them")
     held_out = argparse.ArgumentParser(add_help=False)  # introspect, concurrency: continuations of held-out prompts
     held_out.add_argument("--prompt_len", type=int, default=16,
                           help="prompt tokens, from the validation split (default 16)")
@@ -453,7 +453,9 @@ def main(argv=None):
            "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes}[a.what]
     if not a.markdown:
         return run(a)
-    command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args = [x for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--markdown")]
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads + "python bench.py " + shlex.join(args)
     with contextlib.redirect_stdout(Tee()) as out:
         rows = run(a)
     with open(a.markdown, "w") as f:

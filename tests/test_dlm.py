@@ -307,7 +307,9 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
             "tokens_per_forward", "tokens_per_s"}
     assert all(keys <= set(r) for r in rows) and plot.stat().st_size > 0
     # --markdown: what was printed, under the command; the rows as JSON beside it
-    assert md.read_text().startswith("Command: `python bench.py " + " ".join(argv) + "`")
+    shown = " ".join(a for a in argv if not a.startswith("--markdown"))
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    assert md.read_text().startswith(f"Command: `{threads}python bench.py {shown}`")
     assert json.loads((tmp_path / "gap.json").read_text())["rows"] == rows
     ref, ar, idlm_row, *diffusion = rows
     assert ref["family"] == "data" and len(diffusion) == 4
