@@ -148,11 +148,12 @@ def check_options(cfg, given):
     for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters", "log_interval"):
         if cfg[k] < 1:
             raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
-    if cfg["ar_iters"] < 0 or cfg["ar_iters"] >= cfg["max_iters"]:
-        raise UsageError(f"--ar_iters must be in [0, --max_iters={cfg['max_iters']}), got {cfg['ar_iters']}")
-    if cfg["ar_iters"] and (cfg["objective"] != "idlm" or cfg["init_from"] or cfg["lora"]):
-        raise UsageError("--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm "
-                         "from scratch (not with --init_from or --lora)")
+    if not cfg["resume"]:  # when resuming, the checkpoints say how they were made (train.recipe)
+        if cfg["ar_iters"] < 0 or cfg["ar_iters"] >= cfg["max_iters"]:
+            raise UsageError(f"--ar_iters must be in [0, --max_iters={cfg['max_iters']}), got {cfg['ar_iters']}")
+        if cfg["ar_iters"] and (cfg["objective"] != "idlm" or cfg["init_from"] or cfg["lora"]):
+            raise UsageError("--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm "
+                             "from scratch (not with --init_from or --lora)")
     if cfg["resume"] and cfg["init_from"]:
         raise UsageError("--resume continues --out_dir; it cannot be combined with --init_from")
     if cfg["lora"] < 0:
