@@ -9,7 +9,7 @@ tokens. Where q comes from:
   AR      its next-token distribution while decoding (so p = q: exactly 1)
   I-DLM   what ISD really drew each committed token from (isd.drawn_from): an accepted draft from its
           mask's q, a correction from normalize((p - q)+), a clean token from p (scoring 1)
-  dlm     the distribution of the step that unmasked the token
+  dlm, bdlm  the distribution of the step that unmasked the token
 ISD's draft acceptance (the mean min(1, p/q) of the drafts it verified, Stats.acceptance_rate) is a
 different figure, reported in its own column; for the diffusion models, so is the rate over the tokens
 committed in parallel (dlm.dlm_generate's flags), where their inconsistency lives.
