@@ -274,14 +274,11 @@ def drawn_from(p, q, j, rejected, temperature):
     rejected d_{j+1} (p_{j+1} where that is all zero, as kernels.verify draws it), or p_{j+1} for the
     clean token when all j drafts passed. p (N, V), q (K, V): filtered logits (q None on a cold start).
     These are the q of the introspective acceptance (introspect.py), which scores each committed token."""
-    p = probs(p[:j + 1], temperature)
-    rows = [probs(q[:j], temperature)] if j else []
+    last = probs(p[j], temperature)  # p_{j+1}: the only p a committed token was drawn from
     if rejected:
-        excess = (p[j] - probs(q[j], temperature)).clamp(min=0)
-        rows.append((excess / excess.sum() if excess.sum() > 0 else p[j])[None])
-    else:
-        rows.append(p[j:j + 1])
-    return list(torch.cat(rows))
+        excess = (last - probs(q[j], temperature)).clamp(min=0)
+        last = excess / excess.sum() if excess.sum() > 0 else last
+    return [*probs(q[:j], temperature), last] if j else [last]
 
 
 def filtered(model, hidden, requests):

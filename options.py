@@ -15,7 +15,7 @@ from model import ModelConfig, load_config
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
     # ~1M parameters, a 2,048-token BPE: the default. The paper's recipe: 400 steps of AR pretraining,
-    # 400 converting it (alpha 3), then self-distillation; about 7 minutes on a 2-core CPU. The split
+    # 400 converting it (alpha 3), then self-distillation; about 10 minutes on a 2-core CPU. The split
     # and alpha were chosen by a sweep at 800 steps in all (docs/results.md, the paper's recipe)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
@@ -55,6 +55,12 @@ def preset_model_config(preset):
         return load_config(pretrained.smollm2_dir())
     cfg = {**DEFAULTS, **PRESETS[preset]}
     return model_config(cfg, cfg["vocab_size"])
+
+
+def idlm_from_scratch(cfg):
+    """Whether the run makes an I-DLM from nothing: the only run --ar_iters (AR first, then a
+    conversion) applies to."""
+    return cfg["objective"] == "idlm" and not cfg["init_from"] and not cfg["lora"]
 
 
 class UsageError(ValueError):
@@ -131,7 +137,7 @@ def parse_args(argv=None, doc=None):
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", "smollm2" if args.get("init_from") == pretrained.NAME else DEFAULTS["preset"])
     cfg = {**DEFAULTS, **PRESETS[preset], **args, "preset": preset}
-    if "ar_iters" not in args and (cfg["objective"] != "idlm" or cfg["init_from"] or cfg["lora"]):
+    if "ar_iters" not in args and not idlm_from_scratch(cfg):
         cfg["ar_iters"] = 0  # the preset's recipe makes an I-DLM from scratch; this run starts elsewhere
     return cfg, set(args)
 
@@ -151,7 +157,7 @@ def check_options(cfg, given):
     if not cfg["resume"]:  # when resuming, the checkpoints say how they were made (train.recipe)
         if cfg["ar_iters"] < 0 or cfg["ar_iters"] >= cfg["max_iters"]:
             raise UsageError(f"--ar_iters must be in [0, --max_iters={cfg['max_iters']}), got {cfg['ar_iters']}")
-        if cfg["ar_iters"] and (cfg["objective"] != "idlm" or cfg["init_from"] or cfg["lora"]):
+        if cfg["ar_iters"] and not idlm_from_scratch(cfg):
             raise UsageError("--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm "
                              "from scratch (not with --init_from or --lora)")
     if cfg["resume"] and cfg["init_from"]:
