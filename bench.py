@@ -203,9 +203,9 @@ def bench_recipes(a):
         if not cfg:
             raise SystemExit(f"bench.py: error: {out_dir} is not a train.py checkpoint (no train_state.json)")
         _, task, clean = json.load(open(os.path.join(out_dir, "train_state.json")))["evals"][-1]
-        ar_steps = cfg["max_iters"] if cfg["objective"] == "ar" else 0
-        if cfg.get("init_from") and checkpoint.training_config(cfg["init_from"]).get("objective") == "ar":
-            ar_steps = checkpoint.training_config(cfg["init_from"])["max_iters"]
+        parent = checkpoint.training_config(cfg["init_from"]) if cfg.get("init_from") else {}  # converted from
+        ar_steps = cfg["max_iters"] if cfg["objective"] == "ar" else (
+            parent["max_iters"] if parent.get("objective") == "ar" else 0)
         row = {"checkpoint": out_dir, "ar_steps": ar_steps, "idlm_steps": cfg["max_iters"] if cfg["objective"] == "idlm" else 0,
                "alpha": cfg["alpha"] if cfg["objective"] == "idlm" else None, "lr": cfg["lr"], "val_clean_loss": clean,
                "val_task_loss": task}
