@@ -32,18 +32,30 @@ import bench_serve
 import checkpoint
 import data
 import introspect
+import lora
 import options
+import pretrained
 from bench_serve import PROMPTS, validation_prompts
 from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill
-from model import Model, ar_loss, idlm_logits, idlm_loss
+from model import Model, ar_loss, idlm_logits, idlm_loss, load_config
 from sampling import process_logits
+
+
+def preset_model_config(preset):
+    """The model of `python train.py --preset=<preset>` with no other option: the preset's shape and its
+    vocab_size ids + MASK (a BPE reaches vocab_size on all but tiny data); for smollm2, which starts
+    from SmolLM2 (--init_from=smollm2), SmolLM2's, converted on first use."""
+    if preset == "smollm2":
+        return load_config(pretrained.smollm2_dir())
+    cfg = {**options.DEFAULTS, **options.PRESETS[preset]}
+    return options.model_config(cfg, cfg["vocab_size"])
 
 
 def train_throughput(preset, steps, device="cpu", stop=lambda: False):
     """Alternate AR and I-DLM steps on the same random batch of a train.py preset, with the model train.py
     builds for it (bfloat16 autocast on CUDA, as train.py); median tokens/s of each. `stop()` is asked before each step pair after the
     warm-up; True ends the run early. Returns {"ar", "idlm": tok/s, "steps", "params", "tokens_per_step"}."""
-    pre, cfg = options.PRESETS[preset], options.preset_model_config(preset)
+    pre, cfg = options.PRESETS[preset], preset_model_config(preset)
     V = cfg.mask_token_id  # the ids below MASK
     torch.manual_seed(0)
     x = torch.randint(0, V, (pre["batch_size"], pre["seq_len"]), device=device)
@@ -92,7 +104,7 @@ def lookahead_accuracy(model, enc, out_dir, rows=16):
     cfg = checkpoint.training_config(out_dir)
     _, _, val = data.load_corpus(cfg["data"], enc=enc, log=lambda *_: None)
     L, b = cfg["seq_len"], cfg["stride"] - 1
-    x0 = data.get_batch(val, data.batch_offsets(len(val), L, rows, seed=0), L)
+    x0 = torch.from_numpy(data.get_batch(val, data.batch_offsets(len(val), L, rows, seed=0), L))
     logits = torch.cat(idlm_logits(model, x0, stride=cfg["stride"]), 1)  # [xt | x0], every xt token a MASK
     logits[..., model.cfg.mask_token_id] = float("-inf")
     pred, target = logits.argmax(-1), x0[:, 1:]
@@ -156,11 +168,11 @@ def bench_decode(a):
     """Base vs self-distilled model on held-out validation prompts: ISD statistics per stride and
     temperature (and with the narrow window at --speed_stride), then batch-1 speed of ISD against the
     base model's AR (greedy, alternated)."""
-    base, enc = checkpoint.load_model(a.out_dir)
+    base, enc = lora.load_model(a.out_dir)
     models = [("base", base)]
     folder = checkpoint.distilled_or_base(a.out_dir)
     if folder != a.out_dir:
-        models.append(("distilled", checkpoint.load_model(folder)[0]))
+        models.append(("distilled", lora.load_model(folder)[0]))
     lookahead_accuracy(base, enc, a.out_dir)
     prompts = validation_prompts(a.out_dir, enc, a.prompts)
     print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} new tokens, seed {a.seed}; "
@@ -209,12 +221,12 @@ def bench_recipes(a):
         row = {"checkpoint": out_dir, "ar_steps": ar_steps, "idlm_steps": cfg["max_iters"] if cfg["objective"] == "idlm" else 0,
                "alpha": cfg["alpha"] if cfg["objective"] == "idlm" else None, "lr": cfg["lr"], "val_clean_loss": clean,
                "val_task_loss": task}
-        base, enc = checkpoint.load_model(out_dir)
+        base, enc = lora.load_model(out_dir)
         prompts = validation_prompts(out_dir, enc, a.prompts)
         tpf = lambda model: decode_stats(model, prompts, a.max_new_tokens, a.stride, 0, a.seed).tpf  # noqa: E731
         distilled = checkpoint.distilled_or_base(out_dir)
         row["tpf"] = tpf(base)
-        row["tpf_distilled"] = tpf(checkpoint.load_model(distilled)[0]) if distilled != out_dir else None
+        row["tpf_distilled"] = tpf(lora.load_model(distilled)[0]) if distilled != out_dir else None
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"| {out_dir} | {ar_steps} | {row['idlm_steps']} | {row['alpha'] if row['alpha'] is not None else '-'} "
@@ -228,11 +240,11 @@ def bench_temperature(a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    base, enc = checkpoint.load_model(a.out_dir)
+    base, enc = lora.load_model(a.out_dir)
     models = [("base", base)]
     folder = checkpoint.distilled_or_base(a.out_dir)
     if folder != a.out_dir:
-        models.append(("distilled", checkpoint.load_model(folder)[0]))
+        models.append(("distilled", lora.load_model(folder)[0]))
     prompts = validation_prompts(a.out_dir, enc, a.prompts)
     rows = []
     print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} tokens, stride {a.stride}")
@@ -271,7 +283,7 @@ def bench_step(a):
     model's forward. Best of --repeats. The model is the distilled one where there is one (AR through
     it runs the base weights only)."""
     source = checkpoint.distilled_or_base(a.out_dir)
-    model, enc = checkpoint.load_model(source)
+    model, enc = lora.load_model(source)
     forward, spent = model.forward, []
 
     def timed_forward(*args, **kw):

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-import checkpoint
+import lora
 import pretrained
 import tokenizer as tok
 from isd import Stats, ar_generate, isd_generate
@@ -99,7 +99,7 @@ def bench_smollm2(a):
     if not a.no_hf:
         runs["transformers generate()"] = hf_generate_fn(a.max_new_tokens, stops, a.device)
     for src in a.isd:
-        m = checkpoint.load_model(src, a.device)[0]
+        m = lora.load_model(src, a.device)[0]
         runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
     rows = compare_decoders(runs, prompts, a.repeats)
     print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts x {a.repeats} repeats, greedy, <= {a.max_new_tokens} "

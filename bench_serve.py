@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import data
 import dlm
+import lora
 import introspect
 import pretrained
 import tokenizer as tok
@@ -169,7 +170,7 @@ def concurrency_settings(a):
     (its distilled adapter unless --base), the block diffusion LM by dlm.bdlm_decode at each --dlm_steps,
     with --ar AR (stride 1) through the I-DLM's base."""
     folder = a.idlm if a.base else checkpoint.distilled_or_base(a.idlm)
-    idlm, enc = checkpoint.load_model(folder, device=a.device)
+    idlm, enc = lora.load_model(folder, device=a.device)
     bdlm, benc, family, block = dlm.load(a.bdlm, device=a.device)
     if tok.fingerprint(benc) != tok.fingerprint(enc):
         raise SystemExit(f"bench.py: error: {a.bdlm} has another tokenizer than {a.idlm}")
@@ -177,7 +178,7 @@ def concurrency_settings(a):
     settings += [(f"bdlm, {steps} steps/block", lambda rs, s=steps: dlm.bdlm_decode(bdlm, family, rs, block, s))
                  for steps in a.dlm_steps]
     if a.ar:
-        base = idlm if folder == a.idlm else checkpoint.load_model(a.idlm, device=a.device)[0]
+        base = idlm if folder == a.idlm else lora.load_model(a.idlm, device=a.device)[0]
         settings.append(("AR (I-DLM's base)", lambda rs: decode(base, rs, 1)))
     return settings, enc, f"I-DLM {folder} (ISD stride {a.stride}), bdlm {a.bdlm} (blocks of {block}, KV cache)"
 

@@ -1,41 +1,60 @@
-"""Load what a decoder runs: a checkpoint folder of train.py, a gated LoRA adapter over its base, a
-pretrained model by name (smollm2), and the self-distilled adapter that `python train.py` leaves in
-`out/distilled/`; and write a checkpoint folder, the one way (`staged`, used by train.py,
-mlx_port/train.py and distill.py) so that an interrupted save never leaves a mix. Model.save,
-lora.save_adapter and tokenizer.save are plain writes into the folder that `staged` yields. (The
-SmolLM2 conversion cache, written once, appears whole by a rename of its own in pretrained.py, which
-cannot use `staged`: this module imports it.)
+"""The checkpoint format, in no framework (PyTorch's files and mlx_port/ read and write it alike): a
+model's config (ModelConfig, config.json), the folder of the self-distilled adapter that `python
+train.py` leaves in `out/distilled/`, train.py's options (train_state.json), and the one way to write
+a checkpoint folder (`staged`, used by train.py, distill.py and their MLX twins) so that an interrupted
+save never leaves a mix. Model.save, lora.save_adapter and tokenizer.save are plain writes into the
+folder that `staged` yields. Loading a model with its adapter is lora.load_model (PyTorch) and
+mlx_port.lora.load_model (MLX).
 
-    model, enc = checkpoint.load_model(checkpoint.distilled_or_base("out"))
+    model, enc = lora.load_model(checkpoint.distilled_or_base("out"))
 """
 import contextlib
 import json
 import os
 import shutil
 import tempfile
-
-import lora
-import pretrained
-import tokenizer as tok
-from model import Model
+from dataclasses import dataclass, fields
 
 DISTILLED = "distilled"  # the self-distilled adapter's folder inside its base checkpoint's folder
+PRETRAINED = "smollm2"  # the pretrained model a name gives (--init_from=smollm2; pretrained.py converts it)
 
 
-def load_model(source, device="cpu"):
-    """(Model in eval mode, tokenizer) from a pretrained name ("smollm2"), a checkpoint folder of
-    train.py, or a folder with a gated LoRA adapter (adapter.json: its base model + the adapter)."""
-    if source == pretrained.NAME:
-        return pretrained.load_smollm2(device)
-    if lora.has_adapter(source):
-        lcfg, state = lora.load_adapter(source)
-        model, enc = load_model(lora.base_of(source, lcfg), device)
-        return lora.add_adapter(model, lcfg, state).eval(), enc
-    objective = training_config(source).get("objective", "idlm")
-    if objective not in ("idlm", "ar"):  # no clean causal stream: ISD (and AR decoding) would read nonsense
-        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
-                         f"use python dlm.py --out_dir={source}")
-    return Model.load(source, device=device).eval(), tok.load(source)
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2049  # tokenizer ids + 1 (MASK)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share a K/V head
+    d_model: int = 128  # the defaults are the cpu preset's shape (train.py)
+    d_ff: int = 384
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    mask_token_id: int = 2048  # the last id; sampling never emits it
+
+    def __post_init__(self):
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"d_model ({self.d_model}) must divide by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} outside vocab_size {self.vocab_size}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+
+def load_config(out_dir):
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint in {out_dir} (config.json missing): run python train.py first")
+    with open(path) as f:
+        d = json.load(f)
+    known = {f.name for f in fields(ModelConfig)}
+    if set(d) != known:
+        raise ValueError(f"{path} does not match this ModelConfig: unknown {sorted(set(d) - known)}, "
+                         f"missing {sorted(known - set(d))}")
+    return ModelConfig(**d)
 
 
 def distilled_or_base(source):
@@ -43,7 +62,12 @@ def distilled_or_base(source):
     by distill.py and by the default train.py run) when there is one, else source itself. Both give
     the same tokens (the adapter is lossless); the adapter gives more tokens per forward."""
     folder = os.path.join(source, DISTILLED)
-    return folder if source != pretrained.NAME and lora.has_adapter(folder) else source
+    return folder if has_adapter(folder) else source
+
+
+def has_adapter(out_dir):
+    """Whether out_dir holds a gated LoRA adapter (adapter.json: lora.py, mlx_port/lora.py) rather than a model."""
+    return os.path.isfile(os.path.join(out_dir, "adapter.json"))
 
 
 def training_config(out_dir):

@@ -9,7 +9,6 @@ import importlib.util
 import os
 
 import numpy as np
-import torch
 
 import tokenizer as tok
 from tokenizer import CACHE_DIR  # $IDLM_CACHE, default ~/.cache/idlm
@@ -100,8 +99,9 @@ def load_corpus(path=None, tokenizer="bpe", vocab_size=2048, enc=None, cache_dir
 
 
 def get_batch(ids, offsets, seq_len):
-    """Rows ids[o : o + seq_len] for each offset, as a (len(offsets), seq_len) int64 tensor."""
-    return torch.from_numpy(np.stack([ids[o:o + seq_len].astype(np.int64) for o in offsets]))
+    """Rows ids[o : o + seq_len] for each offset, as a (len(offsets), seq_len) int64 array (torch.from_numpy
+    or mx.array makes it a batch)."""
+    return np.stack([ids[o:o + seq_len].astype(np.int64) for o in offsets])
 
 
 def batch_offsets(n_ids, seq_len, n_rows, seed):
@@ -109,5 +109,8 @@ def batch_offsets(n_ids, seq_len, n_rows, seed):
     if n_ids < seq_len:
         raise DataError(f"the data has {n_ids} tokens, fewer than one row of {seq_len}: "
                         f"give more text or a smaller --seq_len")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n_ids - seq_len + 1, (n_rows,), generator=g).tolist()
+    # the raw 32-bit stream of a Mersenne Twister seeded with `seed`, modulo the range: exactly what
+    # torch.randint(0, n, generator=torch.Generator().manual_seed(seed)) draws (it keeps seed % 2**32), in numpy, so that the PyTorch
+    # and MLX trainers see the same batches (tests/test_data.py checks it against torch)
+    raw = np.random.RandomState(seed % 2 ** 32).randint(0, 2 ** 32, size=n_rows, dtype=np.uint32)
+    return (raw.astype(np.int64) % (n_ids - seq_len + 1)).tolist()

@@ -77,7 +77,7 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     """(rows (n, seq_len), labels): `prompt_len` tokens of training text, then the model's own
     continuation (greedy, or sampled at cfg.temperature); labels are -100 on the prompt."""
     offsets = data.batch_offsets(len(train_ids), cfg.seq_len, cfg.n_rollouts, seed=cfg.seed)
-    text = data.get_batch(train_ids, offsets, cfg.seq_len)
+    text = torch.from_numpy(data.get_batch(train_ids, offsets, cfg.seq_len))
     if cfg.rollouts == "none":
         return text, text
     n_new, rows, t0 = cfg.seq_len - cfg.prompt_len, [], time.time()
@@ -209,7 +209,7 @@ def main(argv=None):
             p.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
     a = p.parse_args(argv)
     if a.replies:
-        model, enc = checkpoint.load_model(pretrained.NAME, a.device)
+        model, enc = lora.load_model(pretrained.NAME, a.device)
         prompts = [t.format(topic) for topic in TOPICS for t in TEMPLATES][:a.n_replies]
         return write_replies(model, enc, prompts, a.replies)
     if not os.path.isfile(os.path.join(a.out_dir, "config.json")):

@@ -38,9 +38,9 @@ import torch
 
 import bench
 import bench_chat
-import checkpoint
 import distill
 import kernels
+import lora
 import pretrained
 import tokenizer as tok
 from isd import ar_generate, isd_generate
@@ -159,7 +159,7 @@ def r_isd_recipe(base, work, z, share):
     replies to the data prompts (distill.write_replies), then a gated-LoRA R-ISD adapter trained on
     them by train.py in a subprocess (so that it can be stopped at the share's end; the last checkpoint
     stays). Returns (adapter folder, or None when no checkpoint was reached; a dict of what happened)."""
-    model, enc = checkpoint.load_model(base, z["device"])
+    model, enc = lora.load_model(base, z["device"])
     prompts = [t.format(x) for x in distill.TOPICS for t in distill.TEMPLATES + EXTRA_TEMPLATES][:z["n_replies"]]
     data_path, out_dir = os.path.join(work, "replies.txt"), os.path.join(work, "rlora")
     if os.path.exists(data_path):  # write_replies appends; a reused --work_dir starts afresh
@@ -197,7 +197,7 @@ def stage_smollm2(z, share, ctx):
     base = z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny"))
     adapter, info = r_isd_recipe(base, ctx["work"], z, share)
     ctx["serve_model"] = (adapter, "stage 3's R-ISD adapter") if adapter else (base, base)
-    model, enc = checkpoint.load_model(base, z["device"])
+    model, enc = lora.load_model(base, z["device"])
     stops = tok.stop_ids(enc)
     n = z["max_new_tokens"]
     runs = {"AR (ours)": lambda p: (ar_generate(model, p, n, temperature=0, stop_ids=stops), None)}
@@ -206,7 +206,7 @@ def stage_smollm2(z, share, ctx):
     runs[f"ISD, untrained MASK row (stride {z['stride']})"] = \
         lambda p: isd_generate(model, p, n, z["stride"], temperature=0, stop_ids=stops)
     if adapter:
-        rlora = checkpoint.load_model(adapter, z["device"])[0]
+        rlora = lora.load_model(adapter, z["device"])[0]
         runs[f"ISD, R-ISD adapter (stride {z['stride']})"] = \
             lambda p: isd_generate(rlora, p, n, z["stride"], temperature=0, stop_ids=stops)
     prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT[:z["n_held_out"]]]
@@ -249,7 +249,7 @@ def serve_point(sched, prompts, concurrency, n_requests, max_tokens):
 def stage_serve(z, share, ctx):
     """Scheduler throughput at stride 4 and 1 per concurrency, with stage 3's model (R-ISD if trained)."""
     source, label = ctx.get("serve_model") or (z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny")),) * 2
-    model, enc = checkpoint.load_model(source, z["device"])
+    model, enc = lora.load_model(source, z["device"])
     prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT]
     points = []
     scheds = {s: Scheduler(model, enc, stride=s, max_batch=max(z["concurrency"])).start() for s in (4, 1)}

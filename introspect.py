@@ -25,6 +25,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dlm
+import lora
 import pretrained
 import tokenizer as tok
 from isd import Request, Stats, decode
@@ -155,7 +156,7 @@ def load_models(settings, enc):
             if s["folder"] == s["base"]:
                 models[s["folder"]] = Model.load(s["folder"]).eval()
             else:  # a self-distilled adapter over its base
-                models[s["folder"]] = checkpoint.load_model(s["folder"])[0]
+                models[s["folder"]] = lora.load_model(s["folder"])[0]
             if tok.fingerprint(tok.load(s["base"])) != tok.fingerprint(enc):
                 raise SystemExit(f"bench.py: error: {s['base']} has another tokenizer than {settings[0]['base']}")
     return models

@@ -13,63 +13,18 @@ from its q, is kept with probability min(1, p_j(d_j) / q_j(d_j)), and the first 
 replaced by a draw from normalize((p_j - q_j)+): that rule makes every committed token distributed
 exactly as p( . | prefix). Group j of masks (after pending, d_1..d_j) proposes the next drafts.
 """
-import argparse
 import functools
-import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
-import checkpoint
-import tokenizer as tok
+import decoding
+import lora
+from decoding import SettingError, Stats, check_settings  # noqa: F401 (SettingError: isd.SettingError)
 from kernels import verify
-from sampling import MIN_TEMPERATURE, gumbel, probs, process_logits, sample
-
-@dataclass
-class Stats:
-    """What every decode reports (docs/method.md section 3). Stats add up: sum(stats, Stats()) gives
-    the figures of several decodes together."""
-    forwards: int = 0  # decoding forwards (prefill not counted)
-    tokens: int = 0  # committed tokens
-    drafts_verified: int = 0  # drafts verification reached: d_1 .. the first rejected one
-    acceptance_sum: float = 0.0  # their sum of min(1, p(d)/q(d))
-    rounds_v: int = 0  # verify steps with every draft accepted
-    rounds_r: int = 0  # verify steps with a rejection
-    rounds_c: int = 0  # cold starts (no drafts yet: the first forward after the prompt)
-    wall_s: float = 0.0
-
-    @property
-    def tpf(self):
-        """Tokens per forward."""
-        return self.tokens / max(1, self.forwards)
-
-    @property
-    def acceptance_rate(self):
-        """The mean acceptance probability min(1, p/q) of the drafts verification reached."""
-        return self.acceptance_sum / max(1, self.drafts_verified)
-
-    @property
-    def tokens_per_s(self):
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-    def __add__(self, other):
-        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def as_dict(self):
-        return {**asdict(self), "tpf": self.tpf, "acceptance_rate": self.acceptance_rate,
-                "tokens_per_s": self.tokens_per_s}
-
-
-class SettingError(ValueError):
-    """A bad request setting; `param` names it (serve.py reports it as the OpenAI API does)."""
-
-    def __init__(self, param, message):
-        super().__init__(message)
-        self.param = param
-
+from sampling import gumbel, probs, process_logits, sample
 
 @dataclass
 class Request:
@@ -97,21 +52,7 @@ class Request:
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise SettingError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise SettingError("temperature", f"temperature must be >= 0, got {self.temperature}")
-        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows
-            raise SettingError("temperature", f"temperature must be 0 (greedy) or a finite number >= "
-                                              f"{MIN_TEMPERATURE:g}, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise SettingError("top_k", f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise SettingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise SettingError("seed", f"seed must be in [0, 2**63), got {self.seed}")
-        if len(self.prompt) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
+        check_settings(self)
         self.gen = torch.Generator()
         self.gen.manual_seed(self.seed) if self.seed is not None else self.gen.seed()
         self.stop_ids = set(self.stop_ids or ())
@@ -384,125 +325,14 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
 
 # ----------------------------------------------------------------------------------------------
 # command line: sample from a checkpoint, show the statistics, compare with AR, visualize ISD
+# (decoding.main, shared with mlx_port/isd.py)
 
-COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8"),
-          "rejected": ("\033[9;2m", "#eeeeee")}  # rejected drafts: struck through, not committed
-
-
-def stats_line(st, stride):
-    """One line of a decode's Stats."""
-    f = max(1, st.forwards)
-    return (f"stride {stride} | {st.tokens} tokens in {st.forwards} forwards | TPF {st.tpf:.2f} | "
-            f"acceptance {st.acceptance_rate:.3f} | rounds V {st.rounds_v / f:.0%} R {st.rounds_r / f:.0%} "
-            f"C {st.rounds_c / f:.0%} | {st.tokens_per_s:.1f} tok/s")
+def load_model(source, device):
+    return lora.load_model(source, device=device or "cpu")
 
 
-def show_trace(trace, enc):
-    """Each forward on its own line: accepted drafts green, corrections red, clean tokens blue, then
-    the drafts verification rejected, struck through."""
-    for step, toks in enumerate(trace):
-        parts = "".join(f"{COLORS[k][0]}{enc.decode([t])}\033[0m" for t, k in toks)
-        print(f"{step:4d} {parts.replace(chr(10), '⏎')}")
-
-
-def trace_html(trace, enc, prompt, st, stride):
-    """A self-contained HTML page of the decode, one row per forward."""
-    import html
-    rows = []
-    for step, toks in enumerate(trace):
-        spans = "".join(f'<span style="background:{COLORS[k][1]}{";text-decoration:line-through" if k == "rejected" else ""}"'
-                        f' title="{k}">{html.escape(enc.decode([t]))}</span>' for t, k in toks)
-        rows.append(f"<tr><td>{step}</td><td>{sum(k != 'rejected' for _, k in toks)}</td><td><pre>{spans}</pre></td></tr>")
-    legend = " ".join(f'<span style="background:{c[1]}">{k}</span>' for k, c in COLORS.items())
-    return (f"<!doctype html><meta charset=utf-8><title>ISD trace</title>"
-            f"<style>body{{font-family:sans-serif}}pre{{margin:0;white-space:pre-wrap}}td{{vertical-align:top;padding:2px 8px}}</style>"
-            f"<h2>Introspective Strided Decoding, stride {stride}</h2><p>{legend}</p>"
-            f"<p>{html.escape(stats_line(st, stride))}</p><p>prompt: <code>{html.escape(prompt)}</code></p>"
-            f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
-
-
-def parse_args(argv, doc):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
-                                                    "adapter (its base model + the adapter) (default out)")
-    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
-    p.add_argument("--base", action="store_true", help="decode with the base checkpoint without its self-distilled "
-                   "adapter (out_dir/distilled, loaded by default: the same tokens, more of them per forward)")
-    p.add_argument("--chat", action="store_true", help="put --prompt as a user message in the chat template (ChatML)")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
-    p.add_argument("--narrow", action="store_true", help="the narrow window: 2N-1 tokens per forward instead of N*N, "
-                   "with a cold start after each rejection (fewer tokens per forward, cheaper forwards)")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (p and q alike)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (p and q alike)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu); for python -m mlx_port.isd: "
-                   "auto, cpu, gpu (default auto: MLX's default device, the GPU on a Mac)")
-    p.add_argument("--json", action="store_true", help='print {"model", "text", "tokens", "stats"} as JSON')
-    p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
-    p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
-                   help="show each forward's accepted drafts / corrections / clean tokens and the drafts "
-                        "verification rejected (struck through); with a file, write HTML")
-    a = p.parse_args(argv)
-    if a.stride < 1:
-        p.error(f"--stride must be >= 1, got {a.stride}")
-    if a.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {a.temperature}")
-    return p, a
-
-
-def main(argv=None, load_model=None, doc=__doc__):
-    """The command line. `load_model(source, device)` gives (model, tokenizer) (default:
-    checkpoint.load_model, PyTorch, with the self-distilled adapter unless --base; mlx_port.isd passes
-    its MLX one, and its own `doc` for --help)."""
-    p, a = parse_args(argv, doc)
-
-    # the model and the prompt
-    source = a.init_from or a.out_dir
-    if load_model is None:
-        source = source if a.base else checkpoint.distilled_or_base(source)
-
-        def load_model(source, device):
-            return checkpoint.load_model(source, device=device or "cpu")
-    try:
-        model, enc = load_model(source, a.device)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    if a.chat and not tok.has_chat_template(enc):
-        p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
-    ids = tok.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=tok.stop_ids(enc))
-
-    # decode, keeping the trace of every forward
-    try:
-        isd_generate(model, ids, 2, a.stride, narrow=a.narrow, **kw)  # warm-up: first calls are slow
-        r = Request(ids, a.max_new_tokens, trace=[], **kw)
-    except ValueError as e:
-        p.error(str(e))
-    out, st = decode(model, [r], a.stride, a.narrow)[0].out, r.stats
-
-    # show it
-    text = enc.decode(out[:-1] if out and out[-1] in r.stop_ids else out)  # the stop token is not text
-    if a.json:
-        print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st.as_dict()}))
-    elif a.visualize == "-":
-        show_trace(r.trace, enc)
-    else:
-        print(text if a.chat else a.prompt + text)
-    if a.visualize and a.visualize != "-":
-        with open(a.visualize, "w") as f:
-            f.write(trace_html(r.trace, enc, a.prompt, st, a.stride))
-        print(f"wrote {a.visualize}", file=sys.stderr)
-    if not a.json:
-        print(f"model {source} | " + stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
-    if a.compare:
-        t0 = time.time()
-        ar = ar_generate(model, ids, a.max_new_tokens, **kw)
-        ar_tps = len(ar) / (time.time() - t0)
-        print(f"AR {ar_tps:.1f} tok/s | ISD {st.tokens_per_s:.1f} tok/s | ISD/AR {st.tokens_per_s / ar_tps:.2f}x"
-              + (" | identical tokens" if a.temperature == 0 and ar == out else ""))
+def main(argv=None):
+    decoding.main(argv, sys.modules[__name__], load_model, __doc__)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from model import save_module
+import checkpoint
+import pretrained
+import tokenizer as tok
+from model import Model, save_module
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -115,5 +118,17 @@ def base_of(out_dir, cfg: LoraConfig):
     return os.path.normpath(os.path.join(out_dir, cfg.base))
 
 
-def has_adapter(out_dir):
-    return os.path.isfile(os.path.join(out_dir, "adapter.json"))
+def load_model(source, device="cpu"):
+    """(Model in eval mode, tokenizer) from a pretrained name ("smollm2"), a checkpoint folder of
+    train.py, or a folder with a gated LoRA adapter (adapter.json: its base model + the adapter)."""
+    if source == pretrained.NAME:
+        return pretrained.load_smollm2(device)
+    if checkpoint.has_adapter(source):
+        lcfg, state = load_adapter(source)
+        model, enc = load_model(base_of(source, lcfg), device)
+        return add_adapter(model, lcfg, state).eval(), enc
+    objective = checkpoint.training_config(source).get("objective", "idlm")
+    if objective not in ("idlm", "ar"):  # no clean causal stream: ISD (and AR decoding) would read nonsense
+        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
+                         f"use python dlm.py --out_dir={source}")
+    return Model.load(source, device=device).eval(), tok.load(source)

@@ -10,7 +10,7 @@ tied embeddings). What makes it an Introspective Diffusion LM (arXiv 2604.11035,
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,30 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 2049  # tokenizer ids + 1 (MASK)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share a K/V head
-    d_model: int = 128  # the defaults are the cpu preset's shape (train.py)
-    d_ff: int = 384
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    mask_token_id: int = 2048  # the last id; sampling never emits it
-
-    def __post_init__(self):
-        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"d_model ({self.d_model}) must divide by n_head ({self.n_head}) "
-                             f"and n_head by n_kv_head ({self.n_kv_head})")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(f"mask_token_id {self.mask_token_id} outside vocab_size {self.vocab_size}")
-
-    @property
-    def head_dim(self):
-        return self.d_model // self.n_head
+from checkpoint import ModelConfig, load_config  # config.json: one config for PyTorch and mlx_port/
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,17 +345,3 @@ def save_module(module, cfg, out_dir, weights_name, config_name, metadata=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(tensors, os.path.join(out_dir, weights_name), metadata={k: str(v) for k, v in (metadata or {}).items()})
     Path(out_dir, config_name).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
-
-def load_config(out_dir):
-    path = os.path.join(out_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint in {out_dir} (config.json missing): run python train.py first")
-    with open(path) as f:
-        d = json.load(f)
-    known = {f.name for f in fields(ModelConfig)}
-    if set(d) != known:
-        raise ValueError(f"{path} does not match this ModelConfig: unknown {sorted(set(d) - known)}, "
-                         f"missing {sorted(known - set(d))}")
-    return ModelConfig(**d)
-

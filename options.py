@@ -8,10 +8,9 @@ that refuse a bad combination in one line.
 import argparse
 import os
 
-import dlm
-import pretrained
-from model import ModelConfig, load_config
+from checkpoint import PRETRAINED, ModelConfig
 
+OBJECTIVES = ("idlm", "ar", "dlm", "bdlm")  # the last two: dlm.FAMILIES, the diffusion baselines
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
     # ~1M parameters, a 2,048-token BPE: the default. The paper's recipe: 400 steps of AR pretraining,
@@ -47,16 +46,6 @@ def model_config(cfg, n_vocab):
                        **{k: cfg[k] for k in MODEL_KEYS})
 
 
-def preset_model_config(preset):
-    """The model of `python train.py --preset=<preset>` with no other option: the preset's shape and its
-    vocab_size ids + MASK (a BPE reaches vocab_size on all but tiny data); for smollm2, which starts
-    from SmolLM2 (--init_from=smollm2), SmolLM2's, converted on first use."""
-    if preset == "smollm2":
-        return load_config(pretrained.smollm2_dir())
-    cfg = {**DEFAULTS, **PRESETS[preset]}
-    return model_config(cfg, cfg["vocab_size"])
-
-
 def idlm_from_scratch(cfg):
     """Whether the run makes an I-DLM from nothing: the only run --ar_iters (AR first, then a
     conversion) applies to."""
@@ -87,7 +76,7 @@ def parse_args(argv=None, doc=None):
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for everything below (default: cpu; smollm2 with --init_from=smollm2)")
-    a("--objective", choices=["idlm", "ar", *dlm.FAMILIES],
+    a("--objective", choices=OBJECTIVES,
       help="idlm: task + alpha*clean on [xt|x0]; ar: plain next-token loss; dlm / bdlm: the masked-diffusion "
            "baseline of dlm.py, whole-row / in blocks (default idlm)")
     a("--block_size", type=int, help="bdlm: tokens per block (default 4)")
@@ -135,7 +124,7 @@ def parse_args(argv=None, doc=None):
     a("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps; mlx_port.train: auto, cpu, gpu")
     a("--compile", action="store_true", default=None, help="torch.compile the model (not in mlx_port.train)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = args.get("preset", "smollm2" if args.get("init_from") == pretrained.NAME else DEFAULTS["preset"])
+    preset = args.get("preset", "smollm2" if args.get("init_from") == PRETRAINED else DEFAULTS["preset"])
     cfg = {**DEFAULTS, **PRESETS[preset], **args, "preset": preset}
     if "ar_iters" not in args and not idlm_from_scratch(cfg):
         cfg["ar_iters"] = 0  # the preset's recipe makes an I-DLM from scratch; this run starts elsewhere

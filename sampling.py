@@ -3,8 +3,6 @@
 """
 import torch
 
-MIN_TEMPERATURE = 1e-6  # below it (but above 0, which is greedy) logits / temperature can overflow
-
 
 def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=None):
     """Filtered logits (..., V): MASK, and whatever top-k / top-p drop, become -inf.

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 import checkpoint
+import lora
 import tokenizer as tok
 from isd import SettingError
 from scheduler import REASONS, Scheduler
@@ -349,7 +350,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         source = a.init_from or (a.out_dir if a.base else checkpoint.distilled_or_base(a.out_dir))
-        model, enc = checkpoint.load_model(source, device=a.device)
+        model, enc = lora.load_model(source, device=a.device)
         sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)

@@ -93,7 +93,7 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
     offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * bs, seed=0)
     out = torch.zeros(2)
     for i in range(rank, cfg["eval_iters"], world):
-        x = data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]).to(device)
+        x = torch.from_numpy(data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"])).to(device)
         if cfg["objective"] in dlm.FAMILIES:  # the diffusion bound, with a fixed draw of t and masks
             task = dlm.dlm_loss(model, x, cfg["block_size"] if cfg["objective"] == "bdlm" else None,
                                 torch.Generator().manual_seed(i))
@@ -125,7 +125,7 @@ def micro_batches(ids, it, cfg, rank=0, world=1):
     bs, seed = cfg["batch_size"], cfg["seed"] * 1_000_003 + it
     offsets = data.batch_offsets(len(ids), cfg["seq_len"], bs * cfg["grad_accum"], seed)
     starts = [(micro * world + rank) * bs for micro in range(micro_steps(cfg, world))]
-    return [data.get_batch(ids, offsets[i:i + bs], cfg["seq_len"]) for i in starts]
+    return [torch.from_numpy(data.get_batch(ids, offsets[i:i + bs], cfg["seq_len"])) for i in starts]
 
 
 def decays(ndim, cfg):
@@ -278,7 +278,7 @@ def check_against(mcfg, enc, cfg, given):
 
 def has_checkpoint(out_dir):
     """Whether out_dir holds a model or an adapter."""
-    return os.path.isfile(os.path.join(out_dir, "config.json")) or lora.has_adapter(out_dir)
+    return os.path.isfile(os.path.join(out_dir, "config.json")) or checkpoint.has_adapter(out_dir)
 
 
 def start_from(cfg, given, framework="pytorch", load_weights=load_file):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import isd
+import checkpoint
 import lora
 import pretrained
 import tokenizer as tok
@@ -78,7 +79,7 @@ def load_model(source, device=None):
     name (smollm2), seen as torch, its tokenizer). Gated LoRA adapters (R-ISD) are PyTorch only."""
     mx.set_default_device(pick_device(device))
     folder = pretrained.smollm2_dir() if source == pretrained.NAME else source
-    if lora.has_adapter(folder):
+    if checkpoint.has_adapter(folder):
         raise ValueError(f"{folder} holds a gated LoRA adapter, which the MLX port does not run: "
                          f"decode it with python isd.py --out_dir={folder}")
     return TorchView(Model.load(folder)), tok.load(folder)

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from model import ModelConfig, load_config  # one config, one checkpoint format for both
+from checkpoint import ModelConfig, load_config  # one config, one checkpoint format for both
 
 
 def pick_device(name):

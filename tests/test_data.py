@@ -1,6 +1,7 @@
 """data.py: the default corpus, folders of text, the deterministic split and the token cache."""
 import numpy as np
 import pytest
+import torch
 
 import data
 import tokenizer as tok
@@ -45,3 +46,11 @@ def test_batches_are_a_function_of_the_seed():
     assert x.shape == (6, 10) and x[:, 0].tolist() == a and (x[:, 1:] - x[:, :-1] == 1).all()
     with pytest.raises(data.DataError, match="fewer than one row"):
         data.batch_offsets(5, 10, 1, seed=0)
+
+
+def test_batch_offsets_are_torch_randint_without_torch():
+    """The numpy draw is the reference's (torch.randint on a seeded generator) number for number, so the PyTorch
+    trainer's data order is unchanged and the MLX trainer, which never imports torch, sees the same batches."""
+    for seed, n_ids, seq_len, n_rows in ((1337, 500_000, 128, 64), (0, 40, 10, 7), (5000 * 1_000_003 + 7, 99_999, 8, 30)):
+        want = torch.randint(0, n_ids - seq_len + 1, (n_rows,), generator=torch.Generator().manual_seed(seed)).tolist()
+        assert data.batch_offsets(n_ids, seq_len, n_rows, seed) == want

