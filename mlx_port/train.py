@@ -1,13 +1,15 @@
 """Train an Introspective Diffusion LM (or a plain AR model) with MLX: train.py, framework for framework.
 
-    python -m mlx_port.train                                   # the cpu preset (Metal on a Mac): AR, then converted
+    python -m mlx_port.train                                   # the cpu preset (Metal on a Mac): AR pretraining
+                                                               #   (out/ar), conversion (out), self-distillation (out/distilled)
     python -m mlx_port.train --preset=tiny --out_dir=out-tiny  # a few seconds
     python -m mlx_port.train --init_from=out-ar --out_dir=out-conv  # convert an AR model into an I-DLM
 
-train.py's options, presets, data, data order and checkpoint files: its parser and helpers are used
-as they are, and each checkpoint loads in either framework (--init_from takes a PyTorch one).
---device is auto (MLX's default device: the GPU on a Mac), cpu or gpu. Not in the port: several
-processes (DDP) and --compile; --resume continues runs of this trainer only.
+The same options, presets, data order and checkpoint files as train.py (options.py and checkpoint.py hold
+them, in no framework), so each checkpoint and adapter loads in either framework (--init_from takes a
+PyTorch one). --device is auto (MLX's default device: the GPU on a Mac), cpu or gpu. Not in the port:
+several processes (DDP), --compile, --lora and the diffusion baselines; --resume continues runs of this
+trainer only (the optimizer states differ).
 """
 import json
 import os
@@ -23,11 +25,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import checkpoint
 import data
 import tokenizer as tok
+from mlx_port import distill
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
-from options import UsageError, check_options, model_config, parse_args
-from train import (BETAS, decays, evaluates_at, load_data, log_progress, lr_at, micro_batches, recipe, run_line,
-                   start_from)
+from options import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at,
+                     micro_batches, model_config, parse_args, recipe, run_line, start_from)
 
 
 def check_port_options(cfg, given):
@@ -38,19 +40,12 @@ def check_port_options(cfg, given):
         raise UsageError(f"--objective={cfg['objective']}: the diffusion baselines train with train.py; "
                          f"the MLX port trains idlm and ar")
     if cfg["lora"]:
-        raise UsageError("--lora: gated LoRA (R-ISD) training is in train.py; the MLX port trains whole models")
-    if "distill_iters" in given and cfg["distill_iters"]:
-        raise UsageError("--distill_iters: self-distillation (a gated LoRA adapter) is PyTorch only: "
-                         "run python distill.py --out_dir=... on the MLX checkpoint")
+        raise UsageError("--lora: gated LoRA (R-ISD) training of a pretrained model is in train.py; the MLX port "
+                         "trains whole models and self-distils their adapter (--distill_iters)")
     try:
         mx.set_default_device(pick_device(cfg["device"]))
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def get_batch(ids, offsets, seq_len):
-    """data.get_batch's rows as an MLX array."""
-    return mx.array(data.get_batch(ids, offsets, seq_len).numpy())
 
 
 def losses(model, x, cfg):
@@ -67,7 +62,7 @@ def evaluate(model, val, cfg):
     offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * bs, seed=0)
     out = [0.0, 0.0]
     for i in range(cfg["eval_iters"]):
-        x = get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"])
+        x = mx.array(data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]))
         if cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
             _, task, clean = idlm_loss(model, x, stride=cfg["stride"])
         else:
@@ -111,12 +106,12 @@ def build_model(cfg, mcfg, weights=None):
 
 
 def train_step(model, opt, loss_and_grad, batches, lr, cfg):
-    """One optimizer step at learning rate lr over the micro-batches (torch tensors, as train.py's);
+    """One optimizer step at learning rate lr over the micro-batches (numpy rows, options.micro_batches);
     returns [loss, task, clean] averaged over them."""
     opt.learning_rate = lr
     grads, stats = None, mx.zeros(3)
     for x in batches:
-        (loss, task, clean), g = loss_and_grad(mx.array(x.numpy()))
+        (loss, task, clean), g = loss_and_grad(mx.array(x))
         g = tree_map(lambda a: a / len(batches), g)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         stats += mx.stack([loss, task, clean]).astype(mx.float32) / len(batches)
@@ -143,14 +138,18 @@ def main(argv=None):
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
     check_port_options(cfg, given)
-    for run_cfg, run_given in recipe(cfg, given, framework="mlx"):
+    runs = recipe(cfg, given, "mlx")
+    if cfg["ar_iters"]:
+        print(f"the paper's recipe: {cfg['ar_iters']} steps of AR pretraining ({os.path.join(cfg['out_dir'], 'ar')}), "
+              f"then {cfg['max_iters'] - cfg['ar_iters']} converting it into an I-DLM ({cfg['out_dir']})")
+    for run_cfg, run_given in runs:
         train(run_cfg, run_given)
 
 
 def train(cfg, given):
     """One training run, as train.train: from the options to a checkpoint in out_dir."""
     # the start point: train.py's (the run in out_dir, another checkpoint or scratch), in MLX
-    cfg, mcfg, enc, weights, state, _ = start_from(cfg, given, framework="mlx", load_weights=mx.load)
+    cfg, mcfg, enc, weights, state = start_from(cfg, given, "mlx", mx.load)
     enc, train_ids, val_ids = load_data(cfg, enc, print)
     model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights)
     opt = make_optimizer(model, cfg)
@@ -179,12 +178,14 @@ def train(cfg, given):
         t_last = log_progress(it, stats, lr, start, t0, t_last, cfg)
     print(f"done in {time.time() - t0:.0f}s; checkpoint in {cfg['out_dir']}/")
 
-    # the end: a sample
+    # the end: a sample; then (the cpu preset, --distill_iters) self-distillation of the masks
     prompt = enc.encode_ordinary("\n")
     out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
     print("sample:\n" + enc.decode(out))
-    if cfg["distill_iters"] and cfg["objective"] == "idlm":  # the cpu preset's default: say where it went
-        print(f"self-distillation (a gated LoRA adapter) is PyTorch only: python distill.py --out_dir={cfg['out_dir']}")
+    if cfg.get("distill_iters") and cfg["objective"] == "idlm":
+        print(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
+        dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
+        distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
 
 
 if __name__ == "__main__":

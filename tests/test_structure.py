@@ -90,3 +90,33 @@ def test_every_table_of_figures_carries_its_command():
             if not any(a.startswith("Command: `python ") or a.startswith("Command: `OMP_NUM_THREADS") for a in above):
                 missing.append(f"{os.path.relpath(path, ROOT)}:{line}")
     assert not missing, f"tables of figures without the command that made them: {missing}"
+
+
+def third_party(path):
+    """Top-level names of the modules outside the project that a file imports."""
+    tree, out = ast.parse(open(path).read()), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_mlx_port_never_reaches_torch():
+    """Every module under mlx_port/, and every project module it imports (directly or through others), is free
+    of torch (and of Triton and safetensors.torch): the port runs where PyTorch is not installed. The same
+    is checked at run time, with torch made unimportable, in tests/test_mlx_isd.py."""
+    mods = project_modules()
+    graph = {name: imports(path, mods)[0] for name, path in mods.items()}
+    for start in [m for m in mods if m.startswith("mlx_port.")]:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        for m in seen:
+            bad = third_party(mods[m]) & {"torch", "triton", "safetensors"}
+            assert not bad, f"{start} imports {m}, which imports {sorted(bad)}"
+    assert {"checkpoint", "data", "options", "tokenizer"} <= {m for m in mods if not m.startswith("mlx_port")}

@@ -11,12 +11,13 @@ import torch
 from safetensors import safe_open
 
 import bench
+import checkpoint
 import data
 import options
 import pretrained
 import train
 from model import Model, load_config
-from train import progress_line
+from options import progress_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--batch_size=4", "--log_interval=1",
@@ -143,6 +144,7 @@ def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeyp
     enc = json.load(open(f"{stub}/tokenizer.json"))
     json.dump({**enc, "name": "smollm2"}, open(f"{stub}/tokenizer.json", "w"))
     monkeypatch.setattr(pretrained, "smollm2_dir", lambda cache_dir=None: stub)
+    monkeypatch.setattr(checkpoint, "pretrained_dir", lambda cache_dir=None: stub)
     out = f"--out_dir={tmp_path}/o"
     st = run(["--init_from=smollm2", f"--data={corpus}", "--seq_len=32", "--max_iters=1", "--eval_iters=1", out])
     cfg = st["config"]
@@ -187,10 +189,10 @@ def test_ddp_matches_single_process(corpus, tmp_path):
 
 
 def test_grad_accum_is_split_among_processes():
-    assert train.micro_steps({"grad_accum": 4}, 1) == 4
-    assert train.micro_steps({"grad_accum": 4}, 2) == 2
+    assert options.micro_steps({"grad_accum": 4}, 1) == 4
+    assert options.micro_steps({"grad_accum": 4}, 2) == 2
     with pytest.raises(train.UsageError, match="--grad_accum=3 is split among the 2 processes"):
-        train.micro_steps({"grad_accum": 3}, 2)
+        options.micro_steps({"grad_accum": 3}, 2)
 
 
 def checkpoint_step(out):
@@ -379,6 +381,6 @@ def test_ar_iters_options(corpus, tmp_path):
     # the cpu preset's recipe applies to an I-DLM from scratch only: an AR run or a conversion is one run
     for args in (["--objective=ar"], ["--init_from=out-ar"], ["--objective=dlm"]):
         cfg, given = train.parse_args(args + [o])
-        assert cfg["ar_iters"] == 0 and len(train.recipe(cfg, given)) == 1
+        assert cfg["ar_iters"] == 0 and len(options.recipe(cfg, given, "pytorch")) == 1
     cfg, given = train.parse_args([o])
-    assert cfg["ar_iters"] == options.PRESETS["cpu"]["ar_iters"] > 0 and len(train.recipe(cfg, given)) == 2
+    assert cfg["ar_iters"] == options.PRESETS["cpu"]["ar_iters"] > 0 and len(options.recipe(cfg, given, "pytorch")) == 2
