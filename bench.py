@@ -10,11 +10,11 @@
     python bench.py concurrency --idlm=out --bdlm=out-bdlm   # static batches of C prompts: I-DLM vs block diffusion
     python bench.py smollm2 --isd=smollm2,out-rlora   # SmolLM2 chat: ISD / R-ISD vs AR vs transformers
     python bench.py introspect --models=out-ar,out,out-dlm   # the introspection gap: AR vs I-DLM vs DLM
-    python bench.py mlx --out_dir=out     # the MLX port vs PyTorch: ISD / AR decoding and training tokens/s
+    python bench_mlx.py --out_dir=out     # the MLX port vs PyTorch (its own script: each framework in its own process)
 """
 # This file: the one argument parser (the docstring above is its --help) and the train, decode,
 # temperature and step benchmarks; serve and concurrency run bench_serve.py, smollm2 bench_chat.py,
-# introspect introspect.py, mlx bench_mlx.py.
+# introspect introspect.py.
 import argparse
 import contextlib
 import io
@@ -29,7 +29,6 @@ from collections import Counter
 import torch
 
 import bench_chat
-import bench_mlx
 import bench_serve
 import checkpoint
 import data
@@ -440,17 +439,6 @@ def parse_args(argv):
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     s.add_argument("--no_progress", action="store_true", help="no progress bar")
     s.add_argument("--plot", default=None, help="also write the quality vs speed plot (PNG) here")
-    # mlx
-    s = sub.add_parser("mlx", parents=[common], help="the MLX port vs PyTorch on one checkpoint: decoding and training tokens/s")
-    s.add_argument("--out_dir", default="out", help="checkpoint; its distilled/ adapter is used where there is one (default out)")
-    s.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8], help="batch sizes (default 1,8)")
-    s.add_argument("--prompts", type=int, default=8, help="held-out validation prompts (default 8)")
-    s.add_argument("--max_new_tokens", type=int, default=64)
-    s.add_argument("--stride", type=int, default=4)
-    s.add_argument("--repeats", type=int, default=2, help="runs per point, the best is shown (default 2)")
-    s.add_argument("--preset", default="cpu", choices=sorted(options.PRESETS), help="training shapes (default cpu)")
-    s.add_argument("--steps", type=int, default=10, help="training steps per framework (default 10)")
-    s.add_argument("--device", default="auto", help="MLX's device: auto, cpu, gpu (default auto)")
     a = p.parse_args(argv)
     if a.what in ("introspect", "concurrency"):
         a.top_k, a.top_p = a.top_k or None, (a.top_p if a.top_p < 1 else None)
@@ -471,17 +459,14 @@ class Tee(io.StringIO):
         return super().write(text)
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    run = {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
-           "serve": bench_serve.bench_serve, "concurrency": bench_serve.bench_concurrency,
-           "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes,
-           "mlx": bench_mlx.bench_mlx}[a.what]
+def record(run, a, argv, script="bench.py"):
+    """Run the benchmark `run(a)`; with --markdown, also write what it printed under the command that made it
+    (argv less --markdown, with OMP_NUM_THREADS when set) and its rows as JSON beside it."""
     if not a.markdown:
         return run(a)
     args = [x for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--markdown")]
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = threads + "python bench.py " + shlex.join(args)
+    command = threads + f"python {script} " + shlex.join(args)
     with contextlib.redirect_stdout(Tee()) as out:
         rows = run(a)
     with open(a.markdown, "w") as f:
@@ -491,6 +476,14 @@ def main(argv=None):
             json.dump({"command": command, "rows": rows}, f, indent=1)
     print(f"wrote {a.markdown}", file=sys.stderr)
     return rows
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    run = {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
+           "serve": bench_serve.bench_serve, "concurrency": bench_serve.bench_concurrency,
+           "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes}[a.what]
+    return record(run, a, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import pretrained
 import tokenizer as tok
 from isd import Request, decode
 from model import Model, idlm_logits
+from options import one_cycle_lr
 
 
 
@@ -125,7 +126,7 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
     model.train()
     params = list(model.lora.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.iters, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle_lr(step, cfg.lr, cfg.iters) / cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})", disable=log is None)
     greedy = torch.arange(len(rows)) < len(rows) // 2  # rollouts="both": the greedy half comes first

@@ -149,7 +149,7 @@ def check_options(cfg, given):
     for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters", "log_interval"):
         if cfg[k] < 1:
             raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
-    if not cfg["resume"]:  # when resuming, the checkpoints say how they were made (train.recipe)
+    if not cfg["resume"]:  # when resuming, the checkpoints say how they were made (recipe)
         if cfg["ar_iters"] < 0 or cfg["ar_iters"] >= cfg["max_iters"]:
             raise UsageError(f"--ar_iters must be in [0, --max_iters={cfg['max_iters']}), got {cfg['ar_iters']}")
         if cfg["ar_iters"] and not idlm_from_scratch(cfg):
@@ -189,6 +189,23 @@ def lr_at(it, cfg):
     t = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
     lo = cfg["lr"] * cfg["min_lr_frac"]
     return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, final_div_factor=1e4):
+    """The learning rate at optimizer step `step` (from 0) of torch's OneCycleLR(max_lr,
+    total_steps, pct_start) with its defaults: cosine from max_lr / div_factor up to max_lr over the
+    first pct_start of the steps, then cosine down to that start / final_div_factor. A warm-up
+    ending exactly at step 0 counts as done (torch divides by zero there: iters=20). Self-distillation's
+    schedule, in both frameworks."""
+    initial = max_lr / div_factor
+    phases = [(float(pct_start * total_steps) - 1, initial, max_lr),  # (last step, lr there, lr at its start)
+              (total_steps - 1, max_lr, initial / final_div_factor)]
+    start = 0.0
+    for i, (end, lr_from, lr_to) in enumerate(phases):
+        if step <= end or i == len(phases) - 1:
+            pct = (step - start) / (end - start) if end != start else 1.0
+            return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
+        start = end
 
 
 def decays(ndim, cfg):

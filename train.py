@@ -34,7 +34,7 @@ from checkpoint import PRETRAINED
 from isd import ar_generate
 from model import Model, ar_loss, idlm_loss
 from options import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at, micro_batches,
-                     micro_steps, model_config, parse_args, read_train_state, recipe, run_line, start_from)
+                     micro_steps, model_config, parse_args, recipe, run_line, start_from)
 
 def pick_device(name):
     if name != "auto":

@@ -20,7 +20,6 @@ schedule as distill.py; the batches are drawn from MLX's random stream. Not here
 chat replies: python distill.py --replies=FILE).
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ import mlx_port.lora as lora
 import tokenizer as tok
 from mlx_port.isd import Request, decode
 from mlx_port.model import Model, idlm_logits, pick_device
+from options import one_cycle_lr
 
 
 @dataclass
@@ -122,22 +122,6 @@ def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard
     if target == "soft":
         return mean(soft)
     return mean(mx.where(hard_rows[:, None], hard, soft))
-
-
-def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, final_div_factor=1e4):
-    """The learning rate at optimizer step `step` (from 0) of torch's OneCycleLR(max_lr,
-    total_steps, pct_start) with its defaults: cosine from max_lr / div_factor up to max_lr over the
-    first pct_start of the steps, then cosine down to that start / final_div_factor. A warm-up
-    ending exactly at step 0 counts as done (torch divides by zero there)."""
-    initial = max_lr / div_factor
-    phases = [(float(pct_start * total_steps) - 1, initial, max_lr),  # (last step, lr there, lr at its start)
-              (total_steps - 1, max_lr, initial / final_div_factor)]
-    start = 0.0
-    for i, (end, lr_from, lr_to) in enumerate(phases):
-        if step <= end or i == len(phases) - 1:
-            pct = (step - start) / (end - start) if end != start else 1.0
-            return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
-        start = end
 
 
 def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):

@@ -31,6 +31,7 @@ import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import isd  # noqa: E402
 import lora  # noqa: E402
+import options  # noqa: E402
 import model as model_module  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 from test_train import copy_checkpoint, interrupt_rename  # noqa: E402
@@ -559,3 +560,24 @@ def test_adapter_whose_base_is_missing_gives_a_clear_error(trained, tmp_path):
         lora.load_model(str(lonely / "distilled"))
     err = one_error_line(cli("isd.py", f"--out_dir={lonely}", "--temperature=0", "--max_new_tokens=4"), "isd.py")
     assert str(lonely) in err and "config.json missing" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# the learning-rate schedule: options.one_cycle_lr (both frameworks) against torch's OneCycleLR
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 6, 19, 21, 40, 101, 1000])
+def test_schedule_is_torchs_one_cycle(iters):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=iters, pct_start=0.05)
+    for step in range(iters):
+        want = sched.get_last_lr()[0]
+        assert options.one_cycle_lr(step, 3e-3, iters) == pytest.approx(want, rel=1e-9, abs=0), step
+        opt.step()
+        sched.step()
+
+
+def test_schedule_where_torch_divides_by_zero():
+    """iters=20: the warm-up ends exactly at step 0 (torch's OneCycleLR raises ZeroDivisionError; distill.py
+    once crashed there)."""
+    lrs = [options.one_cycle_lr(s, 3e-3, 20) for s in range(20)]
+    assert lrs[0] == 3e-3 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(3e-3 / 25 / 1e4)

@@ -27,10 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import isd  # noqa: E402
 import kernels  # noqa: E402
+import lora  # noqa: E402
 import sampling  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from model import Model as TorchModel, ModelConfig  # noqa: E402
-from mlx_port import isd as mlx_isd, kernels as mlx_kernels, model as mm, sampling as mlx_sampling  # noqa: E402
+from mlx_port import isd as mlx_isd, kernels as mlx_kernels, lora as mlx_lora, model as mm  # noqa: E402
+from mlx_port import sampling as mlx_sampling  # noqa: E402
 from test_isd import P_MIN, P_WRONG, chi2_pvalue, exact_continuations, sampling_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +69,25 @@ def pairs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def adapted(pairs, tmp_path_factory):
+    """{context: (PyTorch model + gated adapter, the MLX model + the same adapter read from lora.py's files)}:
+    a random adapter (B far from its zero init) that changes the masks' drafts but, being gated, not p."""
+    out = {}
+    for ctx, (t, _) in pairs.items():
+        d = tmp_path_factory.mktemp(f"adapted{ctx}")
+        pt = lora.add_adapter(copy.deepcopy(t), lora.LoraConfig(rank=4, alpha=8.0, base=".."))
+        with torch.no_grad():
+            for p in pt.lora.B.values():
+                p.normal_(0.0, 0.3)
+        lora.save_adapter(pt.lora, str(d))
+        cfg, state = mlx_lora.load_adapter(str(d))
+        out[ctx] = pt.eval(), mlx_lora.add_adapter(as_mlx(t, str(d / "base")), cfg, state)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
-# 1. greedy: MLX ISD == PyTorch ISD, token for token and in every statistic
+# 1. greedy: MLX ISD == PyTorch ISD, token for token and in every statistic, with and without an adapter
 
 def assert_same_stats(got, want, where):
     for k in STATS:
@@ -76,13 +95,19 @@ def assert_same_stats(got, want, where):
     assert got.acceptance_sum == want.acceptance_sum, where  # 0s and 1s at temperature 0
 
 
-def test_greedy_isd_matches_pytorch(pairs):
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_greedy_isd_matches_pytorch(pairs, adapted, with_adapter):
     rounds = Counter()
     cases = [(64, [1, 2, 3], 30), (64, [7], 30), (64, [4, 4, 9, 0, 12, 5], 30),
              (24, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 45),  # past the context (24) and the cache (2 contexts)
              (24, [(5 * i) % 13 for i in range(30)], 20)]  # the prompt alone is longer than the context
     for ctx, prompt, n in cases:
-        t, m = pairs[ctx]
+        t, m = (adapted if with_adapter else pairs)[ctx]
+        if with_adapter:  # the adapter changes the drafts (so the statistics), never the tokens
+            base = isd.isd_generate(pairs[ctx][0], prompt, n, stride=4, temperature=0)
+            now = isd.isd_generate(t, prompt, n, stride=4, temperature=0)
+            assert now[0] == base[0]
+            rounds["changed"] += (now[1].forwards, now[1].acceptance_sum) != (base[1].forwards, base[1].acceptance_sum)
         for stride in (1, 2, 3, 4, 5, 6):
             for narrow in (False, True) if stride > 1 else (False,):
                 want, st = isd.isd_generate(t, prompt, n, stride=stride, temperature=0, narrow=narrow)
@@ -93,6 +118,7 @@ def test_greedy_isd_matches_pytorch(pairs):
                 rounds.update(v=st.rounds_v, r=st.rounds_r)
         assert mlx_isd.ar_generate(m, prompt, n, temperature=0) == isd.ar_generate(t, prompt, n, temperature=0)
     assert rounds["v"] > 0 and rounds["r"] > 0, rounds  # drafts were both accepted and rejected
+    assert rounds["changed"] > 0 or not with_adapter, rounds
 
 
 def test_greedy_batch_equals_solo_runs(pairs):

@@ -257,26 +257,6 @@ def test_distill_loss_matches_pytorch(mask_token_id, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. the learning-rate schedule
-
-@pytest.mark.parametrize("iters", [1, 2, 3, 6, 19, 21, 40, 101, 1000])
-def test_schedule_is_torchs_one_cycle(iters):
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=iters, pct_start=0.05)
-    for step in range(iters):
-        want = sched.get_last_lr()[0]
-        assert mlx_distill.one_cycle_lr(step, 3e-3, iters) == pytest.approx(want, rel=1e-9, abs=0), step
-        opt.step()
-        sched.step()
-
-
-def test_schedule_where_torch_divides_by_zero():
-    """iters=20: the warm-up ends exactly at step 0 (torch's OneCycleLR raises ZeroDivisionError)."""
-    lrs = [mlx_distill.one_cycle_lr(s, 3e-3, 20) for s in range(20)]
-    assert lrs[0] == 3e-3 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(3e-3 / 25 / 1e4)
-
-
-# ----------------------------------------------------------------------------------------------
 # 6. rollouts, training, the command line
 
 def test_greedy_rollouts_match_pytorch_and_training_lowers_the_loss(pair):

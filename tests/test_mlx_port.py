@@ -20,6 +20,7 @@ mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import isd  # noqa: E402
 import tokenizer as tok  # noqa: E402
 import train  # noqa: E402
 from model import Model as TorchModel, ModelConfig, idlm_loss as torch_idlm_loss  # noqa: E402
@@ -227,3 +228,22 @@ def test_pretrained_name_in_training(start, tmp_path, monkeypatch):
     assert got["history"][0][1:] == pytest.approx(ref["history"][0][1:], abs=1e-4)
     with pytest.raises(train.UsageError, match="--lora"):
         mlx_train.main(TINY + [f"--init_from={start[2]}", "--lora=4", f"--out_dir={tmp_path}/x"])
+
+
+def test_mlx_train_ends_like_train_py_with_a_distilled_adapter(start, tmp_path, monkeypatch):
+    """The paper's recipe end to end in MLX, as python train.py runs it: AR pretraining (out/ar), the
+    conversion (out), self-distillation (out/distilled). PyTorch loads what MLX wrote: the adapter over its
+    base decodes the base model's own greedy tokens (the adapter is lossless) in fewer forwards."""
+    import checkpoint
+    import lora
+    out = f"{tmp_path}/o"
+    got = run_train(mlx_train.main, ["--max_iters=6", "--ar_iters=3", "--distill_iters=4", "--eval_interval=3",
+                                     f"--out_dir={out}"], start, monkeypatch)
+    assert got["config"]["init_from"] == f"{out}/ar" and got["iter"] == 3
+    assert json.load(open(f"{out}/ar/train_state.json"))["config"]["objective"] == "ar"
+    assert checkpoint.distilled_or_base(out) == f"{out}/distilled"
+    base, enc = lora.load_model(out)
+    adapted = lora.load_model(f"{out}/distilled")[0]
+    prompt = enc.encode_ordinary("ROMEO:")
+    want = isd.ar_generate(base, prompt, 20, temperature=0)
+    assert isd.isd_generate(adapted, prompt, 20, stride=4, temperature=0)[0] == want
