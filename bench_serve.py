@@ -6,6 +6,7 @@ static batches of C held-out prompts decoded together, I-DLM against block diffu
     python bench.py concurrency --idlm=out --bdlm=out-bdlm           # python bench.py concurrency --help
 """
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -28,10 +29,10 @@ from isd import Request, Stats, decode
 PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
 
 SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by default; --base: the base model)
-    ("(a) scheduler, ISD stride 4", ["--stride=4", "--max_batch=32"]),
-    ("(b) scheduler, stride 1 (AR), base", ["--stride=1", "--max_batch=32", "--base"]),
-    ("(c) one request at a time, stride 4", ["--stride=4", "--max_batch=1"]),
-    ("(d) scheduler, ISD stride 4, narrow window", ["--stride=4", "--max_batch=32", "--narrow"]),
+    ("(a) ISD stride 4, adaptive policy", ["--stride=4", "--max_batch=32"]),
+    ("(b) stride 1 (AR), base", ["--stride=1", "--max_batch=32", "--base"]),
+    ("(c) ISD stride 4, fixed wide window", ["--stride=4", "--max_batch=32", "--policy=fixed"]),
+    ("(d) ISD stride 4, fixed narrow window", ["--stride=4", "--max_batch=32", "--policy=fixed", "--narrow"]),
 ]
 
 
@@ -62,28 +63,36 @@ def start_server(out_dir, options, threads):
 
 
 async def load(url, model, n_requests, concurrency, max_tokens, temperature):
-    """`concurrency` clients send `n_requests` completions back to back (closed loop); returns
-    (completion tokens, wall seconds, per-request latencies)."""
+    """`concurrency` clients send `n_requests` streamed completions back to back (closed loop); returns
+    (completion tokens, wall seconds, per-request latencies, per-request times to the first text)."""
     import httpx
     todo = list(range(n_requests))
-    latencies, tokens = [], 0
+    latencies, firsts, tokens = [], [], 0
 
     async def client(http):
         nonlocal tokens
         while todo:
             i = todo.pop()
-            t0 = time.perf_counter()
-            r = await http.post(f"{url}/v1/completions", json={
-                "model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                "temperature": temperature, "seed": i})
-            r.raise_for_status()
+            t0, first = time.perf_counter(), None
+            body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                    "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and any(c.get("text") for c in chunk["choices"]):
+                        first = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
             latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
+            firsts.append(first if first is not None else latencies[-1])
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return tokens, time.perf_counter() - t0, latencies
+    return tokens, time.perf_counter() - t0, latencies, firsts
 
 
 def bench_serve(a):
@@ -92,7 +101,7 @@ def bench_serve(a):
     model = os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
 
     # the load: every server at every concurrency, taking turns
-    runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies) per repeat
+    runs = {label: {c: [] for c in a.concurrency} for label, _ in SERVERS}  # (tokens/s, latencies, ttfts) per repeat
     servers = {}  # all of them run at once; an idle one sleeps
     try:
         for label, options in SERVERS:
@@ -103,23 +112,26 @@ def bench_serve(a):
             n = max(a.per_client * c, a.min_requests)
             for rep in range(a.repeats):  # the servers take turns, so that drift hits all of them alike
                 for label, (_, url) in servers.items():
-                    tokens, wall, lat = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
-                    runs[label][c].append((tokens / wall, lat))
+                    tokens, wall, lat, ttft = asyncio.run(load(url, model, n, c, a.max_tokens, a.temperature))
+                    runs[label][c].append((tokens / wall, lat, ttft))
                     print(f"{label} | concurrency {c:3d} | {n} requests, {tokens} tokens in {wall:.1f} s | "
                           f"{tokens / wall:.0f} tok/s | latency mean {statistics.mean(lat):.2f} s", flush=True)
-        tpf = {}
+        tpf, modes = {}, {}
         for label, (_, url) in servers.items():
             m = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
                      if not line.startswith("#"))
             tpf[label] = float(m["idlm_tokens_per_forward"])
+            modes[label] = {k.split('"')[1]: int(float(v)) for k, v in m.items() if k.startswith("idlm_steps_total{")}
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
 
-    # the table: label -> [(median tokens/s over the repeats, mean latency over all their requests)] per concurrency
-    results = {label: [(statistics.median(t for t, _ in runs[label][c]),
-                        statistics.mean(x for _, lat in runs[label][c] for x in lat)) for c in a.concurrency]
+    # the table: label -> [(median tokens/s over the repeats, mean latency, mean time to first text over all their
+    # requests)] per concurrency
+    results = {label: [(statistics.median(r[0] for r in runs[label][c]),
+                        statistics.mean(x for r in runs[label][c] for x in r[1]),
+                        statistics.mean(x for r in runs[label][c] for x in r[2])) for c in a.concurrency]
                for label in runs}
     labels = [label for label, _ in SERVERS]
     ids = [label.split(" ", 1)[0] for label in labels]  # (a), (b), ..
@@ -128,16 +140,21 @@ def bench_serve(a):
           f"max({a.per_client} x concurrency, {a.min_requests}) requests per point, median of {a.repeats} "
           f"repeats (the servers take turns), server threads {a.threads}")
     print("TPF: " + ", ".join(f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in tpf.items()))
+    print("steps by mode, (a): " + ", ".join(f"{k} {v}" for k, v in modes[labels[0]].items()))
     vs_ar = [k for k in ids if k != "(b)"]  # every ISD server against (b), AR
     print("\n| concurrency | " + " | ".join(f"{k} tok/s" for k in ids) + " | " + " | ".join(f"{k}/(b)" for k in vs_ar)
-          + " | (a) vs (a) at 1 | " + " | ".join(f"{k} latency s" for k in ids) + " |")
-    print("|---" * (2 * len(ids) + len(vs_ar) + 2) + "|")
+          + " | (a) vs (a) at 1 | " + " | ".join(f"{k} latency s" for k in ids) + " | (a) TTFT s | (b) TTFT s |")
+    print("|---" * (2 * len(ids) + len(vs_ar) + 4) + "|")
     for i, c in enumerate(a.concurrency):
         r = {k: results[label][i] for k, label in zip(ids, labels)}
         print(f"| {c} | " + " | ".join(f"{r[k][0]:.0f}" for k in ids) + " | "
               + " | ".join(f"{r[k][0] / r['(b)'][0]:.2f}x" for k in vs_ar)
-              + f" | {r['(a)'][0] / results[la][0][0]:.1f}x | " + " | ".join(f"{r[k][1]:.2f}" for k in ids) + " |")
+              + f" | {r['(a)'][0] / results[la][0][0]:.1f}x | " + " | ".join(f"{r[k][1]:.2f}" for k in ids)
+              + f" | {r['(a)'][2]:.3f} | {r['(b)'][2]:.3f} |")
     serve_plot(results, a, model)
+    return [{"concurrency": c, **{k: {"tokens_per_s": results[label][i][0], "latency_s": results[label][i][1],
+                                      "ttft_s": results[label][i][2]} for k, label in zip(ids, labels)}}
+            for i, c in enumerate(a.concurrency)]
 
 
 def serve_plot(results, a, model):

@@ -160,7 +160,10 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     dev = cache.lengths.device
     rows = torch.as_tensor(rows, device=dev)
 
-    # 1. window
+    # 1. window (drafts proposed at a larger stride than this step's: the first N-1 are kept, each still
+    #    drawn from its own q; none of them is committed yet, so dropping the rest changes nothing else)
+    for r in requests:
+        r.drafts, r.q = r.drafts[:N - 1], (r.q[:N - 1] if r.drafts[:N - 1] else None)
     layouts = [window_layout(N, len(r.drafts), narrow) for r in requests]
     ids = torch.tensor([[r.pending, *r.drafts] + [mask_id] * (W - 1 - len(r.drafts)) for r in requests], device=dev)
     pos, mask = (torch.stack(x).to(dev) for x in zip(*layouts))

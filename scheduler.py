@@ -10,12 +10,18 @@ One KV cache of `max_batch` rows (slots) stays allocated. Each step of the backg
   1. moves new requests from a thread-safe inbox to a FIFO queue and drops cancelled requests;
   2. gives free slots to queued requests and prefills their prompts, at most `prefill_budget`
      prompt tokens per step in all (a long prompt takes several steps, running rows keep stepping);
-  3. runs ONE forward for every row whose prompt is in: isd.isd_step, W = N*N tokens per row (2N-1
-     with the narrow window) whatever each accepted last step, each row with its own cache length, rollback, settings and
-     random stream, so a request gives exactly what it gives alone with the same seed;
-  4. turns the committed tokens into text, cuts it at the first stop string, streams it out, and
+  3. chooses how this step decodes (choose_mode): the wide ISD window (W = N*N tokens per row), the
+     narrow one (2N-1) or a plain AR step (1 token), the mode with the most committed tokens per second
+     for the batch, from the step times it measures and each request's running acceptance (--policy=fixed:
+     always the wide, or --narrow, window);
+  4. runs ONE forward for every row whose prompt is in: isd.isd_step in that mode, each row with its own
+     cache length, rollback, settings and random stream;
+  5. turns the committed tokens into text, cuts it at the first stop string, streams it out, and
      frees the slot of every finished request (EOS, a stop string, max_tokens, or cancel()).
-Requests join and leave only between steps.
+Requests join and leave only between steps. Every mode is exact (each committed token follows the model's
+own AR distribution), so greedy text is the model's greedy text whatever the mode; a seeded sampled
+request gives the same text whatever else runs only under --policy=fixed, since the adaptive policy
+changes the window, and with it which random numbers make the text, with the load.
 """
 import codecs
 import queue
@@ -70,12 +76,33 @@ def held_back(text, stops):
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+MODES = ("wide", "narrow", "ar")  # a step's window: N*N tokens per row, 2N-1, or 1 (isd_step at stride 1)
+
+
+def expected_tpf(mode, alpha, stride):
+    """Tokens a row commits per forward in `mode`, in the long run, if each draft is accepted with
+    probability alpha: with K = N-1 drafts, 1 + alpha + .. + alpha^K; the narrow window pays a cold step
+    (1 token) after each rejection, which happens with probability 1 - alpha^K."""
+    if mode == "ar" or stride == 1:
+        return 1.0
+    with_drafts = sum(alpha ** j for j in range(stride))
+    if mode == "wide":
+        return with_drafts
+    reject = 1 - alpha ** (stride - 1)
+    return (with_drafts + reject) / (1 + reject)
+
+
 class Scheduler:
-    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256, narrow=False):
+    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256, narrow=False, policy="adaptive"):
         for name, v in (("stride", stride), ("max_batch", max_batch), ("prefill_budget", prefill_budget)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if policy not in ("adaptive", "fixed"):
+            raise ValueError(f"policy must be adaptive or fixed, got {policy!r}")
         self.model, self.enc, self.stride, self.narrow = model.eval(), enc, stride, narrow
+        self.policy = "fixed" if stride == 1 else policy  # stride 1 is AR: nothing to choose
+        self.step_time = {}  # (mode, rows) -> seconds of an isd_step, measured (calibrate, then a running mean)
+        self.alpha = 0.5  # running acceptance of all drafts: the prior of a request with few of its own
         self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
         # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
@@ -87,7 +114,7 @@ class Scheduler:
         self.closed = False
         self.counters = dict.fromkeys(["prompt_tokens", "prefill_tokens", "completion_tokens", "steps",
                                        "row_forwards", "drafts_verified", "acceptance_sum", "step_seconds"]
-                                      + [f"requests_{r}" for r in REASONS], 0)
+                                      + [f"requests_{r}" for r in REASONS] + [f"steps_{m}" for m in MODES], 0)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     def start(self):
@@ -138,6 +165,62 @@ class Scheduler:
         return c
 
     # ------------------------------------------------------------------------------------------
+    # the decoding policy: per step, the mode with the most committed tokens per second
+
+    def modes(self):
+        """The modes this scheduler may choose from (fixed: one)."""
+        if self.policy == "fixed":
+            return ["ar" if self.stride == 1 else "narrow" if self.narrow else "wide"]
+        return list(MODES)
+
+    def choose_mode(self, reqs):
+        """The mode of this step for the rows `reqs`: argmax over modes of (sum of each row's expected tokens per
+        forward) / (the step's measured time at this many rows). A row's acceptance is its own running mean,
+        pulled toward the batch's (self.alpha) while it has verified few drafts."""
+        modes = self.modes()
+        if len(modes) == 1:
+            return modes[0]
+        prior = 8  # drafts' worth of weight on the batch's acceptance
+        alphas = [(r.stats.acceptance_sum + prior * self.alpha) / (r.stats.drafts_verified + prior) for r in reqs]
+        rate = {m: sum(expected_tpf(m, a, self.stride) for a in alphas) / self.cost(m, len(reqs)) for m in modes}
+        return max(modes, key=rate.get)
+
+    def cost(self, mode, rows):
+        """The measured time of a step in `mode` with `rows` rows: linear between the nearest row counts
+        measured (steps grow with the tokens in them)."""
+        known = sorted(n for m, n in self.step_time if m == mode)
+        lo = max([n for n in known if n <= rows], default=known[0])
+        hi = min([n for n in known if n >= rows], default=known[-1])
+        t_lo, t_hi = self.step_time[mode, lo], self.step_time[mode, hi]
+        return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+
+    def measured(self, mode, rows, seconds):
+        """A step's time into the running mean of its (mode, rows)."""
+        old = self.step_time.get((mode, rows))
+        self.step_time[mode, rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    @torch.no_grad()
+    def calibrate(self, steps=3):
+        """Time each mode at 1, 2, 4, .. max_batch rows of dummy requests in the (empty) cache before serving;
+        the running mean takes over from there. The best of `steps` steps after one that gives the rows drafts."""
+        B = len(self.slots)
+        for rows in sorted({min(2 ** k, B) for k in range(B.bit_length() + 1)}):
+            reqs = [isd.Request([(7 * i + 3) % self.model.cfg.mask_token_id] * 8, 10 ** 6, temperature=0)
+                    for i in range(rows)]
+            self.cache.reset(list(range(rows)))
+            isd.prefill(self.model, self.cache, list(range(rows)), reqs)
+            for mode in MODES:
+                stride, narrow = (1, False) if mode == "ar" else (self.stride, mode == "narrow")
+                isd.isd_step(self.model, self.cache, list(range(rows)), reqs, stride, narrow)
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    isd.isd_step(self.model, self.cache, list(range(rows)), reqs, stride, narrow)
+                    times.append(time.perf_counter() - t0)
+                self.step_time[mode, rows] = min(times)
+        self.cache.reset(list(range(B)))
+
+    # ------------------------------------------------------------------------------------------
     # the scheduler thread
 
     def _loop(self):
@@ -172,6 +255,8 @@ class Scheduler:
     @torch.no_grad()
     def step(self):
         """One step: admit, prefill under the budget, one ISD forward for the ready rows, output."""
+        if self.policy == "adaptive" and not self.step_time:  # the first step, before any row is in use
+            self.calibrate()
         t0 = time.perf_counter()
         self._admit()
         self._prefill()
@@ -214,10 +299,21 @@ class Scheduler:
                 self.prefilling.remove(job)
 
     def _forward(self, ready):
-        """ONE forward for all ready rows (isd.isd_step); the tokens each row committed."""
-        committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], [j.req for j in ready], self.stride,
-                                   self.narrow)
+        """ONE forward for all ready rows (isd.isd_step) in the mode choose_mode picks; the tokens each row
+        committed. The step's time and acceptance update what the policy knows."""
+        reqs = [j.req for j in ready]
+        mode = self.choose_mode(reqs)
+        stride, narrow = (1, False) if mode == "ar" else (self.stride, mode == "narrow")
+        before = [(r.stats.drafts_verified, r.stats.acceptance_sum) for r in reqs]
+        t0 = time.perf_counter()
+        committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], reqs, stride, narrow)
+        self.measured(mode, len(ready), time.perf_counter() - t0)
+        drafts = sum(r.stats.drafts_verified - d for r, (d, _) in zip(reqs, before))
+        if drafts:
+            accepted = sum(r.stats.acceptance_sum - a for r, (_, a) in zip(reqs, before))
+            self.alpha = 0.9 * self.alpha + 0.1 * accepted / drafts
         self.counters["steps"] += 1
+        self.counters[f"steps_{mode}"] += 1
         self.counters["row_forwards"] += len(ready)
         return committed
 

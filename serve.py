@@ -36,7 +36,7 @@ import checkpoint
 import lora
 import tokenizer as tok
 from isd import SettingError
-from scheduler import REASONS, Scheduler
+from scheduler import MODES, REASONS, Scheduler
 
 CHAT_STOP = "\n\n"  # a speech ends at a blank line (see chat_prompt)
 
@@ -324,6 +324,9 @@ def metrics_text(m):
     """Prometheus text exposition format."""
     lines = ["# HELP idlm_requests_total Finished requests by finish reason.", "# TYPE idlm_requests_total counter"]
     lines += [f'idlm_requests_total{{finish_reason="{r}"}} {m[f"requests_{r}"]}' for r in REASONS]
+    lines += ["# HELP idlm_steps_total Decoding steps by the mode the policy chose (wide, narrow window; ar: stride 1).",
+              "# TYPE idlm_steps_total counter"]
+    lines += [f'idlm_steps_total{{mode="{mode}"}} {m[f"steps_{mode}"]}' for mode in MODES]
     for name, kind, text, key in METRICS:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {m[key]}"]
     return "\n".join(lines) + "\n"
@@ -337,8 +340,13 @@ def main(argv=None):
     p.add_argument("--base", action="store_true", help="serve the base checkpoint without its self-distilled adapter "
                    "(out_dir/distilled, loaded by default: the same outputs, more tokens per forward)")
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
-    p.add_argument("--narrow", action="store_true", help="the narrow window: 2N-1 tokens per row per forward instead "
-                   "of N*N, a cold start after each rejection (cheaper forwards: see docs/serving.md)")
+    p.add_argument("--narrow", action="store_true", help="with --policy=fixed, the narrow window: 2N-1 tokens per row per "
+                   "forward instead of N*N, a cold start after each rejection (cheaper forwards: see docs/serving.md)")
+    p.add_argument("--policy", choices=["adaptive", "fixed"], default="adaptive",
+                   help="adaptive: each step decodes with the wide window, the narrow one or a plain AR step, whichever "
+                        "commits the most tokens per second (measured step times, each request's acceptance); fixed: "
+                        "always the wide window (--narrow: the narrow one), so a seeded request gives the same text "
+                        "whatever else runs (default adaptive)")
     p.add_argument("--max_batch", type=int, default=16, help="slots of the resident batch (default 16)")
     p.add_argument("--prefill_budget", type=int, default=256,
                    help="prompt tokens prefilled per step at most, so running requests keep going (default 256)")
@@ -351,7 +359,7 @@ def main(argv=None):
     try:
         source = a.init_from or (a.out_dir if a.base else checkpoint.distilled_or_base(a.out_dir))
         model, enc = lora.load_model(source, device=a.device)
-        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow)
+        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow, a.policy)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -362,7 +370,8 @@ def main(argv=None):
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: ignore it then
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    print(f"serving model '{name}' from {source} (stride {a.stride}{', narrow window' if a.narrow else ''}, {a.max_batch} slots) on http://{a.host}:{a.port}/v1",
+    print(f"serving model '{name}' from {source} (stride {a.stride}, {sched.policy} policy"
+          f"{', narrow window' if a.narrow and sched.policy == 'fixed' else ''}, {a.max_batch} slots) on http://{a.host}:{a.port}/v1",
           file=sys.stderr, flush=True)
     server.run()
     sched.stop()

@@ -743,3 +743,39 @@ def test_stats_when_drafts_always_agree(stride, temperature):
     assert model.cfg.mask_token_id not in out
     if temperature == 0:
         assert out == [model.cfg.mask_token_id - 1] * M  # the largest non-MASK logit
+
+
+def isd_samples_switching(model, prompt, n, stride, n_samples, temperature, seed0=0):
+    """`n_samples` continuations where every step picks its mode at random, as the serving policy may: the wide
+    window, the narrow one, or a plain AR step (stride 1; the row's drafts are then dropped), each request
+    with its own sequence of modes. Returns (counts, steps taken in each mode)."""
+    pick = torch.Generator().manual_seed(seed0)
+    reqs = [Request(list(prompt), n, temperature, seed=seed0 + s) for s in range(n_samples)]
+    cache = model.new_cache(n_samples, isd.cache_length(model, reqs, stride))
+    prefill(model, cache, list(range(n_samples)), reqs)
+    modes, active = Counter(), list(range(n_samples))
+    while active:
+        mode = ("wide", "narrow", "ar")[int(torch.randint(3, (1,), generator=pick))]
+        group = [i for i in active if torch.rand(1, generator=pick) < 0.7] or active  # rows step in different modes
+        isd_step(model, cache, group, [reqs[i] for i in group], 1 if mode == "ar" else stride, mode == "narrow")
+        modes[mode] += 1
+        active = [i for i in active if not reqs[i].done]
+    return Counter(tuple(r.out) for r in reqs), modes
+
+
+@pytest.mark.parametrize("temperature,stride,n", [(1.0, 3, 3), (0.7, 4, 3)])
+def test_mode_switches_sample_the_exact_ar_distribution(temperature, stride, n):
+    """The scheduler's policy changes a request's window from step to step (wide, narrow, AR): every step is
+    exact on its own, so the committed text still follows the enumerated AR law."""
+    model = sampling_model()
+    counts, modes = isd_samples_switching(model, SAMPLE_PROMPT, n, stride, N_SAMPLES, temperature, seed0=7 + stride)
+    assert min(modes.values()) > 0, modes
+    assert chi2_pvalue(counts, exact_continuations(model, SAMPLE_PROMPT, n, temperature)) > P_MIN
+
+
+def test_mode_switches_keep_greedy_exact():
+    model = tiny_model(seed=3)
+    for prompt in ([1, 2, 3], [5], [7, 7, 2, 9]):
+        want = brute_greedy(model, prompt, 30)
+        counts, _ = isd_samples_switching(model, prompt, 30, 4, 3, 0.0, seed0=len(prompt))
+        assert list(counts) == [tuple(want)]

@@ -18,7 +18,7 @@ import isd  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
-from scheduler import Scheduler, SettingError, held_back  # noqa: E402
+from scheduler import MODES, Scheduler, SettingError, expected_tpf, held_back  # noqa: E402
 
 TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\nCafé naïve — “quotes” ½\n\n" * 20
 
@@ -73,7 +73,7 @@ SETTINGS = [  # prompt, max_tokens, temperature, top_k, top_p, seed
 def test_batched_requests_equal_solo_runs(me, stride, narrow):
     model, enc = me
     prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
-    with Scheduler(model, enc, stride, max_batch=3, prefill_budget=7, narrow=narrow) as s:  # FIFO queue and chunked prefill
+    with Scheduler(model, enc, stride, max_batch=3, prefill_budget=7, narrow=narrow, policy="fixed") as s:  # FIFO, chunked prefill
         jobs = [s.submit(ids, *rest) for ids, (_, *rest) in zip(prompts, SETTINGS)]
         for j in jobs:
             j.result(60)
@@ -102,7 +102,7 @@ def run_streamed(sched, ids, n, **kw):
 def test_stop_strings_and_streamed_text(me):
     model, enc = me
     ids = enc.encode_ordinary("But soft")
-    with Scheduler(model, enc, stride=3, max_batch=4) as s:
+    with Scheduler(model, enc, stride=3, max_batch=4, policy="fixed") as s:
         free, streamed = run_streamed(s, ids, 60, temperature=0)
         t = free.text
         assert streamed == t == shown(enc, solo(model, enc, ids, 60, 3, 0.0)) and len(t) > 30
@@ -129,7 +129,7 @@ def test_usage_counts_tokens_up_to_the_stop_string(me, monkeypatch):
     monkeypatch.setattr(isd, "verify", lambda p, q, d, u, g, t: (torch.ones(len(d), dtype=torch.bool),
                                                                  torch.full_like(d, -1), torch.ones(len(d))))
     ids = enc.encode_ordinary("But soft")
-    with Scheduler(model, enc, stride=4, max_batch=2) as s:
+    with Scheduler(model, enc, stride=4, max_batch=2, policy="fixed") as s:  # every step 4 tokens
         free = s.submit(ids, 40, temperature=0)
         free.result(60)
         out, t = list(free.req.out), free.text
@@ -153,7 +153,7 @@ def test_budgeted_prefill_queue_and_cancel(me):
     """Driven step by step (no thread): a long prompt is prefilled a budget at a time while the
     running request keeps committing tokens; a queued request gets the slot a cancel frees."""
     model, enc = me
-    s = Scheduler(model, enc, stride=2, max_batch=2, prefill_budget=4)
+    s = Scheduler(model, enc, stride=2, max_batch=2, prefill_budget=4, policy="fixed")
     short, long = enc.encode_ordinary("ROMEO.\n")[:3], list(range(100, 121))  # long: 20 to prefill
     a = s.submit(short, 40, temperature=0)
     s.step()
@@ -199,7 +199,7 @@ def test_bad_requests_are_refused_at_submit(me):
     with pytest.raises(ValueError, match="empty"):
         s.submit([], 5)
     assert s.inbox.empty()
-    for kw in (dict(stride=0), dict(max_batch=0), dict(prefill_budget=0)):
+    for kw in (dict(stride=0), dict(max_batch=0), dict(prefill_budget=0), dict(policy="greedy")):
         with pytest.raises(ValueError, match=next(iter(kw))):
             Scheduler(model, enc, **kw)
     s.stop()
@@ -220,3 +220,64 @@ def test_past_the_context_and_a_reused_slot(me):
     for p, out in zip(prompts, outs):
         want = solo(model, enc, p, 60, stride, temperature=0.0)
         assert len(p) + len(want) > 24 + 24 and out == shown(enc, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# the decoding policy: which window each step uses
+
+def test_expected_tokens_per_forward_against_a_simulation():
+    """expected_tpf's closed forms against the process itself, simulated: K = N-1 drafts, each accepted
+    with probability alpha until the first rejection; the narrow window has no drafts after a rejection."""
+    gen = torch.Generator().manual_seed(0)
+    for stride in (2, 4, 6):
+        for alpha in (0.0, 0.3, 0.8, 1.0):
+            tokens, steps = {"wide": 0, "narrow": 0}, {"wide": 0, "narrow": 0}
+            for mode in tokens:
+                drafts = stride - 1
+                for _ in range(20000):
+                    j = 0
+                    while j < drafts and torch.rand(1, generator=gen) < alpha:
+                        j += 1
+                    tokens[mode] += j + 1
+                    steps[mode] += 1
+                    drafts = stride - 1 if mode == "wide" or j == drafts else 0
+            for mode in tokens:
+                assert tokens[mode] / steps[mode] == pytest.approx(expected_tpf(mode, alpha, stride), rel=0.02)
+            assert expected_tpf("ar", alpha, stride) == 1
+
+
+def test_the_policy_picks_what_commits_the_most_per_second(me):
+    """With measured step times and acceptance given: ISD where its drafts pay for its wider forward, AR
+    where they do not; and one mode only with policy="fixed"."""
+    model, enc = me
+    s = Scheduler(model, enc, stride=4, max_batch=8)
+    s.step_time = {("ar", 1): 1.0, ("ar", 8): 2.0, ("wide", 1): 1.5, ("wide", 8): 8.0, ("narrow", 1): 1.5,
+                   ("narrow", 8): 4.0}
+    sure, unsure = isd.Request([1], 5, 0.0), isd.Request([1], 5, 1.0)
+    sure.stats.drafts_verified, sure.stats.acceptance_sum = 1000, 990.0
+    unsure.stats.drafts_verified, unsure.stats.acceptance_sum = 1000, 50.0
+    assert s.choose_mode([sure]) == "wide"  # 3.9 tokens for 1.5 s vs 1 token for 1 s
+    assert s.choose_mode([unsure]) == "ar"
+    assert s.choose_mode([sure] * 8) == "narrow"  # 8 rows: wide costs 4x AR, narrow 2x (tpf 3.8 each)
+    assert s.choose_mode([unsure] * 8) == "ar"
+    assert s.cost("wide", 4) == pytest.approx(1.5 + 6.5 * 3 / 7)  # between the row counts measured
+    fixed = Scheduler(model, enc, stride=4, max_batch=8, policy="fixed", narrow=True)
+    assert fixed.choose_mode([unsure] * 8) == "narrow" and Scheduler(model, enc, stride=1).modes() == ["ar"]
+
+
+def test_the_adaptive_scheduler_is_exact_and_counts_its_modes(me, monkeypatch):
+    """Greedy requests give the model's greedy text whatever modes the policy picks (forced here to change
+    every step); the metrics count the steps of each mode."""
+    model, enc = me
+    order = iter(["wide", "ar", "narrow", "ar", "ar", "wide"] * 1000)
+    prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
+    with Scheduler(model, enc, stride=3, max_batch=3, prefill_budget=7) as s:
+        monkeypatch.setattr(s, "choose_mode", lambda reqs: next(order))
+        jobs = [s.submit(ids, n, temperature=0) for ids, (_, n, *_) in zip(prompts, SETTINGS)]
+        for j in jobs:
+            j.result(60)
+        m = s.metrics()
+        assert {m for m, _ in s.step_time} == set(MODES)  # calibrated before the first step
+    for j, ids, (_, n, *_) in zip(jobs, prompts, SETTINGS):
+        assert j.req.out == ar_generate(model, ids, n, temperature=0, stop_ids=[enc.eot_token])
+    assert min(m[f"steps_{mode}"] for mode in MODES) > 0 and sum(m[f"steps_{mode}"] for mode in MODES) == m["steps"]

@@ -3,6 +3,7 @@
 References: isd_generate on the same checkpoint, one request at a time, with the same seed (the
 scheduler must not change what a request gives), and the chat layout written out by hand.
 """
+import concurrent.futures
 import json
 import os
 import signal
@@ -68,7 +69,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    proc, url = start_server(ckpt, "--max_batch=8", "--prefill_budget=16")
+    proc, url = start_server(ckpt, "--max_batch=8", "--prefill_budget=16", "--policy=fixed")  # seeded text: fixed
     yield url
     rc, log = stop_server(proc, signal.SIGINT)
     assert rc == 0 and "server stopped" in log, log
@@ -255,3 +256,22 @@ def test_no_checkpoint_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "serve.py", f"--out_dir={tmp_path}/none"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "run python train.py first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_adaptive_policy_serves_greedy_text_and_reports_its_modes(ckpt, ref):
+    """The default policy may pick another window at every step: greedy text stays the model's greedy text,
+    under concurrent load, and /metrics counts the steps of each mode."""
+    proc, url = start_server(ckpt, "--max_batch=8")
+    try:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        name = os.path.basename(ckpt)
+        prompts = ["ROMEO.\n", "But soft", "JULIET", "What light"] * 3
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(lambda p: c.completions.create(model=name, prompt=p, max_tokens=30,
+                                                                 temperature=0).choices[0].text, prompts))
+        assert texts == [ref(p, 30) for p in prompts]
+        m = metrics(url)
+        steps = {mode: m[f'idlm_steps_total{{mode="{mode}"}}'] for mode in ("wide", "narrow", "ar")}
+        assert sum(steps.values()) == m["idlm_forwards_total"] > 0, steps
+    finally:
+        stop_server(proc, signal.SIGINT)
