@@ -224,6 +224,8 @@ class Scheduler:
     # the scheduler thread
 
     def _loop(self):
+        if self.policy == "adaptive" and not self.step_time:  # before the first request, not during it
+            self.calibrate()
         while True:
             if not self.closed and not self.queue and not any(self.slots):
                 job = self.inbox.get()  # idle: sleep until something arrives
