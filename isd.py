@@ -14,6 +14,7 @@ replaced by a draw from normalize((p_j - q_j)+): that rule makes every committed
 exactly as p( . | prefix). Group j of masks (after pending, d_1..d_j) proposes the next drafts.
 """
 import functools
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ class Request:
     # per committed token, the distribution (V,) it was drawn from, as probabilities: an accepted draft's
     # q, a correction's normalize((p - q)+), a clean token's p (see drawn_from); None = off
     drawn_from: list = None
+    # OpenAI's logit_bias, {token id: value}: added to the logits of p and q alike before filtering, so the
+    # committed tokens follow the biased AR distribution exactly; None = no bias
+    logit_bias: dict = None
+    # per committed token, (log p(token), [(id, log p)] of the top_logprobs likeliest ids): p is the model's
+    # own next-token distribution at the token's position, unfiltered, MASK excluded (token_logprobs);
+    # None = off
+    logprobs: list = None
+    top_logprobs: int = 0
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -56,6 +65,13 @@ class Request:
         self.gen = torch.Generator()
         self.gen.manual_seed(self.seed) if self.seed is not None else self.gen.seed()
         self.stop_ids = set(self.stop_ids or ())
+        if self.logit_bias and not all(math.isfinite(v) for v in self.logit_bias.values()):
+            raise SettingError("logit_bias", "logit_bias values must be finite numbers")
+
+    @property
+    def bias_key(self):
+        """logit_bias as a hashable value (requests with equal settings are filtered together)."""
+        return tuple(sorted(self.logit_bias.items())) if self.logit_bias else None
 
     @property
     def pending(self):
@@ -204,6 +220,8 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
         if r.drawn_from is not None:
             r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.temperature)[:len(new)])
+        if r.logprobs is not None:  # committed token c was predicted at clean position c
+            r.logprobs.extend(token_logprobs(model.head(hidden[i, :len(new)]), new, mask_id, r.top_logprobs))
         committed.append(new)
 
     # 5. roll back: each row keeps pending + its accepted drafts. Counted back from the row's end: the
@@ -231,10 +249,37 @@ def filtered(model, hidden, requests):
     logits = model.head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     out = [None] * len(requests)
-    for (temperature, top_k, top_p), members in grouped(requests, "temperature", "top_k", "top_p").items():
-        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, temperature, top_k, top_p)):
+    for (temperature, top_k, top_p, bias), members in grouped(requests, "temperature", "top_k", "top_p",
+                                                               "bias_key").items():
+        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, temperature, top_k, top_p,
+                                                   bias)):
             out[i] = proc
     return out
+
+
+def token_logprobs(logits, tokens, mask_id, k=0):
+    """[(log p(token), [(id, log p)] of the k likeliest ids)] for each of `tokens`, p = softmax of the
+    raw logits (n, V) of the positions that predicted them, MASK excluded (it is not a token)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).clone()
+    logits[..., mask_id] = float("-inf")
+    lp = logits.log_softmax(-1).cpu()
+    chosen = lp[torch.arange(len(tokens)), torch.as_tensor(tokens, dtype=torch.long)].tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    top = lp.topk(min(k, lp.shape[-1] - 1), dim=-1)
+    return [(c, list(zip(ids, vals))) for c, ids, vals in zip(chosen, top.indices.tolist(), top.values.tolist())]
+
+
+@torch.no_grad()
+def prompt_logprobs(model, ids, k=0):
+    """token_logprobs of ids[1:], each given the ids before it, from one plain causal forward of the
+    prompt (what a harness scores a continuation with); the prompt must fit the model's context."""
+    if len(ids) > model.cfg.max_seq_len:
+        raise ValueError(f"the prompt is {len(ids)} tokens, more than the context of {model.cfg.max_seq_len}")
+    if len(ids) < 2:
+        return []
+    x = torch.tensor([list(ids)], device=next(model.parameters()).device)
+    return token_logprobs(model(x)[0, :-1], ids[1:], model.cfg.mask_token_id, k)
 
 
 def grouped(requests, *settings):

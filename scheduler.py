@@ -37,6 +37,29 @@ import tokenizer as tok
 from isd import SettingError
 
 REASONS = ("stop", "length", "cancelled", "error")
+# latency histograms (Prometheus): name -> upper bounds of the buckets in seconds (+Inf is implied)
+LATENCIES = {
+    "time_to_first_token_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    "inter_token_latency_seconds": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    "e2e_request_latency_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+}
+
+
+class Histogram:
+    """Counts of observations per bucket (cumulative, as Prometheus wants them), their sum and count."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds) + (float("inf"),)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value, times=1):
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += times
+        self.sum += value * times
+        self.count += times
 
 
 class Job:
@@ -54,6 +77,7 @@ class Job:
         self.slot = None
         self.ready = False  # prompt prefilled: the row decodes
         self.submitted = time.perf_counter()
+        self.first_token_at = self.last_token_at = self.finished_at = None  # perf_counter() times
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back split characters
 
     @property
@@ -115,6 +139,7 @@ class Scheduler:
         self.counters = dict.fromkeys(["prompt_tokens", "prefill_tokens", "completion_tokens", "steps",
                                        "row_forwards", "drafts_verified", "acceptance_sum", "step_seconds"]
                                       + [f"requests_{r}" for r in REASONS] + [f"steps_{m}" for m in MODES], 0)
+        self.histograms = {name: Histogram(bounds) for name, bounds in LATENCIES.items()}
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     def start(self):
@@ -128,15 +153,23 @@ class Scheduler:
         self.stop()
 
     def submit(self, prompt, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=(),
-               listener=None):
+               listener=None, logit_bias=None, logprobs=None, ignore_eos=False):
         """Queue a request (prompt: token ids) and return its Job. A bad setting raises SettingError
-        here, never in the scheduler thread."""
+        here, never in the scheduler thread. logit_bias: {token id: value} added to the logits;
+        logprobs: None, or k to record each committed token's log p and top k (isd.Request.logprobs);
+        ignore_eos: the stop ids do not end the request (it runs to max_tokens or a stop string)."""
         if self.closed:
             raise RuntimeError("the scheduler is shutting down")
         if any(not isinstance(s, str) or not s for s in stop):
             raise SettingError("stop", "stop strings must be non-empty strings")
+        for param, ids in (("prompt", prompt), ("logit_bias", logit_bias or ())):
+            bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size or t == self.model.cfg.mask_token_id]
+            if bad:
+                raise SettingError(param, f"{param}: {bad[0]} is not a token id of the model")
         try:
-            req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed, self.stop_ids)
+            req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed,
+                              () if ignore_eos else self.stop_ids, logit_bias=dict(logit_bias or {}) or None,
+                              logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0)
         except SettingError as e:  # the API's name for max_new_tokens
             raise SettingError("max_tokens" if e.param == "max_new_tokens" else e.param, str(e)) from None
         job = Job(req, stop, listener)
@@ -323,22 +356,36 @@ class Scheduler:
         """Append the committed tokens to the text; finish at EOS, a stop string or max_tokens."""
         req = job.req
         self.counters["completion_tokens"] += len(new)
-        ids = [t for t in new if t not in req.stop_ids]
+        self._timestamps(job, len(new))
+        ids = [t for t in new if t not in self.stop_ids]  # never text, also when they do not stop (ignore_eos)
         job.text += job._utf8.decode(self.enc.decode_bytes(ids), final=req.done)
         hits = [i for i in (job.text.find(s) for s in job.stop) if i >= 0]
         if hits:
             job.text = job.text[:min(hits)]
             # usage counts the tokens up to the one that completed the stop string, not the rest of the step
             k = next((k for k in range(len(req.out) - len(new) + 1, len(req.out)) if any(
-                s in self.enc.decode([t for t in req.out[:k] if t not in req.stop_ids], errors="replace")
+                s in self.enc.decode([t for t in req.out[:k] if t not in self.stop_ids], errors="replace")
                 for s in job.stop)), len(req.out))
             self.counters["completion_tokens"] -= len(req.out) - k
             del req.out[k:]
+            if req.logprobs is not None:
+                del req.logprobs[k:]
             self._finish(job, "stop")
         elif req.done:
             self._finish(job, "stop" if req.out[-1] in req.stop_ids else "length")
         else:
             self._send(job, len(job.text) - held_back(job.text, job.stop))
+
+    def _timestamps(self, job, n):
+        """The latencies of a step that committed n tokens: the time to the first token (the first step),
+        or the time since the previous commit, shared by the n tokens (observed n times)."""
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.histograms["time_to_first_token_seconds"].observe(now - job.submitted)
+        else:
+            self.histograms["inter_token_latency_seconds"].observe((now - job.last_token_at) / n, n)
+        job.last_token_at = now
 
     def _send(self, job, upto):
         delta = job.text[job.sent:upto]
@@ -357,7 +404,10 @@ class Scheduler:
         if job in self.prefilling:
             self.prefilling.remove(job)
         st = job.req.stats
-        st.wall_s = time.perf_counter() - job.submitted
+        job.finished_at = time.perf_counter()
+        st.wall_s = job.finished_at - job.submitted
+        if reason in ("stop", "length"):
+            self.histograms["e2e_request_latency_seconds"].observe(st.wall_s)
         self.counters[f"requests_{reason}"] += 1
         self.counters["drafts_verified"] += st.drafts_verified
         self.counters["acceptance_sum"] += st.acceptance_sum

@@ -111,8 +111,9 @@ def ref_probs(logits, mask_id, temperature, top_k=None, top_p=None):
     return probs
 
 
-def exact_continuations(model, prompt, n, temperature, top_k=None, top_p=None):
-    """{continuation tuple: probability} under the model's own AR distribution, by enumeration."""
+def exact_continuations(model, prompt, n, temperature, top_k=None, top_p=None, bias=None):
+    """{continuation tuple: probability} under the model's own AR distribution, by enumeration
+    (`bias`: {token: value} added to the logits first, OpenAI's logit_bias)."""
     mask_id = model.cfg.mask_token_id
     real = [t for t in range(model.cfg.vocab_size) if t != mask_id]
     dist = {}
@@ -121,7 +122,10 @@ def exact_continuations(model, prompt, n, temperature, top_k=None, top_p=None):
         if len(prefix) == n:
             dist[tuple(prefix)] = prob
             return
-        probs = ref_probs(full_logits(model, list(prompt) + prefix), mask_id, temperature, top_k, top_p)
+        logits = full_logits(model, list(prompt) + prefix).detach().clone()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        probs = ref_probs(logits, mask_id, temperature, top_k, top_p)
         for t in real:
             walk(prefix + [t], prob * probs[t])
 
@@ -165,11 +169,11 @@ def gumbel(gen, shape):
 
 
 def isd_samples(model, prompt, n, stride, n_samples, temperature, top_k=None, top_p=None, seed0=0,
-                batch=500, narrow=False):
+                batch=500, narrow=False, bias=None):
     """`n_samples` continuations from batched ISD, one seed per row; also the summed stats."""
     counts, tot = Counter(), Counter()
     for start in range(0, n_samples, batch):
-        reqs = [Request(list(prompt), n, temperature, top_k, top_p, seed0 + s)
+        reqs = [Request(list(prompt), n, temperature, top_k, top_p, seed0 + s, logit_bias=bias)
                 for s in range(start, min(n_samples, start + batch))]
         decode(model, reqs, stride, narrow)
         for r in reqs:
@@ -779,3 +783,113 @@ def test_mode_switches_keep_greedy_exact():
         want = brute_greedy(model, prompt, 30)
         counts, _ = isd_samples_switching(model, prompt, 30, 4, 3, 0.0, seed0=len(prompt))
         assert list(counts) == [tuple(want)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. logit_bias (on p and q alike) and the logprobs of committed tokens (the model's own, unfiltered)
+
+def test_process_logits_with_a_bias_matches_reference():
+    gen = torch.Generator().manual_seed(8)
+    V, mask_id = 9, 8
+    for _ in range(10):
+        logits = 3 * torch.randn(V, generator=gen, dtype=torch.float64)
+        bias = {2: 1.5, 5: -3.0, 0: 100.0 * float(torch.rand(1, generator=gen)) - 50}
+        biased = logits.clone()
+        for t, b in bias.items():
+            biased[t] += b
+        for temperature, top_k, top_p in ((1.0, None, None), (0.7, 3, None), (1.0, None, 0.8)):
+            got = (sampling.process_logits(logits, mask_id, temperature, top_k, top_p, bias) / temperature).softmax(-1)
+            want = torch.tensor(ref_probs(biased, mask_id, temperature, top_k, top_p), dtype=torch.float64)
+            assert torch.allclose(got, want, atol=1e-12), (temperature, top_k, top_p)
+    assert torch.equal(sampling.process_logits(logits, mask_id, bias={}), sampling.process_logits(logits, mask_id))
+
+
+def brute_greedy_biased(model, prompt, n, bias):
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = full_logits(model, seq).clone()
+        logits[model.cfg.mask_token_id] = -math.inf
+        for t, b in bias.items():
+            logits[t] += b
+        out.append(int(torch.argmax(logits)))
+        seq.append(out[-1])
+    return out
+
+
+def test_greedy_isd_with_a_logit_bias():
+    """+100 makes greedy emit the token every time; -100 bans it; a small bias gives the biased
+    brute-force greedy continuation, at every stride and with the narrow window."""
+    model = tiny_model(1, 16, 0.5)
+    prompt = [1, 5, 2]
+    free = brute_greedy(model, prompt, 23)
+    banned = free[0]
+    small = {free[3]: -1.5, (free[3] + 1) % 15: 2.0}
+    for N, narrow in ((1, False), (2, False), (3, False), (4, True)):
+        out, _ = isd_generate_biased(model, prompt, 23, N, {7: 100.0}, narrow=narrow)
+        assert out == [7] * 23
+        out, _ = isd_generate_biased(model, prompt, 23, N, {banned: -100.0}, narrow=narrow)
+        assert banned not in out and out == brute_greedy_biased(model, prompt, 23, {banned: -100.0})
+        assert isd_generate_biased(model, prompt, 23, N, small, narrow=narrow)[0] == \
+            brute_greedy_biased(model, prompt, 23, small)
+
+
+def isd_generate_biased(model, prompt, n, stride, bias, temperature=0.0, seed=None, narrow=False):
+    r = Request(list(prompt), n, temperature, seed=seed, logit_bias=bias)
+    decode(model, [r], stride, narrow)
+    return r.out, r.stats
+
+
+def test_isd_with_a_logit_bias_samples_the_exact_biased_ar_distribution():
+    """The target is the biased AR law: a bias on p alone (not on q) would not be exact."""
+    model = sampling_model()
+    bias = {0: 1.2, 3: -0.8}
+    dist = exact_continuations(model, SAMPLE_PROMPT, 3, 1.0, bias=bias)
+    counts, tot = isd_samples(model, SAMPLE_PROMPT, 3, 3, N_SAMPLES, 1.0, seed0=4242, bias=bias)
+    assert tot["rounds_r"] > 0 and tot["rounds_v"] > 0, tot
+    assert chi2_pvalue(counts, dist) > P_MIN
+    assert chi2_pvalue(counts, exact_continuations(model, SAMPLE_PROMPT, 3, 1.0)) < P_WRONG  # the bias matters
+
+
+def ref_logprobs(model, seq, start, k):
+    """(log p(seq[i]), top k) for i >= start, p = softmax of full-forward logits after seq[:i], MASK excluded."""
+    out = []
+    for i in range(start, len(seq)):
+        logits = full_logits(model, seq[:i]).detach().clone()
+        logits[model.cfg.mask_token_id] = -math.inf
+        lp = logits.log_softmax(-1)
+        top = lp.topk(k)
+        out.append((float(lp[seq[i]]), list(zip(top.indices.tolist(), top.values.tolist()))))
+    return out
+
+
+def assert_logprobs_equal(got, want):
+    assert len(got) == len(want)
+    for (lp, top), (lp_ref, top_ref) in zip(got, want):
+        assert lp == pytest.approx(lp_ref, abs=1e-9)
+        assert [i for i, _ in top] == [i for i, _ in top_ref]
+        assert [v for _, v in top] == pytest.approx([v for _, v in top_ref], abs=1e-9)
+
+
+@pytest.mark.parametrize("temperature,top_k,bias", [(0.0, None, None), (1.0, 3, None), (0.8, None, {4: 2.0})])
+def test_logprobs_are_the_models_own_whatever_isd_drafted(temperature, top_k, bias):
+    """Each committed token's recorded logprob and top-k are those of a plain full forward of the
+    sequence (unfiltered: temperature, top-k and the bias change what is sampled, not p), for accepted
+    drafts, corrections and clean tokens alike, at every stride, narrow window too, batched."""
+    model = tiny_model(3, 12, 0.5)
+    kinds = Counter()
+    for N, narrow in ((1, False), (3, False), (4, False), (3, True)):
+        reqs = [Request([1, 2 + s], 14, temperature, top_k, None, 10 + s, stop_ids=(9,), logit_bias=bias,
+                        logprobs=[], top_logprobs=3, trace=[]) for s in range(3)]
+        decode(model, reqs, N, narrow)
+        for r in reqs:
+            assert_logprobs_equal(r.logprobs, ref_logprobs(model, r.prompt + r.out, len(r.prompt), 3))
+            kinds.update(k for step in r.trace for _, k in step)
+    assert kinds["accepted"] > 0 and kinds["clean"] > 0 and (temperature == 0 or kinds["correction"] > 0), kinds
+
+
+def test_prompt_logprobs_equal_full_forwards():
+    model = tiny_model(3, 12, 0.5)
+    prompt = [1, 5, 2, 7, 7, 0, 3]
+    assert_logprobs_equal(isd.prompt_logprobs(model, prompt, 2), ref_logprobs(model, prompt, 1, 2))
+    assert isd.prompt_logprobs(model, [4], 2) == []
+    assert [top for _, top in isd.prompt_logprobs(model, prompt)] == [[]] * 6

@@ -281,3 +281,51 @@ def test_the_adaptive_scheduler_is_exact_and_counts_its_modes(me, monkeypatch):
     for j, ids, (_, n, *_) in zip(jobs, prompts, SETTINGS):
         assert j.req.out == ar_generate(model, ids, n, temperature=0, stop_ids=[enc.eot_token])
     assert min(m[f"steps_{mode}"] for mode in MODES) > 0 and sum(m[f"steps_{mode}"] for mode in MODES) == m["steps"]
+def full_logprobs(model, seq, start):
+    """log p(seq[i] | seq[:i]) for i >= start, by one plain forward of seq, MASK excluded."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]))[0].clone()
+    logits[:, model.cfg.mask_token_id] = float("-inf")
+    lp = logits.log_softmax(-1)
+    return [float(lp[i - 1, seq[i]]) for i in range(start, len(seq))]
+
+
+def test_logprobs_logit_bias_ignore_eos_and_latencies(me):
+    model, enc = me
+    ids, eot = enc.encode_ordinary("But soft"), enc.eot_token
+    with Scheduler(model, enc, stride=3, max_batch=3) as s:
+        jobs = [s.submit(ids, 30, temperature=0, logprobs=2), s.submit(ids, 30, temperature=1.0, seed=3, logprobs=0)]
+        for j in jobs:
+            j.result(60)
+        free = jobs[0]
+        assert free.req.out == solo(model, enc, ids, 30, 3, 0.0)  # recording changes nothing
+        stop = free.text[10:13]
+        cut = s.submit(ids, 30, temperature=0, logprobs=1, stop=[stop])  # a stop string cuts a step
+        forced = s.submit(ids, 5, temperature=0, logit_bias={eot: 100.0})  # EOS at once
+        ignored = s.submit(ids, 12, temperature=0, logit_bias={eot: 100.0}, ignore_eos=True)
+        banned = s.submit(ids, 30, temperature=0, logit_bias={free.req.out[0]: -100.0})
+        jobs += [cut, forced, ignored, banned]
+        for j in jobs[2:]:
+            j.result(60)
+        for j in jobs[:3]:
+            lps = [lp for lp, _ in j.req.logprobs]
+            assert lps == pytest.approx(full_logprobs(model, ids + j.req.out, len(ids)), abs=1e-9)
+            assert all(len(top) == j.req.top_logprobs for _, top in j.req.logprobs)
+        assert jobs[0].req.logprobs[0][1][0][0] == free.req.out[0]  # greedy: the chosen token is the likeliest
+        assert 0 < len(cut.req.out) < len(free.req.out) and cut.text == free.text[:free.text.find(stop)]
+        assert (forced.req.out, forced.text, forced.finish_reason) == ([eot], "", "stop")
+        assert (ignored.req.out, ignored.text, ignored.finish_reason) == ([eot] * 12, "", "length")
+        assert free.req.out[0] not in banned.req.out and banned.req.logprobs is None
+        h = s.histograms
+        assert h["time_to_first_token_seconds"].count == h["e2e_request_latency_seconds"].count == len(jobs)
+        assert 0 < h["inter_token_latency_seconds"].count < sum(j.completion_tokens for j in jobs)
+        for hist in h.values():
+            assert hist.counts == sorted(hist.counts) and hist.counts[-1] == hist.count and hist.sum > 0
+        for kw, param in ((dict(logit_bias={model.cfg.mask_token_id: 1.0}), "logit_bias"),
+                          (dict(logit_bias={0: float("nan")}), "logit_bias")):
+            with pytest.raises(SettingError) as e:
+                s.submit(ids, 5, **kw)
+            assert e.value.param == param
+        with pytest.raises(SettingError, match="not a token id") as e:
+            s.submit([1, model.cfg.mask_token_id], 5)
+        assert e.value.param == "prompt"
