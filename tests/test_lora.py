@@ -98,7 +98,8 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     train.main(tiny + ["--init_from=base", "--lora=4", "--out_dir=adapter", "--max_iters=6",
                        "--eval_interval=3", "--lr=1e-2"])
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["adapter.json", "adapter.safetensors", "optimizer.safetensors",
-                                       "tokenizer.json", "train_state.json"]
+                                       "tiktoken.json", "tokenizer.json", "tokenizer_config.json",
+                                       "train_state.json"]
     cfg = json.load(open(f"{out}/adapter.json"))
     assert cfg["rank"] == 4 and cfg["base"] == os.path.abspath(f"{tmp_path}/base")
     os.mkdir(tmp_path / "elsewhere")
@@ -115,7 +116,8 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     # a full model trained over the adapter's folder (--overwrite) leaves no stale adapter behind
     train.main(tiny + [f"--out_dir={out}", "--overwrite", "--max_iters=2"])
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["config.json", "model.safetensors", "optimizer.safetensors",
-                                       "tokenizer.json", "train_state.json"]
+                                       "tiktoken.json", "tokenizer.json", "tokenizer_config.json",
+                                       "train_state.json"]
     assert not hasattr(lora.load_model(out)[0], "lora")
 
 

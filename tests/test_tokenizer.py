@@ -1,5 +1,6 @@
 """Tokenizers: GPT-2 offline against known ids and its checksums; the BPE trainer against a
-brute-force trainer and a naive encoder; save/load and the training cache."""
+brute-force trainer and a naive encoder; save/load and the training cache; the Hugging Face files
+against the `tokenizers` library and transformers' AutoTokenizer."""
 import hashlib
 import importlib.resources
 import importlib.util
@@ -13,6 +14,7 @@ from collections import Counter
 import pytest
 import regex
 
+import checkpoint
 import tokenizer as tok
 
 SAMPLES = [
@@ -171,33 +173,87 @@ def test_save_load_round_trip(tmp_path, hamlet):
     for enc in (tok.gpt2(), tok.train_bpe(hamlet[:20000], 400, name="bpe-test")):
         d = tmp_path / enc.name
         tok.save(enc, d)
-        assert os.listdir(d) == ["tokenizer.json"]  # the temporary file is gone
+        assert sorted(os.listdir(d)) == sorted(tok.FILES) == ["tiktoken.json", "tokenizer.json", "tokenizer_config.json"]
         back = tok.load(d)
         assert back.name == enc.name and back.n_vocab == enc.n_vocab and back.eot_token == enc.eot_token
         assert back._mergeable_ranks == enc._mergeable_ranks and back._pat_str == enc._pat_str
         assert tok.fingerprint(back) == tok.fingerprint(enc)
         text = "".join(SAMPLES) + hamlet[50000:52000]
         assert back.encode(text) == enc.encode(text)
-    assert json.loads((tmp_path / "gpt2" / "tokenizer.json").read_text()) == {"name": "gpt2"}
+    assert json.loads((tmp_path / "gpt2" / "tiktoken.json").read_text()) == {"name": "gpt2"}
+
+
+def test_older_checkpoints_tokenizer_json_still_loads(tmp_path, hamlet):
+    """Before Hugging Face's files, a checkpoint held tiktoken.json's content as tokenizer.json."""
+    enc = tok.train_bpe(hamlet[:20000], 300)
+    for name in ("new", "old"):
+        tok.save(enc, tmp_path / name)
+    (tmp_path / "old" / "tiktoken.json").replace(tmp_path / "old" / "tokenizer.json")
+    (tmp_path / "old" / "tokenizer_config.json").unlink()
+    old = tok.load(tmp_path / "old")
+    assert old._mergeable_ranks == enc._mergeable_ranks and old._special_tokens == enc._special_tokens
+    assert tok.has_tokenizer(tmp_path / "old")
+    (tmp_path / "new" / "tiktoken.json").unlink()  # Hugging Face's file alone is not ours
+    with pytest.raises(ValueError, match="Hugging Face's format"):
+        tok.load(tmp_path / "new")
+
+
+def old_checkpoint(folder, enc):
+    """A checkpoint folder as written before tiktoken.json: tokenizer.json held its content."""
+    with checkpoint.staged(folder) as stage:
+        tok.save(enc, stage)
+        os.replace(os.path.join(stage, "tiktoken.json"), os.path.join(stage, "tokenizer.json"))
+        os.remove(os.path.join(stage, "tokenizer_config.json"))
+        with open(os.path.join(stage, "config.json"), "w") as f:
+            json.dump(vars(checkpoint.ModelConfig(vocab_size=301, mask_token_id=300, max_seq_len=96)), f)
+        for name in ("model.safetensors", "train_state.json"):
+            with open(os.path.join(stage, name), "w") as f:
+                f.write(name)
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_add_tokenizer_files_to_an_older_checkpoint(tmp_path, hamlet, copied):
+    """checkpoint.add_tokenizer_files: the checkpoint as it was, plus today's tokenizer files, all
+    through .checkpoint (also for a copy that followed the links, as shutil.copytree does)."""
+    Tokenizer = pytest.importorskip("tokenizers").Tokenizer
+    enc = tok.train_bpe(hamlet[:20000], 300)
+    old_checkpoint(tmp_path / "ck", enc)
+    folder = tmp_path / "ck"
+    if copied:
+        folder = tmp_path / "copy"
+        shutil.copytree(tmp_path / "ck", folder)
+    checkpoint.add_tokenizer_files(folder)
+    names = ["config.json", "model.safetensors", "tiktoken.json", "tokenizer.json", "tokenizer_config.json",
+             "train_state.json"]
+    assert sorted(n for n in os.listdir(folder) if not n.startswith(".")) == names
+    assert all(os.path.islink(folder / n) for n in names)
+    assert (folder / "model.safetensors").read_text() == "model.safetensors"
+    assert checkpoint.load_config(folder).max_seq_len == 96
+    assert tok.load(folder)._mergeable_ranks == enc._mergeable_ranks
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 96
+    text = hamlet[30000:31000] + "<|endoftext|>"
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids == enc.encode(text, allowed_special="all")
 
 
 def test_load_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="no tiktoken.json"):
         tok.load(tmp_path / "missing")
     for bad in ["{not json", "[1, 2]", '{"name": "bpe"}', '{"name": "bpe", "pat_str": "x", "ranks": ["@@"], '
                                                              '"special_tokens": {}}']:
-        (tmp_path / "bad").mkdir(exist_ok=True)
-        (tmp_path / "bad" / "tokenizer.json").write_text(bad)
-        with pytest.raises(ValueError, match="not a valid tokenizer file") as e:
-            tok.load(tmp_path / "bad")
-        assert "\n" not in str(e.value)
+        for name in ("tiktoken.json", "tokenizer.json"):  # ours, or an older checkpoint's
+            folder = tmp_path / name
+            folder.mkdir(exist_ok=True)
+            (folder / name).write_text(bad)
+            with pytest.raises(ValueError, match="not a valid tokenizer file") as e:
+                tok.load(folder)
+            assert "\n" not in str(e.value) and name in str(e.value)
 
 
 def test_bpe_cache_skips_training(tmp_path, hamlet, monkeypatch):
     text = hamlet[:20000]
     first = tok.load_or_train_bpe(text, 350, tmp_path)
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    assert (tmp_path / f"bpe-{key}-350" / "tokenizer.json").is_file()
+    assert (tmp_path / f"bpe-{key}-350" / "tiktoken.json").is_file()
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
@@ -215,3 +271,88 @@ def test_get_by_name():
     assert tok.get("bpe", train_text="hello hello world", vocab_size=260, cache_dir=None).n_vocab == 260
     with pytest.raises(ValueError, match="gpt2.*bpe"):
         tok.get("sentencepiece")
+
+
+# ---- Hugging Face's files ------------------------------------------------------------------
+
+CHATML = ["<|im_start|>", "<|im_end|>"]
+
+
+def hf_texts(hamlet):
+    """Shakespeare (speech headers, verse, indentation), SAMPLES, and what splits differently: whitespace
+    runs before digits and at the end, Unicode spaces, digits, special tokens as text."""
+    return SAMPLES + hamlet[50000:53000].split("\n\n")[:12] + [
+        hamlet[60000:62000], "x 12345 y  7\n\n 2024-11-23, 3.14159, ½ ² ٣", "a  1 b   22\t\t3",
+        "non-breaking\u00a0space,\u3000ideographic\u2003em  \u00a0 \n", "tabs\tand\nnew\n\n\nlines\r\n   ",
+        "HAMLET.<|endoftext|>OPHELIA.\n<|endoftext|><|endoftext|>  <|endoftext|>\n\n",
+        "<|im_start|>user\nhello<|im_end|>\n", "<|mask|> is text", "https://example.org/p?q=1&r=two#frag",
+        "    indented {\n\treturn;\n}", "!!!???...---", "Ωμέγα, Привет, مرحبا, नमस्ते, 한국어, ñ"]
+
+
+def chatml_bpe(hamlet):
+    """A small BPE with ChatML's special tokens after <|endoftext|> (a chat template's tokenizer)."""
+    enc = tok.train_bpe(hamlet[:20000], 300)
+    specials = {tok.EOT: 299, CHATML[0]: 300, CHATML[1]: 301}
+    return tok.tiktoken.Encoding("chatml-test", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                                 special_tokens=specials)
+
+
+@pytest.fixture(scope="module", params=["bpe", "gpt2", "chatml", "smollm2"])
+def saved(request, hamlet, tmp_path_factory):
+    """(encoding, folder saved by tok.save) for the project's BPE, GPT-2, a ChatML BPE, and SmolLM2's
+    tokenizer when pretrained.py has converted it on this machine (never converted here)."""
+    name = request.param
+    if name == "smollm2":
+        folder = checkpoint.pretrained_dir()
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            pytest.skip("SmolLM2 is not converted on this machine (python -c 'import pretrained; pretrained.smollm2_dir()')")
+        enc = tok.load(folder)
+    else:
+        enc = {"bpe": lambda: tok.train_bpe(hamlet[:60000], 600), "gpt2": tok.gpt2,
+               "chatml": lambda: chatml_bpe(hamlet)}[name]()
+    folder = tmp_path_factory.mktemp(name)
+    tok.save(enc, folder, context=4096)
+    return enc, folder
+
+
+def test_tokenizers_library_gives_our_ids(saved, hamlet):
+    """tokenizer.json read by the `tokenizers` library: the same ids as ours, with special tokens
+    (allowed_special="all") or as text (encode_ordinary), and the same text back."""
+    Tokenizer = pytest.importorskip("tokenizers").Tokenizer
+    enc, folder = saved
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert hf.get_vocab_size(with_added_tokens=True) == enc.n_vocab
+    assert hf.id_to_token(enc.n_vocab) is None  # MASK is the model's, not the tokenizer's
+    plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    plain.encode_special_tokens = True
+    dropped = ["a\x04b \x1d c", "x\U00040001y \U000b0000 z"] if enc.name == "smollm2" else []
+    for text in hf_texts(hamlet) + dropped:  # dropped: characters of bytes the vocabulary lacks, dropped by both
+        ids = enc.encode(text, allowed_special="all")
+        assert hf.encode(text, add_special_tokens=False).ids == ids, repr(text)
+        assert plain.encode(text, add_special_tokens=False).ids == enc.encode_ordinary(text), repr(text)
+        assert hf.decode(ids, skip_special_tokens=False) == enc.decode(ids)
+        assert enc.decode(ids) == text or text in dropped
+
+
+def test_transformers_autotokenizer_loads_the_folder(saved, hamlet, monkeypatch):
+    """AutoTokenizer.from_pretrained(folder), offline: the same ids, the reply-ending token, the
+    context, and for a ChatML tokenizer the chat template of tok.chat_ids."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    enc, folder = saved
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert len(hf) == enc.n_vocab and hf.model_max_length == 4096
+    chat = tok.has_chat_template(enc)
+    assert hf.eos_token == ("<|im_end|>" if chat else tok.EOT) and hf.eos_token_id in tok.stop_ids(enc)
+    for text in hf_texts(hamlet):
+        ids = enc.encode(text, allowed_special="all")
+        assert hf.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert hf.decode(ids) == text
+    if chat:
+        for messages in ([{"role": "user", "content": "What is the capital of France?"}],
+                         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]):
+            ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            assert ids == tok.chat_ids(enc, messages)
+    else:
+        assert hf.chat_template is None

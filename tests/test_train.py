@@ -77,7 +77,8 @@ def test_tiny_run_lowers_both_losses(corpus, tmp_path):
     assert it == 60
     assert val_task < first[2] - 1.0 and val_clean < first[3] - 1.0, (first, st["evals"])
     assert sorted(n for n in os.listdir(f"{tmp_path}/o") if not n.startswith(".")) == [
-        "config.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json", "train_state.json"]
+        "config.json", "model.safetensors", "optimizer.safetensors", "tiktoken.json", "tokenizer.json",
+        "tokenizer_config.json", "train_state.json"]
     Model.load(f"{tmp_path}/o")  # the checkpoint loads
 
 
@@ -141,8 +142,8 @@ def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeyp
     tokenizer the run used, the checkpoint's."""
     stub = f"{tmp_path}/stub"
     run(TINY + [f"--data={corpus}", f"--out_dir={stub}", "--max_iters=1"])
-    enc = json.load(open(f"{stub}/tokenizer.json"))
-    json.dump({**enc, "name": "smollm2"}, open(f"{stub}/tokenizer.json", "w"))
+    enc = json.load(open(f"{stub}/tiktoken.json"))
+    json.dump({**enc, "name": "smollm2"}, open(f"{stub}/tiktoken.json", "w"))
     monkeypatch.setattr(pretrained, "smollm2_dir", lambda cache_dir=None: stub)
     monkeypatch.setattr(checkpoint, "pretrained_dir", lambda cache_dir=None: stub)
     out = f"--out_dir={tmp_path}/o"
