@@ -280,7 +280,8 @@ async def chat(body: ChatRequest, request: Request):
         ids = tok.chat_ids(s.enc, [{"role": role, "content": text} for role, text in messages])
         return await generate(request, body, [(ids, "")], max_tokens, [], True, logprobs)
     ids = s.enc.encode_ordinary(chat_prompt(messages))
-    return await generate(request, body, [(ids, "")], max_tokens, [CHAT_STOP], True, logprobs)
+    stops = [] if body.ignore_eos else [CHAT_STOP]  # the blank line ends a reply as EOS does: ignored alike
+    return await generate(request, body, [(ids, "")], max_tokens, stops, True, logprobs)
 
 
 def message_text(m, i):

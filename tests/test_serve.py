@@ -523,6 +523,13 @@ def test_logit_bias_and_ignore_eos(client, ckpt, model_enc):
     r = client.completions.create(model=name, prompt="But soft", max_tokens=10, temperature=0, logit_bias=eot,
                                   extra_body={"ignore_eos": True})
     assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "length", 10)
+    # chat: the blank line that ends a speech stops a reply as EOS does, and ignore_eos ignores it alike
+    nl = {str(enc.encode_ordinary("\n")[0]): 100}
+    chat = dict(model=name, messages=[{"role": "user", "content": "Speak."}], max_tokens=8, temperature=0, logit_bias=nl)
+    r = client.chat.completions.create(**chat)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 8
+    r = client.chat.completions.create(**chat, extra_body={"ignore_eos": True})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 8) and "\n\n" in r.choices[0].message.content
 
 
 def test_every_openai_parameter_has_its_effect_or_a_400(client, ref, ckpt, model_enc):
