@@ -4,7 +4,7 @@
     python isd.py --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
     python isd.py --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
 
-Each step is one forward of a window of W = N*N tokens per request (window_layout):
+Each step is one forward of a window of W = N*N tokens per request (window_layout; N on a cold start):
     [pending, d_1 .. d_K | N-1 masks after pending | N-1 masks after d_1 | .. after d_K]
 `pending` is the last committed token, not yet in the cache; d_1..d_K are the drafts the previous
 step proposed (K = N-1, or 0 on a cold start: the first step after the prompt, and every step at
@@ -91,15 +91,18 @@ class Request:
         return new
 
 
-def window_size(stride, narrow=False):
-    """W = N*N tokens per request per forward: pending + N-1 drafts, and N-1 masks after each of those N;
-    the narrow window, 2N-1: the N-1 masks after the last draft only."""
-    return 2 * stride - 1 if narrow else stride * stride
+def window_size(stride, narrow=False, n_drafts=None):
+    """Tokens a request puts into a forward: pending, its K drafts (K = n_drafts, default N-1) and N-1
+    masks after each of those K+1 (the wide window: N*N when K = N-1), or after the last only (the narrow
+    window: 2N-1). A batch's window is as wide as its widest row needs (a cold start needs N)."""
+    K = stride - 1 if n_drafts is None else n_drafts
+    return K + 1 + (1 if narrow else K + 1) * (stride - 1)
 
 
 @functools.lru_cache(maxsize=None)
-def window_layout(stride, n_drafts, narrow=False):
-    """(relative positions (W,), attention inside the window (W, W)) of a window with K = n_drafts:
+def window_layout(stride, n_drafts, narrow=False, width=None):
+    """(relative positions (W,), attention inside the window (W, W)) of a window with K = n_drafts, W = width
+    (default: window_size, the widest a row needs):
 
         [pending, d_1 .. d_K | group 0 | group 1 | .. | group K | padding]
 
@@ -113,7 +116,7 @@ def window_layout(stride, n_drafts, narrow=False):
     The narrow window keeps group K only: fewer tokens per forward (2N-1), but after a rejection
     nothing has drafted what follows the correction, so the next forward is a cold start."""
     N, K, b = stride, n_drafts, stride - 1
-    W = window_size(N, narrow)
+    W = width or window_size(N, narrow)
     pos, mask = torch.zeros(W, dtype=torch.long), torch.eye(W, dtype=torch.bool)
     pos[:K + 1] = torch.arange(K + 1)
     mask[:K + 1, :K + 1] = torch.ones(K + 1, K + 1, dtype=torch.bool).tril()
@@ -172,7 +175,7 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
          the next N-1 drafts, sampled from its q.
       5. roll back: the cache keeps pending + accepted drafts; rejected drafts and masks go.
     Logits are computed only where they are used: N clean positions and one group of N-1 masks."""
-    N, W, mask_id = stride, window_size(stride, narrow), model.cfg.mask_token_id
+    N, mask_id = stride, model.cfg.mask_token_id
     dev = cache.lengths.device
     rows = torch.as_tensor(rows, device=dev)
 
@@ -180,7 +183,8 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     #    drawn from its own q; none of them is committed yet, so dropping the rest changes nothing else)
     for r in requests:
         r.drafts, r.q = r.drafts[:N - 1], (r.q[:N - 1] if r.drafts[:N - 1] else None)
-    layouts = [window_layout(N, len(r.drafts), narrow) for r in requests]
+    W = max(window_size(N, narrow, len(r.drafts)) for r in requests)  # cold rows alone: N tokens, not N*N
+    layouts = [window_layout(N, len(r.drafts), narrow, W) for r in requests]
     ids = torch.tensor([[r.pending, *r.drafts] + [mask_id] * (W - 1 - len(r.drafts)) for r in requests], device=dev)
     pos, mask = (torch.stack(x).to(dev) for x in zip(*layouts))
     hidden = model(ids, pos=pos, mask=mask, cache=cache, rows=rows, hidden_only=True)

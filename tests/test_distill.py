@@ -172,6 +172,9 @@ def test_window_forward_equals_full_forward_of_what_each_slot_sees(stride, max_s
         assert seen["ids"][1:K + 1] == drafts
         assert seen["ids"][0] == committed[-1]  # pending
         slots, see = brute_layout(N, K)
+        W = len(seen["ids"])  # one row: the window is what it needs, the full layout less its padding
+        assert W == isd.window_size(N, n_drafts=K) and all(role == "pad" for role, *_ in slots[W:])
+        slots, see = slots[:W], [row[:W] for row in see[:W]]
         assert seen["mask"].tolist() == see
         assert seen["offset"] + seen["len"] == len(committed) - 1  # the cache: every committed token but pending
         slid = slid or seen["offset"] > 0

@@ -893,3 +893,35 @@ def test_prompt_logprobs_equal_full_forwards():
     assert_logprobs_equal(isd.prompt_logprobs(model, prompt, 2), ref_logprobs(model, prompt, 1, 2))
     assert isd.prompt_logprobs(model, [4], 2) == []
     assert [top for _, top in isd.prompt_logprobs(model, prompt)] == [[]] * 6
+
+
+def test_a_window_is_as_wide_as_its_widest_row_needs(monkeypatch):
+    """A cold start (no drafts yet) puts pending + N-1 masks into the forward, N tokens, not the N*N of a
+    row with N-1 drafts (2N-1 narrow); a batch pads its rows to the widest. Exactness is tested elsewhere:
+    here the forwards' widths."""
+    model, widths = tiny_model(seed=2), []
+    forward = type(model).forward
+
+    def recorded(self, idx, *a, **kw):
+        widths.append(idx.shape[1])
+        return forward(self, idx, *a, **kw)
+    monkeypatch.setattr(type(model), "forward", recorded)
+    for narrow, steady in ((False, 16), (True, 7)):
+        widths.clear()
+        r = Request([1, 2, 3], 40, 0.0)
+        cache = model.new_cache(1, 80)
+        prefill(model, cache, [0], [r])
+        widths.clear()
+        while not r.done:
+            had = len(r.drafts)
+            isd_step(model, cache, [0], [r], 4, narrow)
+            assert widths[-1] == (steady if had else 4), (narrow, had, widths)
+        assert steady in widths and 4 in widths
+    a, b = Request([1, 2, 3], 9, 0.0), Request([4, 5], 9, 0.0)  # a with drafts, b cold: the batch is wide
+    cache = model.new_cache(2, 40)
+    prefill(model, cache, [0], [a])
+    isd_step(model, cache, [0], [a], 4)
+    prefill(model, cache, [1], [b])
+    widths.clear()
+    isd_step(model, cache, [0, 1], [a, b], 4)
+    assert widths == [16] and a.out + b.out
