@@ -50,7 +50,7 @@ def start_server(out_dir, options, threads):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", *options],
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", "--no_access_log", *options],
                             cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
     url = f"http://127.0.0.1:{port}"
     while proc.poll() is None:

@@ -66,6 +66,7 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: the usage so far in every chunk (guidellm sends it)
     include_obfuscation: bool | None = None
 
 
@@ -425,7 +426,8 @@ async def generate(request, body, prompts, max_tokens, stops, chat, logprobs):
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": s.model_name}
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        options = body.stream_options or StreamOptions()
+        include_usage = "every" if options.continuous_usage_stats else bool(options.include_usage)
         return StreamingResponse(stream_chunks(s, choices, events, head, chat, include_usage, logprobs),
                                  media_type="text/event-stream")
     await wait(request, s.sched, choices, events)
@@ -541,8 +543,9 @@ def event(head, chat, choices, **more):
 
 async def stream_chunks(s, choices, events, head, chat, include_usage, logprobs):
     """The events of a streamed request: per choice (each chunk names its index) the echoed prompt, its
-    text as it is committed with the logprobs asked for, its finish reason; then the usage if asked,
-    [DONE]. The requests are cancelled if the client goes away."""
+    text as it is committed with the logprobs asked for, its finish reason; then the usage if asked
+    (include_usage "every": the usage so far in each text chunk too), [DONE]. The requests are cancelled
+    if the client goes away."""
     try:
         for c in choices:  # chat: the role first, as OpenAI does; completions: the echoed prompt
             if chat:
@@ -562,7 +565,8 @@ async def stream_chunks(s, choices, events, head, chat, include_usage, logprobs)
                 break
             if delta or items:
                 lp = logprobs_of(s, chat, items) if items is not None else None
-                yield event(head, chat, [stream_choice(chat, index, delta, None, lp)])
+                more = {"usage": usage(choices)} if include_usage == "every" else {}
+                yield event(head, chat, [stream_choice(chat, index, delta, None, lp)], **more)
             if reason:
                 yield event(head, chat, [stream_choice(chat, index, "", reason)])
                 left -= 1

@@ -503,6 +503,21 @@ def test_echo_scores_a_prompt(client, ref, ckpt, model_enc):
     assert client.completions.create(model=name, prompt=prompt, max_tokens=0, echo=True).choices[0].text == prompt
 
 
+def test_continuous_usage_stats_as_guidellm_sends_it(server, ckpt):
+    """guidellm's default request, verbatim in form: chat content as parts, max_completion_tokens, ignore_eos,
+    stream_options with vLLM's continuous_usage_stats: every text chunk carries the usage so far."""
+    body = {"model": os.path.basename(ckpt), "stream": True, "max_completion_tokens": 12, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "But soft, what light"}]}]}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    counts = [c["usage"]["completion_tokens"] for c in texts]
+    assert texts and all(c.get("usage") for c in texts) and counts == sorted(counts)
+    assert chunks[-1]["usage"]["completion_tokens"] == 12 and not chunks[-1]["choices"]
+
+
 def test_logit_bias_and_ignore_eos(client, ckpt, model_enc):
     name, enc = os.path.basename(ckpt), model_enc[1]
     ids = enc.encode_ordinary("But soft")
