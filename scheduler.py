@@ -101,6 +101,8 @@ def held_back(text, stops):
 
 
 MODES = ("wide", "narrow", "ar")  # a step's window: N*N tokens per row, 2N-1, or 1 (isd_step at stride 1)
+EXPLORE = 64  # steps: a mode the policy has not chosen for this long runs once, so that its time and the
+# acceptance it would see are measured again (they drift: longer contexts, other prompts)
 
 
 def expected_tpf(mode, alpha, stride):
@@ -127,6 +129,7 @@ class Scheduler:
         self.policy = "fixed" if stride == 1 else policy  # stride 1 is AR: nothing to choose
         self.step_time = {}  # (mode, rows) -> seconds of an isd_step, measured (calibrate, then a running mean)
         self.alpha = 0.5  # running acceptance of all drafts: the prior of a request with few of its own
+        self.last_step = {}  # mode -> the step it last ran (a mode left unused for EXPLORE steps runs once)
         self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
         # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
@@ -213,6 +216,9 @@ class Scheduler:
         modes = self.modes()
         if len(modes) == 1:
             return modes[0]
+        stale = [m for m in modes if self.counters["steps"] - self.last_step.get(m, 0) > EXPLORE]
+        if stale:
+            return stale[0]
         prior = 8  # drafts' worth of weight on the batch's acceptance
         alphas = [(r.stats.acceptance_sum + prior * self.alpha) / (r.stats.drafts_verified + prior) for r in reqs]
         rate = {m: sum(expected_tpf(m, a, self.stride) for a in alphas) / self.cost(m, len(reqs)) for m in modes}
@@ -349,6 +355,7 @@ class Scheduler:
             self.alpha = 0.9 * self.alpha + 0.1 * accepted / drafts
         self.counters["steps"] += 1
         self.counters[f"steps_{mode}"] += 1
+        self.last_step[mode] = self.counters["steps"]
         self.counters["row_forwards"] += len(ready)
         return committed
 

@@ -18,7 +18,7 @@ import isd  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
-from scheduler import MODES, Scheduler, SettingError, expected_tpf, held_back  # noqa: E402
+from scheduler import EXPLORE, MODES, Scheduler, SettingError, expected_tpf, held_back  # noqa: E402
 
 TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\nCafé naïve — “quotes” ½\n\n" * 20
 
@@ -259,6 +259,10 @@ def test_the_policy_picks_what_commits_the_most_per_second(me):
     assert s.choose_mode([sure]) == "wide"  # 3.9 tokens for 1.5 s vs 1 token for 1 s
     assert s.choose_mode([unsure]) == "ar"
     assert s.choose_mode([sure] * 8) == "narrow"  # 8 rows: wide costs 4x AR, narrow 2x (tpf 3.8 each)
+    assert s.choose_mode([unsure] * 8) == "ar"
+    s.counters["steps"], s.last_step = 100, {"ar": 100, "wide": 99, "narrow": 100 - EXPLORE - 1}
+    assert s.choose_mode([unsure] * 8) == "narrow"  # unused for EXPLORE steps: measured again, once
+    s.last_step["narrow"] = 100
     assert s.choose_mode([unsure] * 8) == "ar"
     assert s.cost("wide", 4) == pytest.approx(1.5 + 6.5 * 3 / 7)  # between the row counts measured
     fixed = Scheduler(model, enc, stride=4, max_batch=8, policy="fixed", narrow=True)
