@@ -101,7 +101,7 @@ def held_back(text, stops):
 
 
 MODES = ("wide", "narrow", "ar")  # a step's window: N*N tokens per row, 2N-1, or 1 (isd_step at stride 1)
-EXPLORE = 64  # steps: a mode the policy has not chosen for this long runs once, so that its time and the
+EXPLORE = 256  # steps: a mode the policy has not chosen for this long runs once, so that its time and the
 # acceptance it would see are measured again (they drift: longer contexts, other prompts)
 
 
@@ -244,7 +244,9 @@ class Scheduler:
         the running mean takes over from there. The best of `steps` steps after one that gives the rows drafts."""
         B = len(self.slots)
         for rows in sorted({min(2 ** k, B) for k in range(B.bit_length() + 1)}):
-            reqs = [isd.Request([(7 * i + 3) % self.model.cfg.mask_token_id] * 8, 10 ** 6, temperature=0)
+            # sampled requests: their steps cost more than greedy ones (softmaxes, noise), and it is for them
+            # that ISD is a close call; a greedy batch's own running mean corrects the chosen mode's time
+            reqs = [isd.Request([(7 * i + 3) % self.model.cfg.mask_token_id] * 8, 10 ** 6, temperature=1.0, seed=i)
                     for i in range(rows)]
             self.cache.reset(list(range(rows)))
             isd.prefill(self.model, self.cache, list(range(rows)), reqs)
