@@ -73,6 +73,36 @@ def has_adapter(out_dir):
     return os.path.isfile(os.path.join(out_dir, "adapter.json"))
 
 
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """A gated LoRA adapter's config, adapter.json (lora.py and mlx_port/lora.py build the adapter)."""
+    rank: int = 8
+    alpha: float = 16.0  # the scale s is alpha / rank
+    base: str = "smollm2"  # the frozen model: a pretrained name, or a checkpoint folder (relative: to the adapter's)
+    targets: tuple = TARGETS
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not set(self.targets) <= set(TARGETS):
+            raise ValueError(f"LoRA targets must be among {TARGETS}, got {self.targets}")
+
+
+def adapter_config(out_dir):
+    """The LoraConfig of the adapter in out_dir (its adapter.json)."""
+    path = os.path.join(out_dir, "adapter.json")
+    with open(path) as f:
+        d = json.load(f)
+    known = {f.name for f in fields(LoraConfig)}
+    if not set(d) <= known:
+        raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}")
+    return LoraConfig(**d)
+
+
 def base_of(out_dir, base):
     """The base model of the adapter in out_dir whose adapter.json says `base`: a pretrained name, an
     absolute folder, or a folder relative to out_dir (distill.py writes out/distilled/ with base "..")."""

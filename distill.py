@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -34,43 +34,8 @@ import pretrained
 import tokenizer as tok
 from isd import Request, decode
 from model import Model, idlm_logits
-from options import one_cycle_lr
+from options import DistillConfig, one_cycle_lr
 
-
-
-@dataclass
-class DistillConfig:
-    rollouts: str = "both"  # greedy | sampled | both (half each) | none (the training text itself)
-    target: str = "mixed"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
-    # mixed (with rollouts=both): hard on the greedy rollouts, soft on the sampled ones
-    temperature: float = 0.8  # of sampled rollouts and of soft targets
-    n_rollouts: int = 1024
-    prompt_len: int = 16  # rollouts continue prompts of this many tokens of training text
-    seq_len: int = 128  # prompt + continuation
-    rank: int = 32
-    lora_alpha: float = 32.0
-    targets: str = "gate_proj,up_proj,down_proj"  # the MLP only: 3 hooks a layer instead of 7 (docs/distillation.md)
-    lr: float = 3e-3
-    iters: int = 1000
-    batch_size: int = 16
-    seed: int = 1337
-
-    def __post_init__(self):
-        if self.rollouts not in ("greedy", "sampled", "both", "none"):
-            raise ValueError(f"rollouts must be greedy, sampled, both or none, got {self.rollouts!r}")
-        if self.target not in ("hard", "soft", "mixed"):
-            raise ValueError(f"target must be hard, soft or mixed, got {self.target!r}")
-        if (self.target == "mixed") != (self.rollouts == "both"):
-            raise ValueError("target=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both")
-        if self.rollouts == "none" and self.target == "hard":
-            raise ValueError("rollouts=none with target=hard is ordinary training: use target=soft")
-        if not 0 < self.prompt_len < self.seq_len:
-            raise ValueError(f"need 0 < prompt_len < seq_len, got {self.prompt_len} and {self.seq_len}")
-        for k in ("n_rollouts", "rank", "iters", "batch_size"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @torch.no_grad()

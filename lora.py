@@ -13,10 +13,8 @@ The adapter is a module of its own, attached as `model.lora` and applied by forw
 is unchanged and a model without an adapter runs exactly as before. Only the adapter is saved
 (adapter.safetensors + adapter.json, which names the base model).
 """
-import json
 import math
 import os
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -26,25 +24,8 @@ from safetensors.torch import load_file
 import checkpoint
 import pretrained
 import tokenizer as tok
+from checkpoint import TARGETS, LoraConfig  # noqa: F401 (adapter.json's fields; lora.TARGETS)
 from model import Model, save_module
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0  # the scale s is alpha / rank
-    base: str = "smollm2"  # the frozen model: a pretrained name, or a checkpoint folder (relative: to the adapter's)
-    targets: tuple = TARGETS
-
-    def __post_init__(self):
-        self.targets = tuple(self.targets)
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not set(self.targets) <= set(TARGETS):
-            raise ValueError(f"LoRA targets must be among {TARGETS}, got {self.targets}")
-
 
 class GatedLoRA(nn.Module):
     """A (rank x in) and B (out x rank) for every target projection of `model`. B starts at zero
@@ -101,13 +82,7 @@ def save_adapter(lora, out_dir, metadata=None):
 
 def load_adapter(out_dir):
     """(LoraConfig, state dict) of the adapter in out_dir."""
-    path = os.path.join(out_dir, "adapter.json")
-    with open(path) as f:
-        d = json.load(f)
-    known = {f.name for f in fields(LoraConfig)}
-    if not set(d) <= known:
-        raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}")
-    return LoraConfig(**d), load_file(os.path.join(out_dir, "adapter.safetensors"))
+    return checkpoint.adapter_config(out_dir), load_file(os.path.join(out_dir, "adapter.safetensors"))
 
 
 def load_model(source, device="cpu"):

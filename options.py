@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import checkpoint
 import data
@@ -206,6 +207,42 @@ def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, fin
             pct = (step - start) / (end - start) if end != start else 1.0
             return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
         start = end
+
+
+@dataclass
+class DistillConfig:
+    """Self-distillation's options (distill.py and mlx_port/distill.py; docs/distillation.md)."""
+    rollouts: str = "both"  # greedy | sampled | both (half each) | none (the training text itself)
+    target: str = "mixed"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
+    # mixed (with rollouts=both): hard on the greedy rollouts, soft on the sampled ones
+    temperature: float = 0.8  # of sampled rollouts and of soft targets
+    n_rollouts: int = 1024
+    prompt_len: int = 16  # rollouts continue prompts of this many tokens of training text
+    seq_len: int = 128  # prompt + continuation
+    rank: int = 32
+    lora_alpha: float = 32.0
+    targets: str = "gate_proj,up_proj,down_proj"  # the MLP only: 3 hooks a layer instead of 7 (docs/distillation.md)
+    lr: float = 3e-3
+    iters: int = 1000
+    batch_size: int = 16
+    seed: int = 1337
+
+    def __post_init__(self):
+        if self.rollouts not in ("greedy", "sampled", "both", "none"):
+            raise ValueError(f"rollouts must be greedy, sampled, both or none, got {self.rollouts!r}")
+        if self.target not in ("hard", "soft", "mixed"):
+            raise ValueError(f"target must be hard, soft or mixed, got {self.target!r}")
+        if (self.target == "mixed") != (self.rollouts == "both"):
+            raise ValueError("target=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both")
+        if self.rollouts == "none" and self.target == "hard":
+            raise ValueError("rollouts=none with target=hard is ordinary training: use target=soft")
+        if not 0 < self.prompt_len < self.seq_len:
+            raise ValueError(f"need 0 < prompt_len < seq_len, got {self.prompt_len} and {self.seq_len}")
+        for k in ("n_rollouts", "rank", "iters", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 def decays(ndim, cfg):

@@ -19,7 +19,7 @@ adapter moves between the frameworks either way.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -30,24 +30,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import checkpoint
 import tokenizer as tok
+from checkpoint import TARGETS, LoraConfig  # noqa: F401 (adapter.json's fields; mlx_port.lora.TARGETS)
 from mlx_port.model import Model, pick_device
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0  # the scale s is alpha / rank
-    base: str = "smollm2"  # the frozen model: a pretrained name, or a checkpoint folder (relative: to the adapter's)
-    targets: tuple = TARGETS
-
-    def __post_init__(self):
-        self.targets = tuple(self.targets)
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not set(self.targets) <= set(TARGETS):
-            raise ValueError(f"LoRA targets must be among {TARGETS}, got {self.targets}")
 
 
 class GatedLoRA(nn.Module):
@@ -140,13 +124,7 @@ def save_adapter(lora, out_dir, metadata=None):
 
 def load_adapter(out_dir):
     """(LoraConfig, state dict) of the adapter in out_dir."""
-    path = os.path.join(out_dir, "adapter.json")
-    with open(path) as f:
-        d = json.load(f)
-    known = {f.name for f in fields(LoraConfig)}
-    if not set(d) <= known:
-        raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}")
-    return LoraConfig(**d), mx.load(os.path.join(out_dir, "adapter.safetensors"))
+    return checkpoint.adapter_config(out_dir), mx.load(os.path.join(out_dir, "adapter.safetensors"))
 
 
 def load_model(source, device=None):
