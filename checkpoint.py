@@ -123,6 +123,25 @@ def pretrained_dir(cache_dir=None):
     return os.path.join(cache_dir or CACHE_DIR, "smollm2-135m-instruct-q4_1")
 
 
+def converted_pretrained():
+    """pretrained_dir() once the conversion is there; else a ValueError saying what to run (the MLX side
+    and the trainers' --init_from read it but cannot convert it)."""
+    folder = pretrained_dir()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{PRETRAINED} is not converted yet ({folder} has no config.json): convert it once with "
+                         f"PyTorch, python isd.py --init_from={PRETRAINED}")
+    return folder
+
+
+def check_decodable(source):
+    """Refuse a checkpoint folder that ISD (and AR decoding) cannot read: a masked-diffusion LM has no clean
+    causal stream."""
+    objective = training_config(source).get("objective", "idlm")
+    if objective not in ("idlm", "ar"):
+        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
+                         f"use python dlm.py --out_dir={source}")
+
+
 def training_config(out_dir):
     """train.py's options for the checkpoint in out_dir ({} if it has no train_state.json)."""
     path = os.path.join(out_dir, "train_state.json")

@@ -94,8 +94,5 @@ def load_model(source, device="cpu"):
         lcfg, state = load_adapter(source)
         model, enc = load_model(checkpoint.base_of(source, lcfg.base), device)
         return add_adapter(model, lcfg, state).eval(), enc
-    objective = checkpoint.training_config(source).get("objective", "idlm")
-    if objective not in ("idlm", "ar"):  # no clean causal stream: ISD (and AR decoding) would read nonsense
-        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
-                         f"use python dlm.py --out_dir={source}")
+    checkpoint.check_decodable(source)
     return Model.load(source, device=device).eval(), tok.load(source)

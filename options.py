@@ -106,9 +106,9 @@ def parse_args(argv=None, doc=None):
                                         "and sampled continuations, a gated LoRA adapter in out_dir/distilled) for "
                                         "this many steps; "
                                         "0 = off (default: 1000 for the cpu preset, else 0)")
-    a("--ar_iters", type=int, help=f"the paper's recipe: pretrain an AR model for this many of the --max_iters steps "
+    a("--ar_iters", type=int, help="the paper's recipe: pretrain an AR model for this many of the --max_iters steps "
                                    "(in out_dir/ar), then convert it into an I-DLM with the introspective loss for the "
-                                   "rest; 0 = train the I-DLM from scratch (default: {PRESETS['cpu']['ar_iters']} for the cpu preset, else 0; "
+                                   f"rest; 0 = train the I-DLM from scratch (default: {PRESETS['cpu']['ar_iters']} for the cpu preset, else 0; "
                                    "only for an I-DLM from scratch: not with --init_from, --lora or another --objective)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
@@ -290,10 +290,10 @@ def checkpoint_folder(path, what):
     """`path`, or the converted checkpoint folder of a pretrained name (smollm2; train.py converts it before
     it starts); a UsageError if none."""
     if path == PRETRAINED:
-        path = checkpoint.pretrained_dir()
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"{what}={PRETRAINED}: not converted yet; python isd.py --init_from={PRETRAINED} "
-                             f"converts it once (PyTorch reads the GGUF file)")
+        try:
+            path = checkpoint.converted_pretrained()
+        except ValueError as e:
+            raise UsageError(f"{what}={PRETRAINED}: {e}") from None
     if not os.path.isdir(path):
         raise UsageError(f"{what}={path}: no such folder")
     return path

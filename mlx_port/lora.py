@@ -133,17 +133,11 @@ def load_model(source, device=None):
     (adapter.json: its base model + the adapter). `device`: auto (MLX's default), cpu or gpu."""
     mx.set_default_device(pick_device(device))
     if source == checkpoint.PRETRAINED:  # converted by PyTorch once (the GGUF file is read with torch)
-        folder = checkpoint.pretrained_dir()
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ValueError(f"{source} is not converted yet ({folder} has no config.json): convert it once with "
-                             f"PyTorch, python isd.py --init_from={source}")
+        folder = checkpoint.converted_pretrained()
         return Model.load(folder).eval(), tok.load(folder)
     if checkpoint.has_adapter(source):
         lcfg, state = load_adapter(source)
         model, enc = load_model(checkpoint.base_of(source, lcfg.base), device)
         return add_adapter(model, lcfg, state).eval(), enc
-    objective = checkpoint.training_config(source).get("objective", "idlm")
-    if objective not in ("idlm", "ar"):  # no clean causal stream: ISD (and AR decoding) would read nonsense
-        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
-                         f"use python dlm.py --out_dir={source}")
+    checkpoint.check_decodable(source)
     return Model.load(source).eval(), tok.load(source)
