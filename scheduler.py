@@ -101,8 +101,9 @@ def held_back(text, stops):
 
 
 MODES = ("wide", "narrow", "ar")  # a step's window: N*N tokens per row, 2N-1, or 1 (isd_step at stride 1)
-EXPLORE = 256  # steps: a mode the policy has not chosen for this long runs once, so that its time and the
-# acceptance it would see are measured again (they drift: longer contexts, other prompts)
+EXPLORE = 256  # steps: a mode the policy has not chosen for this long runs (an ISD mode twice: its first step
+# proposes drafts, the second verifies them), so that its time and the acceptance it would see are measured
+# again (they drift: longer contexts, other prompts, an adapter that learns)
 
 
 def expected_tpf(mode, alpha, stride):
@@ -119,7 +120,8 @@ def expected_tpf(mode, alpha, stride):
 
 
 class Scheduler:
-    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256, narrow=False, policy="adaptive"):
+    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256, narrow=False, policy="adaptive",
+                 learner=None):
         for name, v in (("stride", stride), ("max_batch", max_batch), ("prefill_budget", prefill_budget)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -129,9 +131,11 @@ class Scheduler:
         self.policy = "fixed" if stride == 1 else policy  # stride 1 is AR: nothing to choose
         self.step_time = {}  # (mode, rows) -> seconds of an isd_step, measured (calibrate, then a running mean)
         self.alpha = 0.5  # running acceptance of all drafts: the prior of a request with few of its own
-        self.last_step = {}  # mode -> the step it last ran (a mode left unused for EXPLORE steps runs once)
+        self.last_step = {}  # mode -> the step it last ran (a mode left unused for EXPLORE steps runs again)
+        self.probe = None  # an explored ISD mode, for the step that verifies its drafts
         self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
+        self.learner = learner  # learn.Learner: finished requests go to it, its new adapters come in between steps
         # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
         self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + isd.window_size(stride) + prefill_budget)
         self.slots = [None] * max_batch
@@ -146,6 +150,8 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     def start(self):
+        if self.learner is not None:
+            self.learner.start()
         self.thread.start()
         return self
 
@@ -172,7 +178,8 @@ class Scheduler:
         try:
             req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed,
                               () if ignore_eos else self.stop_ids, logit_bias=dict(logit_bias or {}) or None,
-                              logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0)
+                              logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0,
+                              trace=None if self.learner is None else [])
         except SettingError as e:  # the API's name for max_new_tokens
             raise SettingError("max_tokens" if e.param == "max_new_tokens" else e.param, str(e)) from None
         job = Job(req, stop, listener)
@@ -189,6 +196,8 @@ class Scheduler:
         self.inbox.put(None)
         if self.thread.is_alive():
             self.thread.join()
+        if self.learner is not None:
+            self.learner.stop()
 
     def metrics(self):
         """Counters and gauges for /metrics (read from any thread)."""
@@ -216,8 +225,12 @@ class Scheduler:
         modes = self.modes()
         if len(modes) == 1:
             return modes[0]
+        if self.probe is not None:
+            mode, self.probe = self.probe, None
+            return mode
         stale = [m for m in modes if self.counters["steps"] - self.last_step.get(m, 0) > EXPLORE]
         if stale:
+            self.probe = None if stale[0] == "ar" else stale[0]
             return stale[0]
         prior = 8  # drafts' worth of weight on the batch's acceptance
         alphas = [(r.stats.acceptance_sum + prior * self.alpha) / (r.stats.drafts_verified + prior) for r in reqs]
@@ -301,6 +314,8 @@ class Scheduler:
         if self.policy == "adaptive" and not self.step_time:  # the first step, before any row is in use
             self.calibrate()
         t0 = time.perf_counter()
+        if self.learner is not None:
+            self.learner.swap(self.model)  # between steps: drafts of the old adapter stay exact (see learn.py)
         self._admit()
         self._prefill()
         ready = [j for j in self.slots if j is not None and j.ready]
@@ -417,6 +432,8 @@ class Scheduler:
         st.wall_s = job.finished_at - job.submitted
         if reason in ("stop", "length"):
             self.histograms["e2e_request_latency_seconds"].observe(st.wall_s)
+            if self.learner is not None:
+                self.learner.observe(job.req)
         self.counters[f"requests_{reason}"] += 1
         self.counters["drafts_verified"] += st.drafts_verified
         self.counters["acceptance_sum"] += st.acceptance_sum

@@ -38,6 +38,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +48,7 @@ from starlette.exceptions import HTTPException
 
 import checkpoint
 import isd
+import learn
 import lora
 import tokenizer as tok
 from decoding import Stats
@@ -226,7 +228,9 @@ async def model(model_id: str, request: Request):
 
 async def metrics(request: Request):
     sched = request.app.state.sched
-    return PlainTextResponse(metrics_text(sched.metrics(), sched.histograms), media_type="text/plain; version=0.0.4")
+    learned = sched.learner.metrics() if sched.learner is not None else None
+    return PlainTextResponse(metrics_text(sched.metrics(), sched.histograms, learned),
+                             media_type="text/plain; version=0.0.4")
 
 
 async def completions(body: CompletionRequest, request: Request):
@@ -714,6 +718,20 @@ METRICS = [  # name, type, help, key in Scheduler.metrics()
     ("idlm_slots", "gauge", "Slots of the resident batch (max_batch).", "slots"),
     ("idlm_step_seconds_total", "counter", "Time spent in scheduler steps.", "step_seconds"),
 ]
+LEARN_METRICS = [  # with --learn: name, type, help, key in learn.Learner.metrics()
+    ("idlm_learn_steps_total", "counter", "Training steps of the learner.", "steps"),
+    ("idlm_learn_examples_total", "counter", "Finished requests the learner took as examples.", "examples"),
+    ("idlm_learn_examples_buffered", "gauge", "Examples in the learner's buffer.", "buffered"),
+    ("idlm_learn_trained_tokens_total", "counter", "Target tokens trained on (with repeats).", "trained_tokens"),
+    ("idlm_learn_swaps_total", "counter", "New adapters swapped into the serving model between steps.", "swaps"),
+    ("idlm_learn_saves_total", "counter", "Adapters written to --learn_save.", "saves"),
+    ("idlm_learn_seconds_total", "counter", "Time the learner spent training.", "seconds"),
+    ("idlm_learn_loss", "gauge", "The learner's last training loss.", "loss"),
+    ("idlm_learn_failed", "gauge", "1 if the learner stopped on an error (its traceback is in the log).", "failed"),
+    ("idlm_recent_tokens_per_forward", "gauge", "TPF over the last 64 finished requests.", "recent_tokens_per_forward"),
+    ("idlm_recent_acceptance_rate", "gauge", "Acceptance rate over the last 64 finished requests.",
+     "recent_acceptance_rate"),
+]
 HISTOGRAMS = {  # Scheduler.histograms' names: help
     "time_to_first_token_seconds": "From submission to the request's first committed token.",
     "inter_token_latency_seconds": "Between a request's commits, per token (a forward's n tokens share its time).",
@@ -721,15 +739,16 @@ HISTOGRAMS = {  # Scheduler.histograms' names: help
 }
 
 
-def metrics_text(m, histograms):
-    """Prometheus text exposition format."""
+def metrics_text(m, histograms, learned=None):
+    """Prometheus text exposition format (`learned`: the learner's metrics, with --learn)."""
     lines = ["# HELP idlm_requests_total Finished requests by finish reason.", "# TYPE idlm_requests_total counter"]
     lines += [f'idlm_requests_total{{finish_reason="{r}"}} {m[f"requests_{r}"]}' for r in REASONS]
     lines += ["# HELP idlm_steps_total Decoding steps by the mode the policy chose (wide, narrow window; ar: stride 1).",
               "# TYPE idlm_steps_total counter"]
     lines += [f'idlm_steps_total{{mode="{mode}"}} {m[f"steps_{mode}"]}' for mode in MODES]
-    for name, kind, text, key in METRICS:
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {m[key]}"]
+    for values, table in ((m, METRICS), (learned, LEARN_METRICS if learned else [])):
+        for name, kind, text, key in table:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {values[key]}"]
     for key, text in HISTOGRAMS.items():
         h, name = histograms[key], f"idlm_{key}"
         lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
@@ -737,6 +756,11 @@ def metrics_text(m, histograms):
                   zip(h.bounds, list(h.counts))]
         lines += [f"{name}_sum {h.sum}", f"{name}_count {h.count}"]
     return "\n".join(lines) + "\n"
+
+
+def base_model(a, source):
+    """The base model being served: a pretrained name, or the folder of the checkpoint under the adapter."""
+    return a.init_from or (checkpoint.adapter_base(source) if checkpoint.has_adapter(source) else source)
 
 
 def main(argv=None):
@@ -763,13 +787,30 @@ def main(argv=None):
     p.add_argument("--api_key", default=os.environ.get("IDLM_API_KEY") or None,
                    help="answer /v1 only to 'Authorization: Bearer KEY' (default: $IDLM_API_KEY, else open)")
     p.add_argument("--no_access_log", action="store_true", help="no access-log line per request on stderr")
+    p.add_argument("--learn", action="store_true", help="learn the speculator from the traffic (learn.py): finished "
+                   "requests train the gated adapter in a thread beside the scheduler (from a cold one if the model has "
+                   "none); outputs stay the base model's, only speed moves. Halves torch's threads: the learner takes the rest")
+    p.add_argument("--learn_share", type=float, default=None,
+                   help=f"with --learn: the fraction of wall time the learner may train (default {learn.LearnConfig.share})")
+    p.add_argument("--learn_save", metavar="DIR", help="with --learn: write the adapter to DIR now and then and at "
+                   "shutdown (atomically); a server started with the same DIR continues from the adapter there")
     p.add_argument("--shutdown_timeout", type=float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds to let running requests finish before cancelling them (default 10)")
     a = p.parse_args(argv)
+    if (a.learn_save or a.learn_share is not None) and not a.learn:
+        p.error("--learn_save and --learn_share go with --learn")
     try:
         source = a.init_from or (a.out_dir if a.base else checkpoint.distilled_or_base(a.out_dir))
+        base, share = base_model(a, source), learn.LearnConfig.share if a.learn_share is None else a.learn_share
+        learner_cfg = learn.LearnConfig(share=share) if a.learn else None
+        if a.learn_save and checkpoint.has_adapter(a.learn_save):  # a restart continues from the learned adapter
+            source = learn.resume_source(a.learn_save, base)
         model, enc = lora.load_model(source, device=a.device)
-        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow, a.policy)
+        learner = None
+        if a.learn:
+            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+            learner = learn.Learner(model, a.stride, learner_cfg, a.learn_save, base)
+        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow, a.policy, learner)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -782,7 +823,7 @@ def main(argv=None):
         signal.signal(sig, lambda *_: None)
     print(f"serving model '{name}' from {source} (stride {a.stride}, {sched.policy} policy"
           f"{', narrow window' if a.narrow and sched.policy == 'fixed' else ''}, {a.max_batch} slots"
-          f"{', API key required' if a.api_key else ''}) on http://{a.host}:{a.port}/v1",
+          f"{', API key required' if a.api_key else ''}{', learning its speculator' if a.learn else ''}) on http://{a.host}:{a.port}/v1",
           file=sys.stderr, flush=True)
     server.run()
     sched.stop()

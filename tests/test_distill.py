@@ -219,23 +219,29 @@ def slow_half_logits(model, x0, labels, stride):
     return xt_out, x0_out
 
 
-def ref_distill_loss(model, x0, labels, stride, target, temperature):
+def ref_distill_loss(model, x0, labels, stride, target, temperature, hard_rows=None, weights=None):
+    """The loss written out target by target: the mask at position i (xt half) against label i+1
+    (hard) or the clean stream's distribution at position i at temperature T (soft); "mixed": hard for
+    the rows where hard_rows[r], soft elsewhere. weights (B, T): sum(w * l) / sum(w) over the targets,
+    w read at the target's own position i+1 (as labels are); None: the plain mean."""
     xt, x0l = slow_half_logits(model, x0, labels, stride)
     M, V = model.cfg.mask_token_id, model.cfg.vocab_size
     keep = [v for v in range(V) if v != M]
-    terms = []
+    terms, ws = [], []
     for r in range(x0.shape[0]):
+        hard = target == "hard" or (target == "mixed" and bool(hard_rows[r]))
         for i in range(x0.shape[1] - 1):
             y = int(labels[r, i + 1])
             if y == -100:
                 continue
             s = xt[r, i, keep]
-            if target == "hard":
+            if hard:
                 terms.append(-(s[keep.index(y)] - torch.logsumexp(s, 0)))
             else:
                 t = torch.softmax(x0l[r, i, keep] / temperature, 0)
                 terms.append(-(t * torch.log_softmax(s / temperature, 0)).sum())
-    return float(torch.stack(terms).mean())
+            ws.append(1.0 if weights is None else float(weights[r, i + 1]))
+    return sum(w * float(t) for w, t in zip(ws, terms)) / sum(ws)
 
 
 def _distill_case(mask_token_id, dtype_tol, cases=(("hard", 1.0), ("soft", 1.0), ("soft", 0.7))):
@@ -271,6 +277,60 @@ def test_distill_loss_soft_with_mask_not_last_id():
 
 def test_distill_loss_hard_with_mask_not_last_id():
     _distill_case(5, 1e-5, cases=(("hard", 1.0),))
+
+
+def test_weighted_and_mixed_distill_loss_match_the_slow_reference():
+    """weights= (learn.py's rejected tokens weighed up): sum(w * l) / sum(w) over the targets, for hard, soft
+    and mixed targets (hard_rows), in float64; weights on non-targets (the prompt, the first token) count for
+    nothing; all-ones weights give the plain mean; other weights really move the value."""
+    model = lora.add_adapter(tiny_model(seed=12, vocab=12), lora.LoraConfig(rank=2, alpha=2, base=".."))
+    with torch.no_grad():  # a trained adapter: the masks' logits are not the base model's
+        for p in model.lora.B.values():
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(6)
+    x0 = clean_tokens(g, (3, 8), model)
+    labels = x0.clone()
+    labels[0, :3] = -100
+    labels[1, :1] = -100
+    labels[2, :5] = -100
+    hard_rows = torch.tensor([True, False, True])
+    weights = 0.5 + 3 * torch.rand(3, 8, generator=g, dtype=torch.float64)
+    weights[0, 4] = 0.0  # a target that counts for nothing
+    weights[labels == -100] = 1e6  # not targets: must not count
+    weights[:, 0] = 1e6  # never a target (nothing predicts the first token)
+    ones = torch.ones(3, 8, dtype=torch.float64)
+    checked = 0
+    for stride in (2, 3):
+        for target, T in (("hard", 1.0), ("soft", 1.0), ("soft", 0.7), ("mixed", 0.7)):
+            hr = hard_rows if target == "mixed" else None
+            with torch.no_grad():
+                got = distill.distill_loss(model, x0, labels, stride, target, T, hr, weights)
+                plain = float(distill.distill_loss(model, x0, labels, stride, target, T, hr))
+                flat = float(distill.distill_loss(model, x0, labels, stride, target, T, hr, ones))
+            assert got.dtype == torch.float64
+            ref = ref_distill_loss(model, x0, labels, stride, target, T, hard_rows, weights)
+            ref_plain = ref_distill_loss(model, x0, labels, stride, target, T, hard_rows)
+            assert abs(float(got) - ref) < TOL * max(1.0, abs(ref)), (stride, target, T, float(got), ref)
+            assert abs(plain - ref_plain) < TOL * max(1.0, abs(ref_plain)), (stride, target, T)
+            assert abs(flat - ref_plain) < TOL * max(1.0, abs(ref_plain)), (stride, target, T)
+            assert abs(ref - ref_plain) > 1e-3, (stride, target, T)  # the weights matter
+            checked += 1
+        # mixed really mixes: neither all-hard nor all-soft
+        with torch.no_grad():
+            mixed = float(distill.distill_loss(model, x0, labels, stride, "mixed", 0.7, hard_rows, weights))
+        for target in ("hard", "soft"):
+            assert abs(mixed - ref_distill_loss(model, x0, labels, stride, target, 0.7, None, weights)) > 1e-3
+    assert checked == 8
+    # the weighted loss's gradient is the weighted mean of the per-target gradients: a weight of 0 removes
+    # a row's targets from the gradient as from the value
+    only_first = torch.zeros(3, 8, dtype=torch.float64)
+    only_first[0] = 1.0
+    grads = []
+    for x, y, w in ((x0, labels, only_first), (x0[:1], labels[:1], None)):
+        model.lora.zero_grad(set_to_none=True)
+        distill.distill_loss(model, x, y, 3, "hard", 1.0, None, w).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.lora.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-10) and grads[0].abs().max() > 0
 
 
 def test_distill_loss_has_gradients_only_through_the_masks():

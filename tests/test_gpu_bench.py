@@ -1,4 +1,4 @@
-"""gpu_bench.py: the dry run goes through all four stages end to end and writes its results file;
+"""gpu_bench.py: the dry run goes through all five stages end to end and writes its results file;
 without a GPU the real run refuses in one line; a stage's share stops work that would overrun it."""
 import os
 import subprocess
@@ -23,11 +23,11 @@ def run(tmp_path, *args):
 def test_dry_run_end_to_end(tmp_path):
     p = run(tmp_path, "--dry_run")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for i, name in enumerate(["kernel", "train", "smollm2", "serve"], 1):
-        assert f"[{i}/4] {name}: done in" in p.stdout  # a progress line per stage
+    for i, name in enumerate(["kernel", "train", "smollm2", "serve", "learn"], 1):
+        assert f"[{i}/5] {name}: done in" in p.stdout  # a progress line per stage
     text = (tmp_path / "gpu_bench.md").read_text()
     r = gpu_bench.read_results(tmp_path / "gpu_bench.md")
-    assert r["dry_run"] and list(r["stages"]) == ["kernel", "train", "smollm2", "serve"]
+    assert r["dry_run"] and list(r["stages"]) == ["kernel", "train", "smollm2", "serve", "learn"]
     for name, s in r["stages"].items():
         assert s["error"] is None and s["stopped"] is None and 0 < s["wall_s"] < s["share_s"], (name, s)
         assert f"## {name}: done in" in text
@@ -49,8 +49,11 @@ def test_dry_run_end_to_end(tmp_path):
     assert sorted((p["stride"], p["concurrency"]) for p in pts) == [(1, 1), (1, 2), (4, 1), (4, 2)]
     assert all(0 < p["tokens"] <= max(2 * p["concurrency"], z["min_requests"]) * z["serve_tokens"]
                and p["tpf"] >= 1 for p in pts)
+    le = r["stages"]["learn"]
+    assert le["requests"] == z["learn_requests"] and len(le["points"]) == z["learn_requests"] // z["learn_window"]
+    assert all(p["tpf"] >= 1 for p in le["points"]) and le["learner"]["examples"] == z["learn_requests"]
     for header in ("| vocab | rows | reference ms", "| AR tok/s | I-DLM tok/s", "| method | TPF",
-                   "| concurrency | stride 4 tok/s"):
+                   "| concurrency | stride 4 tok/s", "| requests served | TPF"):
         assert header in text
 
 

@@ -261,8 +261,9 @@ def test_the_policy_picks_what_commits_the_most_per_second(me):
     assert s.choose_mode([sure] * 8) == "narrow"  # 8 rows: wide costs 4x AR, narrow 2x (tpf 3.8 each)
     assert s.choose_mode([unsure] * 8) == "ar"
     s.counters["steps"], s.last_step = 100, {"ar": 100, "wide": 99, "narrow": 100 - EXPLORE - 1}
-    assert s.choose_mode([unsure] * 8) == "narrow"  # unused for EXPLORE steps: measured again, once
+    assert s.choose_mode([unsure] * 8) == "narrow"  # unused for EXPLORE steps: measured again,
     s.last_step["narrow"] = 100
+    assert s.choose_mode([unsure] * 8) == "narrow"  # for two steps: the second verifies the first's drafts
     assert s.choose_mode([unsure] * 8) == "ar"
     assert s.cost("wide", 4) == pytest.approx(1.5 + 6.5 * 3 / 7)  # between the row counts measured
     fixed = Scheduler(model, enc, stride=4, max_batch=8, policy="fixed", narrow=True)
