@@ -20,8 +20,9 @@ One KV cache of `max_batch` rows (slots) stays allocated. Each step of the backg
      frees the slot of every finished request (EOS, a stop string, max_tokens, or cancel()).
 Requests join and leave only between steps. Every mode is exact (each committed token follows the model's
 own AR distribution), so greedy text is the model's greedy text whatever the mode; a seeded sampled
-request gives the same text whatever else runs only under --policy=fixed, since the adaptive policy
-changes the window, and with it which random numbers make the text, with the load.
+request gives the same text whatever else runs only under --policy=fixed and without a learner, since
+the adaptive policy changes the window with the load, and a learner (learn.py) the drafts' q with time,
+and with them which random numbers make the text.
 """
 import codecs
 import queue

@@ -16,7 +16,11 @@ or token ids, logprobs, echo, logit_bias are served; penalties, tools, best_of, 
 are refused; an unknown field is refused. Besides OpenAI's parameters, requests take "top_k" and
 "ignore_eos" (with the openai client: extra_body={"top_k": 20}). Sampling is exact ISD: at
 temperature 0 the text is the model's greedy continuation, and a request with a seed gives the same
-text whatever else runs (choice i of n uses seed + i).
+text whatever else runs (choice i of n uses seed + i) under --policy=fixed without --learn (otherwise a
+sample of the same distribution: docs/serving.md).
+
+With --learn the server learns its speculator from the requests it serves (learn.py): outputs stay the
+base model's, only the tokens per forward move.
 
 With --api_key (or IDLM_API_KEY) every /v1 endpoint wants "Authorization: Bearer KEY"; /health and
 /metrics stay open. Each request logs one line on stderr (--no_access_log: none).
