@@ -169,7 +169,8 @@ def generate_all(a, settings, models, prompts):
     for s in settings:  # warm-up
         generate(models[s["folder"]], s["family"], prompts[0], a, 0, s["opts"])
     runs = [{"outs": [], "scores": [], "parallel": [], "stats": Stats()} for _ in settings]
-    bar = tqdm(total=len(settings) * a.n, desc="introspect", file=sys.stderr, disable=a.no_progress)
+    bar = tqdm(total=len(settings) * a.n, desc="introspect", file=sys.stderr,
+               disable=True if a.no_progress else None)  # None: a bar on a terminal only
     for i, p in enumerate(prompts):
         for s, run in zip(settings, runs):
             out, q, parallel, st = generate(models[s["folder"]], s["family"], p, a, a.seed + i, s["opts"])

@@ -15,6 +15,7 @@ exactly as p( . | prefix). Group j of masks (after pending, d_1..d_j) proposes t
 """
 import functools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -379,8 +380,23 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
 # command line: sample from a checkpoint, show the statistics, compare with AR, visualize ISD
 # (decoding.main, shared with mlx_port/isd.py)
 
+SMALL_MODEL = 20_000_000  # parameters: below this a CPU decodes on one torch thread (decode_threads)
+
+
+def decode_threads(model):
+    """Torch threads for decoding `model` on a CPU, unless OMP_NUM_THREADS says: one for a small model, whose
+    matrices are too small to split; with two, a 1M-parameter model decodes 4x slower as soon as anything
+    else runs on a 2-core machine (docs/results.md). Returns the number set."""
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+    if "OMP_NUM_THREADS" not in os.environ and small and next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def load_model(source, device):
-    return lora.load_model(source, device=device or "cpu")
+    model, enc = lora.load_model(source, device=device or "cpu")
+    decode_threads(model)
+    return model, enc
 
 
 def main(argv=None):

@@ -135,7 +135,25 @@ def parse_args(argv=None, doc=None):
     cfg = {**DEFAULTS, **PRESETS[preset], **args, "preset": preset}
     if "ar_iters" not in args and not idlm_from_scratch(cfg):
         cfg["ar_iters"] = 0  # the preset's recipe makes an I-DLM from scratch; this run starts elsewhere
+    scale_recipe(cfg, args)
     return cfg, set(args)
+
+
+def scale_recipe(cfg, args):
+    """A run of another length than its preset's (--max_iters) keeps the recipe's proportions: its AR part
+    (--ar_iters) and its self-distillation (--distill_iters) scale with it, unless given; says so in one line.
+    A quick try (--max_iters=30) takes seconds, not the preset's 1000 distillation steps."""
+    preset_iters = PRESETS[cfg["preset"]].get("max_iters")
+    if "max_iters" not in args or cfg["resume"] or not preset_iters or cfg["max_iters"] == preset_iters:
+        return
+    f, scaled = cfg["max_iters"] / preset_iters, []
+    for k, lo, hi in (("ar_iters", 0, cfg["max_iters"] - 1), ("distill_iters", 1, None)):
+        if k not in args and cfg[k]:
+            cfg[k] = max(lo, min(round(cfg[k] * f), hi or cfg[k] * 10))
+            scaled.append(f"--{k}={cfg[k]}")
+    if scaled:
+        print(f"--max_iters={cfg['max_iters']} ({f:.3g}x the {cfg['preset']} preset's): the recipe scaled with it: "
+              f"{', '.join(scaled)} (give them to choose)")
 
 
 def check_options(cfg, given):
@@ -243,6 +261,14 @@ class DistillConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def distill_config(cfg):
+    """The self-distillation a training run ends with (--distill_iters steps, train.py and mlx_port/train.py): no
+    more rollouts than its steps read, so that a short one is quick."""
+    d = DistillConfig()
+    return DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"],
+                         n_rollouts=min(d.n_rollouts, cfg["distill_iters"] * d.batch_size))
 
 
 def decays(ndim, cfg):

@@ -810,9 +810,9 @@ def main(argv=None):
         if a.learn_save and checkpoint.has_adapter(a.learn_save):  # a restart continues from the learned adapter
             source = learn.resume_source(a.learn_save, base)
         model, enc = lora.load_model(source, device=a.device)
-        learner = None
+        learner, threads = None, isd.decode_threads(model)
         if a.learn:
-            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+            torch.set_num_threads(max(1, threads // 2))
             learner = learn.Learner(model, a.stride, learner_cfg, a.learn_save, base)
         sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow, a.policy, learner)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first

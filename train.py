@@ -33,8 +33,8 @@ import tokenizer as tok
 from checkpoint import PRETRAINED
 from isd import ar_generate
 from model import Model, ar_loss, idlm_loss
-from options import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at, micro_batches,
-                     micro_steps, model_config, parse_args, recipe, run_line, start_from)
+from options import (BETAS, UsageError, check_options, decays, distill_config, evaluates_at, load_data, log_progress,
+                     lr_at, micro_batches, micro_steps, model_config, parse_args, recipe, run_line, start_from)
 
 def pick_device(name):
     if name != "auto":
@@ -267,7 +267,7 @@ def train(cfg, given, rank=0, world=1, device="cpu", ddp=False):
         print("sample:\n" + sample(model, enc, cfg))
         if cfg.get("distill_iters") and cfg["objective"] == "idlm" and not cfg["lora"]:
             log(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
-            dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
+            dcfg = distill_config(cfg)
             distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
 
 

@@ -49,7 +49,8 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     if cfg.rollouts == "none":
         return mx.array(text), mx.array(text)
     n_new, rows, t0 = cfg.seq_len - cfg.prompt_len, [], time.time()
-    for at in tqdm(range(0, cfg.n_rollouts, 256), desc=f"{cfg.rollouts} rollouts", disable=log is None):
+    quiet = True if log is None else None  # tqdm's None: a bar on a terminal only, none in a log file
+    for at in tqdm(range(0, cfg.n_rollouts, 256), desc=f"{cfg.rollouts} rollouts", disable=quiet):
         greedy = [cfg.rollouts == "greedy" or (cfg.rollouts == "both" and at + i < cfg.n_rollouts // 2)
                   for i in range(len(text[at:at + 256]))]
         reqs = [Request(row[:cfg.prompt_len].tolist(), n_new, 0.0 if g else cfg.temperature, seed=cfg.seed + at + i)
@@ -97,7 +98,8 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
     loss_and_grad = nn.value_and_grad(model, lambda x, y, h: distill_loss(model, x, y, stride, cfg.target,
                                                                          cfg.temperature, h))
     key = mx.random.key(cfg.seed)
-    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})", disable=log is None)
+    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})",
+               disable=True if log is None else None)  # None: a bar on a terminal only
     greedy = mx.arange(len(rows)) < len(rows) // 2  # rollouts="both": the greedy half comes first
     for it in bar:
         key, sub = mx.random.split(key)

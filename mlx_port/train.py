@@ -28,8 +28,8 @@ import tokenizer as tok
 from mlx_port import distill
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
-from options import (BETAS, UsageError, check_options, decays, evaluates_at, load_data, log_progress, lr_at,
-                     micro_batches, model_config, parse_args, recipe, run_line, start_from)
+from options import (BETAS, UsageError, check_options, decays, distill_config, evaluates_at, load_data, log_progress,
+                     lr_at, micro_batches, model_config, parse_args, recipe, run_line, start_from)
 
 
 def check_port_options(cfg, given):
@@ -184,7 +184,7 @@ def train(cfg, given):
     print("sample:\n" + enc.decode(out))
     if cfg.get("distill_iters") and cfg["objective"] == "idlm":
         print(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
-        dcfg = distill.DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"])
+        dcfg = distill_config(cfg)
         distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
 
 
