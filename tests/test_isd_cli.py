@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
+import isd
 import tokenizer as tok
 import train
 from isd import ar_generate
-from model import Model
+from model import Model, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,3 +59,22 @@ def test_cli_errors(ckpt, tmp_path):
                          ([f"--out_dir={ckpt}", "--top_k=0"], "top_k must be >= 1")]:
         r = isd_cli(*args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+
+
+def test_decode_threads_one_for_a_small_model_unless_omp_num_threads(monkeypatch):
+    """A model under isd.SMALL_MODEL parameters decodes on one torch thread; OMP_NUM_THREADS, when set, wins;
+    a large model keeps torch's count. (The count is restored afterwards: it is process-wide.)"""
+    before = torch.get_num_threads()
+    small = Model(ModelConfig(vocab_size=17, mask_token_id=16, n_layer=1, n_head=2, n_kv_head=1, d_model=8, d_ff=16))
+    big = torch.nn.Linear(1, 1)
+    big.weight = torch.nn.Parameter(torch.empty(isd.SMALL_MODEL, 1))  # as many parameters as the threshold
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert isd.decode_threads(big) == 2
+        assert isd.decode_threads(small) == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert isd.decode_threads(small) == 2
+    finally:
+        torch.set_num_threads(before)
