@@ -1,8 +1,11 @@
-"""Shared by every test module."""
+"""Shared by every test module. The shared references and builders are in tests/reference.py."""
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from reference import ...`, whatever the import mode
 
 if not torch.cuda.is_available():
     # Triton's interpreter runs kernels.py's kernel on CPU tensors; Triton reads this when the kernel is

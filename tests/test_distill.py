@@ -1,6 +1,7 @@
 """Self-distillation (distill.py) and the N*N ISD window it trains for, against independent references.
 
-The references are written here, not taken from the code under test:
+The references are written here or, shared with other test modules, in tests/reference.py (brute-force
+greedy decoding, ref_distill_loss), never taken from the code under test:
   - the window's rules (who sits where, who sees whom) stated slot by slot in plain loops;
   - every slot of ISD's cached window forward vs one full forward, without a cache, of exactly the
     tokens that slot sees, at their positions (a mask of group g sees the committed text, the clean
@@ -9,7 +10,8 @@ The references are written here, not taken from the code under test:
     each position sees, then hard / soft cross-entropies written out with MASK excluded by hand;
   - greedy rollouts vs brute-force greedy decoding (one full forward per token, no cache);
   - lossless adapters: greedy ISD through the trained adapter vs brute-force greedy of the base.
-Models are tiny random float64 models (as in tests/test_isd.py), so exact identities hold to 1e-9.
+Models are tiny random float64 models (tests/reference.py's tiny_model), so exact identities hold to 1e-9;
+one float32 model checks distill_loss's precision.
 """
 import copy
 import json
@@ -33,8 +35,9 @@ import isd  # noqa: E402
 import lora  # noqa: E402
 import options  # noqa: E402
 import model as model_module  # noqa: E402
-from model import Model, ModelConfig  # noqa: E402
-from test_train import copy_checkpoint, interrupt_rename  # noqa: E402
+from model import Model  # noqa: E402
+from reference import (brute_greedy, copy_checkpoint, full_logits, interrupt_rename,  # noqa: E402
+                       ref_distill_loss, tiny_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -42,37 +45,6 @@ TOL = 1e-9
 
 # ----------------------------------------------------------------------------------------------
 # helpers (independent of the code under test)
-
-def tiny_model(seed=0, vocab=16, std=0.5, max_seq_len=64, mask_token_id=None):
-    """A tiny random float64 model with large weights: peaked, context-dependent distributions."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                      max_seq_len=max_seq_len, mask_token_id=vocab - 1 if mask_token_id is None else mask_token_id)
-    model = Model(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, std)
-    return model
-
-
-@torch.no_grad()
-def plain_last_logits(model, seq):
-    """Logits at the last token of `seq`, by one full forward without a cache at positions
-    0..len-1; each token reads at most the last max_seq_len tokens (itself included)."""
-    i = torch.arange(len(seq))
-    mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < model.cfg.max_seq_len)
-    return model(torch.tensor([list(seq)]), mask=mask)[0, -1]
-
-
-def brute_greedy(model, prompt, n):
-    seq, out = list(prompt), []
-    for _ in range(n):
-        logits = plain_last_logits(model, seq).clone()
-        logits[model.cfg.mask_token_id] = -math.inf
-        out.append(int(logits.argmax()))
-        seq.append(out[-1])
-    return out
-
 
 def clean_tokens(gen, shape, model):
     """Random ids that are never MASK."""
@@ -188,7 +160,7 @@ def test_window_forward_equals_full_forward_of_what_each_slot_sees(stride, max_s
             else:
                 continue
             assert seen["pos"][s] == p
-            ref = plain_last_logits(model, ctx)
+            ref = full_logits(model, ctx)
             assert (seen["logits"][s] - ref).abs().max() < TOL, (stride, step, s, role)
             checked += 1
         if req.done:
@@ -200,51 +172,8 @@ def test_window_forward_equals_full_forward_of_what_each_slot_sees(stride, max_s
 # ----------------------------------------------------------------------------------------------
 # 2. distill_loss
 
-@torch.no_grad()
-def slow_half_logits(model, x0, labels, stride):
-    """(xt logits, x0 logits), each (B, L, V), position by position: xt position i (block
-    B = i // b) sees clean x0[0 : B*b] and xt[B*b : i+1], where xt = x0 with labelled tokens
-    MASKed; x0 position i sees x0[0 : i+1]. Both are contiguous causal sequences."""
-    b, M = stride - 1, model.cfg.mask_token_id
-    Bsz, L = x0.shape
-    xt_out = torch.zeros(Bsz, L, model.cfg.vocab_size, dtype=torch.float64)
-    x0_out = torch.zeros_like(xt_out)
-    for r in range(Bsz):
-        row = x0[r].tolist()
-        xt = [M if int(labels[r, i]) != -100 else row[i] for i in range(L)]
-        for i in range(L):
-            start = (i // b) * b
-            xt_out[r, i] = model(torch.tensor([row[:start] + xt[start:i + 1]]))[0, -1]
-            x0_out[r, i] = model(torch.tensor([row[:i + 1]]))[0, -1]
-    return xt_out, x0_out
-
-
-def ref_distill_loss(model, x0, labels, stride, target, temperature, hard_rows=None, weights=None):
-    """The loss written out target by target: the mask at position i (xt half) against label i+1
-    (hard) or the clean stream's distribution at position i at temperature T (soft); "mixed": hard for
-    the rows where hard_rows[r], soft elsewhere. weights (B, T): sum(w * l) / sum(w) over the targets,
-    w read at the target's own position i+1 (as labels are); None: the plain mean."""
-    xt, x0l = slow_half_logits(model, x0, labels, stride)
-    M, V = model.cfg.mask_token_id, model.cfg.vocab_size
-    keep = [v for v in range(V) if v != M]
-    terms, ws = [], []
-    for r in range(x0.shape[0]):
-        hard = target == "hard" or (target == "mixed" and bool(hard_rows[r]))
-        for i in range(x0.shape[1] - 1):
-            y = int(labels[r, i + 1])
-            if y == -100:
-                continue
-            s = xt[r, i, keep]
-            if hard:
-                terms.append(-(s[keep.index(y)] - torch.logsumexp(s, 0)))
-            else:
-                t = torch.softmax(x0l[r, i, keep] / temperature, 0)
-                terms.append(-(t * torch.log_softmax(s / temperature, 0)).sum())
-            ws.append(1.0 if weights is None else float(weights[r, i + 1]))
-    return sum(w * float(t) for w, t in zip(ws, terms)) / sum(ws)
-
-
-def _distill_case(mask_token_id, dtype_tol, cases=(("hard", 1.0), ("soft", 1.0), ("soft", 0.7))):
+def _distill_case(mask_token_id, cases=(("hard", 1.0), ("soft", 1.0), ("soft", 0.7))):
+    """distill_loss on a float64 model against the float64 reference, to TOL."""
     model = tiny_model(seed=11, vocab=12, mask_token_id=mask_token_id)
     g = torch.Generator().manual_seed(5)
     x0 = clean_tokens(g, (2, 9), model)
@@ -256,27 +185,59 @@ def _distill_case(mask_token_id, dtype_tol, cases=(("hard", 1.0), ("soft", 1.0),
             with torch.no_grad():
                 got = float(distill.distill_loss(model, x0, labels, stride, target, T))
             ref = ref_distill_loss(model, x0, labels, stride, target, T)
-            assert abs(got - ref) < dtype_tol * max(1.0, abs(ref)), (stride, target, T, got, ref)
+            assert abs(got - ref) < TOL * max(1.0, abs(ref)), (stride, target, T, got, ref)
     # the soft loss really depends on the temperature: the reference at another one is far off
     ref_wrong = ref_distill_loss(model, x0, labels, 3, "soft", 0.7)
     with torch.no_grad():
         assert abs(float(distill.distill_loss(model, x0, labels, 3, "soft", 1.0)) - ref_wrong) > 1e-4
 
 
-def test_distill_loss_matches_slow_reference_float32_tolerance():
-    _distill_case(None, 1e-5)
+def test_distill_loss_in_float32_on_large_logits_is_within_float32_rounding():
+    """float32 weights (what training runs in on a CPU): distill_loss is computed in at least float32, and
+    stably. On a float32 model with large logits (std 3: some rows spread over more than 104 / T, so a naive
+    log(softmax) in float32 underflows to -inf), the loss of hard, soft and mixed targets is within float32
+    rounding (1e-5, relative) of the float64 reference on the same weights, and comes back in float32. The
+    tolerance tells precisions apart: the same model run in bfloat16 or float16 misses it (its loss still
+    comes back in float32: promoted, not computed in half precision)."""
+    model = tiny_model(seed=11, vocab=12, std=3.0, dtype=torch.float32)
+    model64 = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(5)
+    x0 = clean_tokens(g, (2, 9), model)
+    labels = x0.clone()
+    labels[0, :3] = -100
+    labels[1, :1] = -100
+    hard_rows = torch.tensor([True, False])
+    with torch.no_grad():
+        logits = model64(x0)
+    spread = logits.max(-1).values - logits.min(-1).values
+    assert float(spread.max()) / 0.7 > 104  # exp(-104) is below float32's smallest number
+    assert float((torch.softmax(logits.float() / 0.7, -1)).log().isinf().sum()) > 0  # naive float32 underflows
+    tol = 1e-5
+    for stride in (2, 3, 4):
+        for target, T in (("hard", 1.0), ("soft", 0.7), ("mixed", 0.7)):
+            hr = hard_rows if target == "mixed" else None
+            ref = ref_distill_loss(model64, x0, labels, stride, target, T, hr)
+            with torch.no_grad():
+                got = distill.distill_loss(model, x0, labels, stride, target, T, hr)
+            assert got.dtype == torch.float32 and math.isfinite(float(got))
+            assert abs(float(got) - ref) < tol * max(1.0, abs(ref)), (stride, target, float(got), ref)
+            for low in (torch.bfloat16, torch.float16):
+                with torch.no_grad():
+                    half = distill.distill_loss(copy.deepcopy(model).to(low), x0, labels, stride, target, T, hr)
+                assert half.dtype == torch.float32, low
+                assert abs(float(half) - ref) > tol * max(1.0, abs(ref)), (stride, target, low)
 
 
 def test_distill_loss_matches_slow_reference_float64():
-    _distill_case(None, TOL)
+    _distill_case(None)
 
 
 def test_distill_loss_soft_with_mask_not_last_id():
-    _distill_case(5, 1e-5, cases=(("soft", 1.0), ("soft", 0.7)))
+    _distill_case(5, cases=(("soft", 1.0), ("soft", 0.7)))
 
 
 def test_distill_loss_hard_with_mask_not_last_id():
-    _distill_case(5, 1e-5, cases=(("hard", 1.0),))
+    _distill_case(5, cases=(("hard", 1.0),))
 
 
 def test_weighted_and_mixed_distill_loss_match_the_slow_reference():

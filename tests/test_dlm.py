@@ -14,10 +14,10 @@ import dlm
 import train
 from isd import Request, ar_generate, isd_generate
 from sampling import process_logits
-from test_model import rand_tokens, tiny_model
+from reference import V23, rand_tokens, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V = 23  # tiny_model's vocabulary; MASK = 22
+V = V23["vocab"]  # tiny_model(**V23)'s vocabulary; MASK = V - 1 = 22
 
 
 def brute_bdlm_mask(L, b):
@@ -56,7 +56,7 @@ def masked_ce(logits, target):
 
 @pytest.mark.parametrize("block", [None, 1, 3, 4])
 def test_dlm_loss_matches_slow_reference(block):
-    model = tiny_model(seed=1)
+    model = tiny_model(seed=1, **V23)
     g = torch.Generator().manual_seed(0)
     x0 = rand_tokens(g, (3, 10), V)
     got = dlm.dlm_loss(model, x0, block, torch.Generator().manual_seed(5))
@@ -81,7 +81,7 @@ def test_dlm_loss_matches_slow_reference(block):
 
 
 def test_dlm_loss_trains_every_parameter_and_only_reads_left_for_blocks():
-    model = tiny_model(seed=2)
+    model = tiny_model(seed=2, **V23)
     g = torch.Generator().manual_seed(1)
     x0 = rand_tokens(g, (2, 8), V)
     dlm.dlm_loss(model, x0, 4, torch.Generator().manual_seed(3)).backward()
@@ -103,7 +103,7 @@ def test_block_schedule(n, steps):
 @pytest.mark.parametrize("prompt_len,steps,threshold,temperature",
                          [(4, 4, None, 1.0), (5, 2, None, 0.8), (3, 1, None, 1.0), (6, 4, 0.3, 1.0), (2, 4, None, 0.0)])
 def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, threshold, temperature):
-    model = tiny_model(seed=3)
+    model = tiny_model(seed=3, **V23)
     prompt = rand_tokens(torch.Generator().manual_seed(prompt_len), (prompt_len,), V).tolist()
     n, block = 11, 4
     out, q, _, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
@@ -121,7 +121,7 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
 
 
 def test_decoder_seeded_and_bad_settings():
-    model = tiny_model(seed=4)
+    model = tiny_model(seed=4, **V23)
     a = dlm.dlm_generate(model, "dlm", [1, 2, 3], 9, 4, 2, seed=11)[0]
     assert a == dlm.dlm_generate(model, "dlm", [1, 2, 3], 9, 4, 2, seed=11)[0]
     for kw, needle in [(dict(family="ar"), "family"), (dict(steps=0), "steps"), (dict(threshold=1.5), "threshold"),
@@ -149,7 +149,7 @@ def canvases_of(model, family, prompt, n, block, steps, threshold, temperature, 
 def test_parallel_flags_follow_the_order_of_unmasking(family, steps, threshold, temperature):
     """A token is committed in parallel iff another token of its block was unmasked in the same forward, or
     one to its left in the block (after the prompt) was unmasked in a later forward."""
-    model, block, flags = tiny_model(seed=8), 4, []
+    model, block, flags = tiny_model(seed=8, **V23), 4, []
     for P, n in [(1, 9), (4, 7), (6, 10)]:
         prompt = rand_tokens(torch.Generator().manual_seed(P), (P,), V).tolist()
         (out, _, parallel, st), canvases = canvases_of(model, family, prompt, n, block, steps, threshold,
@@ -178,7 +178,7 @@ def bdlm_requests(temperature, seed=0, stop_ids=()):
 def test_cached_batched_bdlm_equals_uncached_decoder(steps, threshold, temperature):
     """bdlm_decode (KV cache, one batch) gives each request the tokens, q, parallel flags and forwards of
     the uncached dlm_generate alone with the same seed (float64)."""
-    model = tiny_model(seed=9)
+    model = tiny_model(seed=9, **V23)
     reqs = bdlm_requests(temperature, seed=3)
     got = dlm.bdlm_decode(model, "bdlm", reqs, 4, steps, threshold)
     for r, (q, parallel) in zip(reqs, got):
@@ -190,7 +190,7 @@ def test_cached_batched_bdlm_equals_uncached_decoder(steps, threshold, temperatu
 
 
 def test_bdlm_batch_gives_each_row_what_it_gives_alone_and_stops():
-    model = tiny_model(seed=10)
+    model = tiny_model(seed=10, **V23)
     batch = bdlm_requests(1.0, seed=4)
     dlm.bdlm_decode(model, "bdlm", batch, 4, 2)
     for r in batch:
@@ -208,7 +208,7 @@ def test_bdlm_batch_gives_each_row_what_it_gives_alone_and_stops():
 
 
 def test_bdlm_decode_refuses_what_has_no_cache():
-    model = tiny_model(seed=11)
+    model = tiny_model(seed=11, **V23)
     for family, kw, needle in [("dlm", {}, "nothing|no key or value"), ("bdlm", dict(steps=0), "steps"),
                                ("bdlm", dict(threshold=1.0), "threshold")]:
         with pytest.raises(ValueError, match=needle):
@@ -231,7 +231,7 @@ def test_block_window_matches_rules():
 
 @pytest.mark.parametrize("family", dlm.FAMILIES)
 def test_left_to_right_logits_match_reference(family):
-    model = tiny_model(seed=7)
+    model = tiny_model(seed=7, **V23)
     ids = rand_tokens(torch.Generator().manual_seed(1), (2, 10), V)
     got = dlm.left_to_right_logits(model, family, ids, 3, block=4)
     for r in range(2):

@@ -10,9 +10,9 @@ import torch
 import introspect
 from isd import Request, decode
 from sampling import process_logits
-from test_model import tiny_model
+from reference import V23, tiny_model
 
-V = 23  # tiny_model's vocabulary; MASK = 22
+V = V23["vocab"]  # tiny_model(**V23)'s vocabulary; MASK = V - 1 = 22
 MASK = V - 1
 
 
@@ -43,7 +43,7 @@ def test_ar_model_scores_exactly_one(a):
     """The identity: an AR model sampled from its own (filtered) distribution scores 1 on every token,
     q recorded from the KV-cached decode, p from one uncached forward; a diffusion LM reading the same
     tokens does not (the metric can tell)."""
-    model = tiny_model(seed=5)
+    model = tiny_model(seed=5, **V23)
     prompt = [3, 1, 4]
     out, q, parallel, st = introspect.generate(model, "ar", prompt, a, 2, {"stride": 1})
     assert len(out) == a.max_new_tokens == st.forwards and parallel is None
@@ -79,7 +79,7 @@ def reference_drawn_from(model, prompt, trace, stride, a):
 @pytest.mark.parametrize("a,stride,seed", [(settings(1.0, n=20), 4, 1), (settings(0.8, top_k=6, top_p=0.9, n=20), 3, 2),
                                            (settings(0.0, n=20), 4, 3)])
 def test_isd_records_what_each_committed_token_was_drawn_from(a, stride, seed):
-    model = tiny_model(seed=6)
+    model = tiny_model(seed=6, **V23)
     prompt = [1, 2, 3]
     r = Request(prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed, trace=[], drawn_from=[])
     decode(model, [r], stride)

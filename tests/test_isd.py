@@ -1,11 +1,12 @@
 """Tests of isd.py (docs/method.md sections 2 and 3) against independent references.
 
-The references are written here from the method (docs/method.md), not from isd.py:
+The references are written from the method (docs/method.md), not from isd.py, in tests/reference.py
+(shared with the other test modules) or here:
   - greedy decoding by full forwards without a cache (MASK logit excluded, argmax);
   - the exact autoregressive distribution of a short continuation, enumerated sequence by sequence
-    with full forwards and temperature / top-k / top-p processing re-implemented in this file;
+    with full forwards and temperature / top-k / top-p processing re-implemented in tests/reference.py;
   - a chi-square goodness-of-fit test whose p-value comes from the regularized upper incomplete
-    gamma function (no scipy);
+    gamma function (no scipy), itself checked against closed forms here;
   - KV caches filled by one plain forward of the committed tokens.
 All models are tiny random float64 models, their weights scaled up so that next-token
 distributions are peaked and drafts are sometimes accepted and sometimes rejected.
@@ -27,31 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import isd  # noqa: E402
 import sampling  # noqa: E402
 from isd import Request, ar_generate, decode, isd_generate, isd_step, prefill, verify  # noqa: E402
-from model import Model, ModelConfig  # noqa: E402
-
-P_MIN = 1e-4  # exact rules must pass the chi-square check with p-value above this
-P_WRONG = 1e-6  # deliberately wrong rules must give a p-value below this
+from model import Model  # noqa: E402
+from reference import (N_SAMPLES, P_MIN, P_WRONG, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, chi2_sf,  # noqa: E402
+                       exact_continuations, full_logits, isd_samples, ref_probs, sampling_model, tiny_model)
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-def tiny_model(seed=0, vocab=16, std=0.5, cls=Model):
-    """A tiny random float64 model with weights far larger than the training init (std 0.5 instead
-    of 0.02; norm gains 1 +- 0.3): peaked, context-dependent next-token distributions, so greedy
-    outputs vary and drafts are sometimes accepted and sometimes rejected."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                      max_seq_len=64, mask_token_id=vocab - 1)
-    model = cls(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, std)
-    return model
-
 
 @torch.no_grad()
 def isd_traced(model, prompt, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, stop_ids=()):
@@ -61,127 +44,8 @@ def isd_traced(model, prompt, n, stride, temperature=1.0, top_k=None, top_p=None
     return r.out, r.stats, r.trace
 
 
-def full_logits(model, seq):
-    """Next-token logits after `seq`, by one full forward without a cache; each token reads at
-    most the last max_seq_len tokens (itself included), written here as an explicit mask."""
-    i = torch.arange(len(seq))
-    mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < model.cfg.max_seq_len)
-    return model(torch.tensor([list(seq)]), mask=mask)[0, -1].double()
-
-
-def brute_greedy(model, prompt, n):
-    """Greedy decoding, one full forward per token, MASK excluded."""
-    seq = list(prompt)
-    out = []
-    for _ in range(n):
-        logits = full_logits(model, seq).clone()
-        logits[model.cfg.mask_token_id] = -math.inf
-        tok = int(torch.argmax(logits))
-        out.append(tok)
-        seq.append(tok)
-    return out
-
-
-def ref_probs(logits, mask_id, temperature, top_k=None, top_p=None):
-    """The sampling settings written independently: MASK removed, temperature, then top-k
-    (the k most likely tokens), then top-p (the smallest most-likely-first prefix whose mass
-    reaches p), renormalised. Returns a list of probabilities."""
-    V = len(logits)
-    scaled = [(float(logits[i]) / temperature) if i != mask_id else -math.inf for i in range(V)]
-    m = max(scaled)
-    w = [math.exp(s - m) if s != -math.inf else 0.0 for s in scaled]
-    z = sum(w)
-    probs = [x / z for x in w]
-    order = sorted(range(V), key=lambda i: -probs[i])
-    if top_k is not None:
-        keep = set(order[:top_k])
-        probs = [probs[i] if i in keep else 0.0 for i in range(V)]
-        z = sum(probs)
-        probs = [x / z for x in probs]
-    if top_p is not None:
-        keep, mass = set(), 0.0
-        for i in order:
-            keep.add(i)
-            mass += probs[i]
-            if mass >= top_p:
-                break
-        probs = [probs[i] if i in keep else 0.0 for i in range(V)]
-        z = sum(probs)
-        probs = [x / z for x in probs]
-    return probs
-
-
-def exact_continuations(model, prompt, n, temperature, top_k=None, top_p=None, bias=None):
-    """{continuation tuple: probability} under the model's own AR distribution, by enumeration
-    (`bias`: {token: value} added to the logits first, OpenAI's logit_bias)."""
-    mask_id = model.cfg.mask_token_id
-    real = [t for t in range(model.cfg.vocab_size) if t != mask_id]
-    dist = {}
-
-    def walk(prefix, prob):
-        if len(prefix) == n:
-            dist[tuple(prefix)] = prob
-            return
-        logits = full_logits(model, list(prompt) + prefix).detach().clone()
-        for t, b in (bias or {}).items():
-            logits[t] += b
-        probs = ref_probs(logits, mask_id, temperature, top_k, top_p)
-        for t in real:
-            walk(prefix + [t], prob * probs[t])
-
-    walk([], 1.0)
-    assert abs(sum(dist.values()) - 1.0) < 1e-9
-    return dist
-
-
-def chi2_sf(stat, df):
-    """P(chi2_df >= stat) = Q(df/2, stat/2), the regularized upper incomplete gamma function."""
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
-
-
-def chi2_pvalue(counts, probs):
-    """Chi-square goodness of fit of `counts` {cell: n} to `probs` {cell: p}.
-
-    Cells with probability 0 must be empty (else p-value 0). Cells with expected count < 5 are
-    pooled into one cell; if that pool is still below 5 it joins the smallest remaining cell."""
-    assert set(counts) <= set(probs), f"outcomes outside the support: {set(counts) - set(probs)}"
-    n = sum(counts.values())
-    if any(counts.get(c, 0) > 0 for c, p in probs.items() if p == 0):
-        return 0.0
-    cells = [(n * p, counts.get(c, 0)) for c, p in probs.items() if p > 0]
-    big = sorted([c for c in cells if c[0] >= 5])
-    small = [c for c in cells if c[0] < 5]
-    if small:
-        pool = (sum(e for e, _ in small), sum(o for _, o in small))
-        if pool[0] < 5 and big:
-            e0, o0 = big.pop(0)
-            pool = (pool[0] + e0, pool[1] + o0)
-        big.append(pool)
-    stat = sum((o - e) ** 2 / e for e, o in big)
-    df = len(big) - 1
-    assert df >= 1
-    return chi2_sf(stat, df)
-
-
 def gumbel(gen, shape):
     return -torch.log(-torch.log(torch.rand(shape, generator=gen, dtype=torch.float64)))
-
-
-def isd_samples(model, prompt, n, stride, n_samples, temperature, top_k=None, top_p=None, seed0=0,
-                batch=500, narrow=False, bias=None):
-    """`n_samples` continuations from batched ISD, one seed per row; also the summed stats."""
-    counts, tot = Counter(), Counter()
-    for start in range(0, n_samples, batch):
-        reqs = [Request(list(prompt), n, temperature, top_k, top_p, seed0 + s, logit_bias=bias)
-                for s in range(start, min(n_samples, start + batch))]
-        decode(model, reqs, stride, narrow)
-        for r in reqs:
-            assert len(r.out) == n
-            counts[tuple(r.out)] += 1
-            for k in ("rounds_v", "rounds_r", "rounds_c", "forwards", "tokens"):
-                tot[k] += getattr(r.stats, k)
-    return counts, tot
 
 
 def test_chi2_helper_against_closed_forms():
@@ -312,9 +176,6 @@ def test_narrow_layout_is_the_wide_one_without_the_other_groups():
 # ----------------------------------------------------------------------------------------------
 # 2. sampling exactness: ISD's continuation distribution == the enumerated AR distribution
 
-SAMPLE_V = 6  # 5 real tokens + MASK
-SAMPLE_PROMPT = [1, 2]
-N_SAMPLES = 3000
 EXACT_CASES = [  # (temperature, top_k, top_p, stride, new tokens)
     (1.0, None, None, 2, 3),
     (1.0, None, None, 3, 3),
@@ -332,10 +193,6 @@ EXTRA_CASES = [  # the rest of the grid, run with -m slow
     (1.0, None, 0.8, 2, 3),
     (1.0, None, 0.8, 4, 3),
 ]
-
-
-def sampling_model():
-    return tiny_model(seed=1, vocab=SAMPLE_V, std=0.3)
 
 
 def _check_exact(temperature, top_k, top_p, stride, n, narrow=False):

@@ -20,7 +20,7 @@ import isd  # noqa: E402
 if kernels.triton is None:
     pytest.skip("Triton is not installed (Linux only)", allow_module_level=True)
 from kernels import verify_reference, verify_triton  # noqa: E402
-from tests.test_isd import P_MIN, P_WRONG, chi2_pvalue, tiny_model  # noqa: E402
+from reference import P_MIN, P_WRONG, chi2_pvalue, tiny_model  # noqa: E402
 
 
 def gumbel(gen, shape, dtype):

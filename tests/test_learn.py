@@ -1,16 +1,16 @@
 """learn.py: the server learns its speculator from the requests it serves, and its outputs stay the base model's.
 
-References are written here or taken from the other test modules, never from learn.py's own output:
+References are written here or taken from tests/reference.py, never from learn.py's own output:
   - examples (tokens, labels, weights) from hand-written requests and traces, the values spelled out by hand;
-  - a training step's loss from the slow position-by-position distill_loss reference of tests/test_distill.py
-    (ref_distill_loss, weighted), on each example alone, unpadded;
+  - a training step's loss from the slow position-by-position distill_loss reference (tests/reference.py's
+    ref_distill_loss, weighted), on each example alone, unpadded;
   - greedy outputs against greedy AR decoding of a separate copy of the base model (no adapter), and brute force;
-  - sampled outputs against the enumerated AR distribution of tests/test_isd.py (chi-square, P_MIN), with a new
+  - sampled outputs against the enumerated AR distribution (tests/reference.py, chi-square, P_MIN), with a new
     random adapter swapped in through Learner.swap before every step;
   - a saved adapter against the replica's tensors and the base checkpoint's, read back by lora.load_model;
   - the replay cap against step counts worked out by hand.
-Models are tiny random float64 models (tests/test_isd.py, tests/test_scheduler.py). distill_loss's weights= is
-tested in tests/test_distill.py (test_weighted_and_mixed_distill_loss_match_the_slow_reference).
+Models are tiny random float64 models (tests/reference.py's tiny_model, tiny_model_and_tokenizer). distill_loss's
+weights= is tested in tests/test_distill.py (test_weighted_and_mixed_distill_loss_match_the_slow_reference).
 """
 import copy
 import json
@@ -35,10 +35,9 @@ from isd import Request, ar_generate, isd_generate, isd_step, prefill  # noqa: E
 from learn import LearnConfig, Learner  # noqa: E402
 from model import Model  # noqa: E402
 from scheduler import Scheduler  # noqa: E402
-from test_distill import ref_distill_loss  # noqa: E402
-from test_isd import (N_SAMPLES, P_MIN, P_WRONG, SAMPLE_PROMPT, brute_greedy, chi2_pvalue,  # noqa: E402
-                      exact_continuations, sampling_model, tiny_model)
-from test_scheduler import save_checkpoint, tiny_model_and_tokenizer  # noqa: E402
+from reference import (N_SAMPLES, P_MIN, P_WRONG, SAMPLE_PROMPT, brute_greedy, chi2_pvalue,  # noqa: E402
+                       exact_continuations, metrics, ref_distill_loss, sampling_model, save_checkpoint, start_server,
+                       stop_server, tiny_model, tiny_model_and_tokenizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -451,7 +450,6 @@ def test_learn_config_accepts_the_edges():
 # 7. serve.py --learn, end to end
 
 def test_serve_learn_end_to_end(tmp_path, capsys):
-    from test_serve import metrics, start_server, stop_server  # the server tests' helpers
     import openai
     import serve
 

@@ -1,6 +1,6 @@
 """R-ISD (docs/method.md section 4): a gated LoRA adapter on a frozen model leaves ISD's output exactly the
 base model's. References: the base model without any adapter (brute-force greedy decoding and the
-enumerated AR distribution of tests/test_isd.py), and a plain re-computation of y = W x + s B(A x)."""
+enumerated AR distribution of tests/reference.py), and a plain re-computation of y = W x + s B(A x)."""
 import copy
 import importlib.resources
 import json
@@ -18,7 +18,7 @@ import data  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
-from test_isd import (P_MIN, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, exact_continuations,  # noqa: E402
+from reference import (P_MIN, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, exact_continuations,  # noqa: E402
                       isd_samples, sampling_model, tiny_model)
 
 

@@ -1,7 +1,7 @@
 """mlx_port/isd.py, sampling.py and kernels.py (MLX) against isd.py (PyTorch) and the enumerated AR law.
 
 The references are PyTorch's isd.py and kernels.verify_reference, themselves tested against brute
-force in test_isd.py and test_kernels.py, and test_isd.py's enumeration of a model's own AR
+force in test_isd.py and test_kernels.py, and tests/reference.py's enumeration of a model's own AR
 distribution with its chi-square check:
   - greedy MLX ISD gives PyTorch's tokens and Stats, for every stride, the narrow window, past the
     context, and batched;
@@ -30,26 +30,13 @@ import kernels  # noqa: E402
 import lora  # noqa: E402
 import sampling  # noqa: E402
 import tokenizer as tok  # noqa: E402
-from model import Model as TorchModel, ModelConfig  # noqa: E402
 from mlx_port import isd as mlx_isd, kernels as mlx_kernels, lora as mlx_lora, model as mm  # noqa: E402
 from mlx_port import sampling as mlx_sampling  # noqa: E402
-from test_isd import P_MIN, P_WRONG, chi2_pvalue, exact_continuations, sampling_model  # noqa: E402
+from reference import (P_MIN, P_WRONG, chi2_pvalue, exact_continuations, sampling_model,  # noqa: E402
+                       torch_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATS = ("forwards", "tokens", "drafts_verified", "rounds_v", "rounds_r", "rounds_c")
-
-
-def torch_model(seed=0, std=0.2, vocab=16, max_seq_len=64):
-    """A tiny random float32 PyTorch model (test_mlx_port.torch_model's recipe, any context length):
-    std 0.2 makes greedy drafts sometimes accepted, sometimes not."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                      max_seq_len=max_seq_len, mask_token_id=vocab - 1)
-    model = TorchModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
-    return model
 
 
 def as_mlx(model, folder):
@@ -166,7 +153,7 @@ EXACT_CASES = [  # (temperature, top_k, top_p, stride, new tokens, narrow)
 
 @pytest.fixture(scope="module")
 def sampling_pair(tmp_path_factory):
-    """(test_isd's float64 sampling model, for the enumeration; its weights in MLX float32)."""
+    """(reference.py's float64 sampling model, for the enumeration; its weights in MLX float32)."""
     t = sampling_model()
     return t, as_mlx(t, str(tmp_path_factory.mktemp("sampling")))
 

@@ -26,9 +26,10 @@ import isd  # noqa: E402
 import lora  # noqa: E402
 import pretrained  # noqa: E402
 import tokenizer as tok  # noqa: E402
-from model import Model as TorchModel, ModelConfig, idlm_logits as torch_idlm_logits  # noqa: E402
+from model import Model as TorchModel, idlm_logits as torch_idlm_logits  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_port import distill as mlx_distill, lora as mlx_lora, model as mm  # noqa: E402
+from reference import torch_model  # noqa: E402
 
 TOL = 1e-4
 CORPUS = "".join(f"ROMEO: line {i} of the play, said the king to the queen.\nJULIET: and {i * 7 % 13} more.\n"
@@ -39,18 +40,6 @@ CORPUS = "".join(f"ROMEO: line {i} of the play, said the king to the queen.\nJUL
 def small_tokenizer():
     """A BPE tokenizer of 260 ids (its checkpoints' models read only ids below their vocab)."""
     return tok.get("bpe", train_text=CORPUS[:2000], vocab_size=260, cache_dir=None)
-
-
-def torch_model(seed=0, std=0.2, vocab=16, mask_token_id=None, max_seq_len=64):
-    """A tiny random float32 PyTorch model with peaked, context-dependent distributions."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len,
-                      mask_token_id=vocab - 1 if mask_token_id is None else mask_token_id)
-    model = TorchModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
-    return model
 
 
 def with_random_adapter(model, cfg, seed=0, std=0.5):

@@ -26,22 +26,10 @@ import train  # noqa: E402
 from model import Model as TorchModel, ModelConfig, idlm_loss as torch_idlm_loss  # noqa: E402
 from model import ar_loss as torch_ar_loss, idlm_mask as torch_idlm_mask  # noqa: E402
 from mlx_port import model as mm, train as mlx_train  # noqa: E402
+from reference import torch_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
-
-
-def torch_model(seed=0, std=0.2, vocab=16, dtype=torch.float32):
-    """A tiny random PyTorch model; std 0.2 (not the training init's 0.02) makes next-token
-    distributions peaked and context-dependent, so greedy drafts are sometimes accepted, sometimes not."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                      max_seq_len=64, mask_token_id=vocab - 1)
-    model = TorchModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
-    return model.to(dtype)
 
 
 @pytest.fixture(scope="module")

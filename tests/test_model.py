@@ -3,7 +3,7 @@
 Every reference here is written from the method (docs/method.md), not from model.py: a loop-built attention mask, a
 per-target slow introspective loss, full forwards vs incremental KV-cache decoding, and a naive
 loop-based transformer forward that reads the model's weights from its state_dict.
-All numerical checks run tiny random models in float64.
+All numerical checks run tiny random models in float64 (tests/reference.py's tiny_model, shape V23).
 """
 import json
 import math
@@ -16,35 +16,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import Model, ModelConfig, ar_loss, idlm_loss, idlm_mask  # noqa: E402
+from reference import V23, rand_tokens, tiny_model  # noqa: E402
 
 TOL = 1e-10
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-def tiny_model(seed=0, vocab=23, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=48,
-               max_seq_len=64, rope_theta=10000.0, dtype=torch.float64):
-    """A tiny random model with weights large enough that attention is far from uniform."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-                      d_model=d_model, d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
-                      mask_token_id=vocab - 1)
-    model = Model(cfg).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name == "norm.weight":
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.35)
-    model.eval()
-    return model
-
-
-def rand_tokens(gen, shape, vocab):
-    """Random ids that never hit MASK (the last id)."""
-    return torch.randint(0, vocab - 1, shape, generator=gen)
-
 
 def brute_idlm_mask(L, b):
     """The section-1 mask, built entry by entry. Rows/cols 0..L-1 = xt, L..2L-1 = x0."""
@@ -202,7 +180,7 @@ def chat_labels(x0, prefix_lens):
 @pytest.mark.parametrize("chat", [False, True])
 @torch.no_grad()
 def test_idlm_loss_matches_slow_reference(stride, chat):
-    model = tiny_model(seed=stride)
+    model = tiny_model(seed=stride, **V23)
     gen = torch.Generator().manual_seed(100 + stride)
     L = 11
     x0 = rand_tokens(gen, (2, L), model.cfg.vocab_size)
@@ -224,7 +202,7 @@ def test_idlm_loss_chat_prefix_stays_clean_in_xt():
     # If unlabelled prefix tokens were masked in xt, the xt positions inside the prefix's last
     # block would see MASK instead of the prompt; the slow reference keeps them clean.
     # Make that difference matter: prefix ends mid-block and the reference must still match.
-    model = tiny_model(seed=7)
+    model = tiny_model(seed=7, **V23)
     gen = torch.Generator().manual_seed(7)
     x0 = rand_tokens(gen, (3, 13), model.cfg.vocab_size)
     labels = chat_labels(x0, [5, 2, 9])
@@ -238,7 +216,7 @@ def test_idlm_loss_chat_prefix_stays_clean_in_xt():
 
 
 def test_idlm_loss_gradients_flow_and_auto_weight_is_detached():
-    model = tiny_model(seed=3)
+    model = tiny_model(seed=3, **V23)
     model.train()
     gen = torch.Generator().manual_seed(3)
     x0 = rand_tokens(gen, (2, 9), model.cfg.vocab_size)
@@ -272,7 +250,7 @@ def test_idlm_loss_gradients_flow_and_auto_weight_is_detached():
 
 
 def test_idlm_loss_rejects_stride_one():
-    model = tiny_model()
+    model = tiny_model(**V23)
     x0 = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError):
         idlm_loss(model, x0, stride=1)
@@ -289,7 +267,7 @@ def assert_close(a, b, tol=TOL):
 
 @torch.no_grad()
 def test_kv_cache_prefill_then_one_token_at_a_time():
-    model = tiny_model(seed=11)
+    model = tiny_model(seed=11, **V23)
     gen = torch.Generator().manual_seed(11)
     seq = rand_tokens(gen, (1, 20), model.cfg.vocab_size)
     full = model(seq)[0]
@@ -306,7 +284,7 @@ def test_kv_cache_prefill_then_one_token_at_a_time():
 @pytest.mark.parametrize("N", [3, 4])
 @torch.no_grad()
 def test_kv_cache_windows_with_mask_garbage_and_rollback(N):
-    model = tiny_model(seed=20 + N)
+    model = tiny_model(seed=20 + N, **V23)
     V, mask_id = model.cfg.vocab_size, model.cfg.mask_token_id
     gen = torch.Generator().manual_seed(20 + N)
     W = 2 * N - 1
@@ -342,7 +320,7 @@ def test_kv_cache_windows_with_mask_garbage_and_rollback(N):
 def test_kv_cache_batch_rows_with_different_lengths():
     N = 3
     W = 2 * N - 1
-    model = tiny_model(seed=31)
+    model = tiny_model(seed=31, **V23)
     V, mask_id = model.cfg.vocab_size, model.cfg.mask_token_id
     gen = torch.Generator().manual_seed(31)
     true_lens = [4, 9, 6]
@@ -383,7 +361,7 @@ def test_kv_cache_batch_rows_with_different_lengths():
 
 @torch.no_grad()
 def test_kv_cache_overflow_and_bad_truncate_raise():
-    model = tiny_model(seed=41, max_seq_len=16)
+    model = tiny_model(seed=41, max_seq_len=16, **V23)
     V = model.cfg.vocab_size
     gen = torch.Generator().manual_seed(41)
     cache = model.new_cache(2, max_len=8)
@@ -419,7 +397,7 @@ def causal_list(T):
 
 @torch.no_grad()
 def test_forward_matches_naive_reference_causal():
-    model = tiny_model(seed=51, rope_theta=500.0)
+    model = tiny_model(seed=51, rope_theta=500.0, **V23)
     cfg = model.cfg
     sd = model.state_dict()
     gen = torch.Generator().manual_seed(51)
@@ -433,7 +411,7 @@ def test_forward_matches_naive_reference_causal():
 @pytest.mark.parametrize("n_head,n_kv_head", [(4, 2), (4, 1), (4, 4)])
 @torch.no_grad()
 def test_forward_matches_naive_reference_idlm_input(n_head, n_kv_head):
-    model = tiny_model(seed=52, n_head=n_head, n_kv_head=n_kv_head, rope_theta=300.0)
+    model = tiny_model(seed=52, n_head=n_head, n_kv_head=n_kv_head, rope_theta=300.0, **V23)
     cfg = model.cfg
     sd = model.state_dict()
     gen = torch.Generator().manual_seed(52)
@@ -458,7 +436,7 @@ def test_forward_matches_naive_reference_idlm_input(n_head, n_kv_head):
 
 @torch.no_grad()
 def test_forward_per_row_3d_mask_and_explicit_positions():
-    model = tiny_model(seed=53)
+    model = tiny_model(seed=53, **V23)
     cfg = model.cfg
     sd = model.state_dict()
     gen = torch.Generator().manual_seed(53)
@@ -477,7 +455,7 @@ def test_forward_per_row_3d_mask_and_explicit_positions():
 # 5. save / load
 
 def test_save_load_roundtrip(tmp_path):
-    model = tiny_model(seed=61, dtype=torch.float32, rope_theta=1234.0)
+    model = tiny_model(seed=61, dtype=torch.float32, rope_theta=1234.0, **V23)
     d = tmp_path / "ckpt"
     model.save(str(d), metadata={"step": 5})
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
@@ -495,7 +473,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_load_rejects_bad_config_and_missing_files(tmp_path):
-    model = tiny_model(seed=62, dtype=torch.float32)
+    model = tiny_model(seed=62, dtype=torch.float32, **V23)
     d = tmp_path / "ckpt"
     model.save(str(d))
     with open(d / "config.json") as f:

@@ -4,7 +4,8 @@ References: isd_generate on one request (the plain path, itself tested against b
 test_isd.py) with the same seed, ar_generate for greedy requests, and the tokenizer's own decode
 cut at the first stop string. The model is a tiny random float64 model with large weights (peaked,
 varied next-token distributions), and a byte-level BPE trained on a few lines with multi-byte
-characters, so that tokens split UTF-8 characters and streaming must hold them back.
+characters, so that tokens split UTF-8 characters and streaming must hold them back (both made by
+tests/reference.py's tiny_model_and_tokenizer).
 """
 import os
 import sys
@@ -15,33 +16,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import isd  # noqa: E402
-import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
-from model import Model, ModelConfig  # noqa: E402
 from scheduler import EXPLORE, MODES, Scheduler, SettingError, expected_tpf, held_back  # noqa: E402
-
-TEXT = "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\nCafé naïve — “quotes” ½\n\n" * 20
-
-
-def tiny_model_and_tokenizer(max_seq_len=128):
-    enc = tok.train_bpe(TEXT, 300)
-    V = enc.n_vocab
-    cfg = ModelConfig(vocab_size=V + 1, mask_token_id=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                      max_seq_len=max_seq_len)
-    torch.manual_seed(0)
-    model = Model(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.5)
-    return model, enc
-
-
-def save_checkpoint(out_dir, max_seq_len=128):
-    """A checkpoint folder as train.py writes it (weights, config, tokenizer), float64."""
-    model, enc = tiny_model_and_tokenizer(max_seq_len)
-    model.save(out_dir)
-    tok.save(enc, out_dir)
-    return out_dir
+from reference import tiny_model_and_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

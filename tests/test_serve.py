@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,53 +26,10 @@ import serve  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import Request, decode, isd_generate  # noqa: E402
 from model import Model  # noqa: E402
-from test_scheduler import save_checkpoint  # noqa: E402
+from reference import SERVE_STRIDE, metrics, save_checkpoint, start_server, stop_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STRIDE, CONTEXT = 3, 512
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(ckpt, *args, env=None):
-    """serve.py in a subprocess, its output (the access log too) in a file: a pipe nobody reads would fill."""
-    port = free_port()
-    log = open(os.path.join(os.path.dirname(ckpt), f"server-{port}.log"), "w+")
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={ckpt}", f"--port={port}", f"--stride={STRIDE}",
-                             *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    proc.log = log
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(server_log(proc))
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start in 60 s")
-
-
-def server_log(proc):
-    proc.log.flush()
-    with open(proc.log.name) as f:
-        return f.read()
-
-
-def stop_server(proc, sig):
-    proc.send_signal(sig)
-    try:
-        rc = proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    return rc, server_log(proc)
+STRIDE, CONTEXT = SERVE_STRIDE, 512  # start_server's stride
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +66,6 @@ def ref(model_enc):
         text = enc.decode([t for t in out if t != enc.eot_token])
         return text[:text.find(stop)] if stop and stop in text else text
     return run
-
-
-def metrics(url):
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
 
 
 def test_completion_chat_and_streaming_equal_solo_greedy(client, ref, ckpt):

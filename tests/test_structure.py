@@ -1,5 +1,6 @@
 """The module graph: no Python file of the project imports another that imports it back (directly or
-through others), and every project import sits at the top of its file."""
+through others), and every project import sits at the top of its file; the tests share their references
+through tests/reference.py, never by importing one another."""
 import ast
 import re
 import os
@@ -25,7 +26,8 @@ def imports(path, mods):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+            # `from mlx_port import lora` imports the module mlx_port.lora
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for n in names:
             if n in mods:
                 (top if node in tree.body else nested).add(n)
@@ -109,6 +111,7 @@ def test_the_mlx_port_never_reaches_torch():
     is checked at run time, with torch made unimportable, in tests/test_mlx_isd.py."""
     mods = project_modules()
     graph = {name: imports(path, mods)[0] for name, path in mods.items()}
+    reached = {}
     for start in [m for m in mods if m.startswith("mlx_port.")]:
         seen, todo = set(), [start]
         while todo:
@@ -119,4 +122,36 @@ def test_the_mlx_port_never_reaches_torch():
         for m in seen:
             bad = third_party(mods[m]) & {"torch", "triton", "safetensors"}
             assert not bad, f"{start} imports {m}, which imports {sorted(bad)}"
-    assert {"checkpoint", "data", "options", "tokenizer"} <= {m for m in mods if not m.startswith("mlx_port")}
+        reached[start] = seen
+    # the walk really crossed the import graph: the shared modules the port imports, directly or through
+    # others, were reached and checked (a walk that found no edges would check the port's own files only)
+    assert {"checkpoint", "data", "options", "tokenizer", "decoding"} <= set().union(*reached.values()), reached
+    assert {"mlx_port.model", "mlx_port.lora", "mlx_port.isd", "checkpoint", "decoding"} <= reached["mlx_port.distill"]
+    # mlx_port.train reaches mlx_port.distill only through `from mlx_port import distill` (a package's member)
+    assert {"mlx_port.distill", "checkpoint", "data", "options", "tokenizer"} <= reached["mlx_port.train"]
+
+
+def test_test_modules_share_references_through_reference_py_only():
+    """The tests' shared references and builders live in tests/reference.py: no test module imports another
+    (anywhere in it, inside functions too), and reference.py imports no test module and only at its top."""
+    tests = os.path.join(ROOT, "tests")
+    names = {f[:-3] for f in os.listdir(tests) if f.endswith(".py")}
+    test_modules = {n for n in names if n.startswith("test_") or n == "conftest"}
+    assert "reference" in names and {"test_isd", "test_model", "test_structure"} <= test_modules
+    found = []
+    for name in sorted(test_modules | {"reference"}):
+        tree = ast.parse(open(os.path.join(tests, name + ".py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods = [node.module]
+            else:
+                continue
+            for m in mods:
+                m = m.removeprefix("tests.")
+                if m in test_modules:
+                    found.append(f"{name} imports {m}")
+                if name == "reference" and node not in tree.body:
+                    found.append(f"reference imports {m} inside a function")
+    assert not found, found

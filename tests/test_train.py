@@ -1,11 +1,12 @@
 """train.py end to end on a small corpus: losses fall, exact resume, atomic saves, DDP == one process, bad input."""
 import importlib.resources
 import json
+import math
 import os
-import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,9 +16,11 @@ import checkpoint
 import data
 import options
 import pretrained
+import tokenizer as tok
 import train
 from model import Model, load_config
 from options import progress_line
+from reference import copy_checkpoint, interrupt_rename
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--batch_size=4", "--log_interval=1",
@@ -82,9 +85,42 @@ def test_tiny_run_lowers_both_losses(corpus, tmp_path):
     Model.load(f"{tmp_path}/o")  # the checkpoint loads
 
 
-def test_ar_objective_trains_clean_stream_only(corpus, tmp_path):
-    st = run(TINY + [f"--data={corpus}", f"--out_dir={tmp_path}/o", "--max_iters=3", "--objective=ar"])
-    assert all(h[1] == h[3] for h in st["history"])  # loss == clean
+def plain_ar_loss(model, rows):
+    """The AR loss written out: one causal forward of each row at positions 0..T-1 (the mask built here),
+    then the mean over all rows and positions of -log softmax(logits at i)[token i+1], in float64."""
+    x = torch.as_tensor(rows)
+    T = x.shape[1]
+    with torch.no_grad():
+        logits = model(x, pos=torch.arange(T), mask=torch.ones(T, T, dtype=torch.bool).tril()).double()
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, x[:, 1:, None])
+    return -float(logp.mean())
+
+
+@pytest.mark.parametrize("objective", ["ar", "idlm"])
+def test_ar_objective_trains_the_clean_stream_only(corpus, tmp_path, objective):
+    """--objective=ar optimises the plain AR loss of the clean rows and nothing else: the loss logged at
+    step 2 (resumed from the checkpoint of step 2, the weights before the step) is plain_ar_loss of those
+    weights on that step's rows (two micro-batches: options.micro_batches of the run's config), and it is
+    also the clean term; there is no task term. The I-DLM objective logs the same AR loss as its clean term
+    only: its loss is task + alpha * clean, far from the AR loss (so the check tells the objectives apart)."""
+    out = f"{tmp_path}/o"
+    common = TINY + [f"--data={corpus}", f"--out_dir={out}", "--eval_interval=2", "--grad_accum=2",
+                     f"--objective={objective}"]
+    run(common + ["--max_iters=2"])
+    before = Model.load(out).eval()  # the weights step 2 starts from
+    st = run(common + ["--max_iters=3", "--resume"])
+    cfg = st["config"]
+    _, train_ids, _ = options.load_data(cfg, tok.load(out), log=lambda *a: None)
+    rows = np.concatenate(options.micro_batches(train_ids, 2, cfg))
+    assert rows.shape == (cfg["batch_size"] * cfg["grad_accum"], cfg["seq_len"]) == (8, 32)
+    ref = plain_ar_loss(before, rows)
+    it, loss, task, clean = st["history"][2]
+    assert it == 2
+    assert clean == pytest.approx(ref, abs=2e-5), (clean, ref)
+    if objective == "ar":
+        assert loss == pytest.approx(ref, abs=2e-5) and math.isnan(task), (loss, task, ref)
+    else:
+        assert loss == pytest.approx(task + cfg["alpha"] * clean, abs=2e-5) and abs(loss - ref) > 0.5, (loss, ref)
 
 
 def test_resume_after_interrupt_is_exact(corpus, tmp_path, monkeypatch):
@@ -203,30 +239,6 @@ def checkpoint_step(out):
         assert m.metadata()["iter"] == o.metadata()["iter"] == str(st["iter"]), out
     Model.load(out)
     return st["iter"]
-
-
-def copy_checkpoint(src, dst, layout):
-    """A copy of a checkpoint folder: "links" as written; "copied" by shutil.copytree, which follows the
-    links (plain files, and .checkpoint a folder); "plain files" without the hidden folders (an older
-    train.py's layout)."""
-    if layout == "links":
-        shutil.copytree(src, dst, symlinks=True)
-    elif layout == "copied":
-        shutil.copytree(src, dst)
-    else:
-        shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n.startswith(".")])
-
-
-def interrupt_rename(monkeypatch, k):
-    """Make os.replace raise KeyboardInterrupt at its k-th call (the earlier ones rename)."""
-    rename, calls = os.replace, []
-
-    def interrupted(src, dst):
-        calls.append(dst)
-        if len(calls) == k:
-            raise KeyboardInterrupt
-        return rename(src, dst)
-    monkeypatch.setattr(os, "replace", interrupted)
 
 
 @pytest.mark.parametrize("layout", ["links", "plain files", "copied"])
