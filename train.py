@@ -99,8 +99,8 @@ def evaluate(model, val, cfg, device, rank=0, world=1):
 def make_optimizer(model, cfg):
     """AdamW over the trainable parameters (an adapter's only, with --lora), weight decay on matrices."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if decays(p.dim(), cfg) == wd], "weight_decay": wd}
-              for wd in (cfg["weight_decay"], 0.0)]
+    groups = [{"params": [p for p in trainable if (decays(p.dim(), cfg) != 0) == matrices], "weight_decay": wd}
+              for matrices, wd in ((True, cfg["weight_decay"]), (False, 0.0))]  # --weight_decay=0: all in the second
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=BETAS)
 
 

@@ -397,3 +397,16 @@ def test_ar_iters_options(corpus, tmp_path):
         assert cfg["ar_iters"] == 0 and len(options.recipe(cfg, given, "pytorch")) == 1
     cfg, given = train.parse_args([o])
     assert cfg["ar_iters"] == options.PRESETS["cpu"]["ar_iters"] > 0 and len(options.recipe(cfg, given, "pytorch")) == 2
+
+
+@pytest.mark.parametrize("wd", [0.1, 0.0])
+def test_make_optimizer_decays_matrices_only_and_takes_every_parameter_once(wd):
+    """Each trainable parameter in exactly one group: matrices (embedding, projections) with --weight_decay,
+    vectors (norm gains) without; --weight_decay=0 put every parameter in both groups (an error in AdamW)."""
+    cfg = {**options.DEFAULTS, **options.PRESETS["tiny"], "weight_decay": wd}
+    model = Model(options.model_config(cfg, 100))
+    opt = train.make_optimizer(model, cfg)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    for g in opt.param_groups:
+        assert all((p.dim() >= 2 and wd > 0) == (g["weight_decay"] > 0) for p in g["params"])
