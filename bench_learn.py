@@ -113,7 +113,7 @@ def bench_learn(a):
     results = []
     for name, folder, cfg in settings(a, source):
         model, _ = lora.load_model(folder)
-        learner = learn.Learner(model, a.stride, cfg, log=None) if cfg else None
+        learner = learn.Learner(model, a.stride, cfg) if cfg else None
         rows, m = serve_stream(model, enc, prompts, a.max_tokens, a.stride, learner, name, a.policy)
         results.append((name, rows, m))
     k = min(a.window, len(prompts) // 2)

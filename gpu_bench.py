@@ -292,7 +292,7 @@ def stage_learn(z, share, ctx):
     base = z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny"))
     model, enc = lora.load_model(base, z["device"])
     prompts = bench_learn.chat_prompts(enc, z["learn_requests"])
-    learner = learn.Learner(model, z["stride"], learn.LearnConfig(share=1.0), log=None)
+    learner = learn.Learner(model, z["stride"], learn.LearnConfig(share=1.0))
     rows = bench_learn.serve_stream(model, enc, prompts, z["learn_tokens"], z["stride"], learner, "learn", "fixed",
                                     stop=lambda: share.stop("the next request"))[0]
     k = z["learn_window"]

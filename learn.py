@@ -110,10 +110,10 @@ class Learner:
     stop), and hands new weights to the scheduler (swap). `base`: how a saved adapter names its base
     model (a folder, or a pretrained name); `save_dir`: where the adapter is written now and then."""
 
-    def __init__(self, model, stride, cfg=LearnConfig(), save_dir=None, base=None, log=print):
+    def __init__(self, model, stride, cfg=LearnConfig(), save_dir=None, base=None):
         if save_dir is not None and base is None:
             raise ValueError("a Learner that saves its adapter needs the name or folder of the base model (base=)")
-        self.cfg, self.stride, self.save_dir, self.log = cfg, stride, save_dir, log
+        self.cfg, self.stride, self.save_dir = cfg, stride, save_dir
         self.max_len = min(cfg.max_len, model.cfg.max_seq_len)  # what the served model sees: its context
         if getattr(model, "lora", None) is None:  # a cold start: B = 0, the adapter changes nothing yet
             lora.add_adapter(model, lora.LoraConfig(cfg.rank, cfg.lora_alpha, base="..", targets=cfg.targets.split(",")))
@@ -135,7 +135,6 @@ class Learner:
         self.thread = threading.Thread(target=self._loop, name="learner", daemon=True)
 
     def start(self):
-        self.started = time.perf_counter()
         self.thread.start()
         return self
 
