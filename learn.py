@@ -158,9 +158,10 @@ class Learner:
             self.recent.append((st.tokens, st.forwards, st.drafts_verified, st.acceptance_sum))
             if req.logit_bias or not req.out or req.trace is None:
                 return
-            self.buffer.append(example(req, self.max_len, self.cfg.rejected_weight))
+            ex = example(req, self.max_len, self.cfg.rejected_weight)
+            self.buffer.append(ex)
             self.counters["examples"] += 1
-            self.counters["target_tokens"] += min(len(req.out), self.max_len - 1)
+            self.counters["target_tokens"] += sum(y != -100 for y in ex[1][1:])  # as train_step counts them
         self.wake.set()
 
     def swap(self, model):
