@@ -1,8 +1,8 @@
 """The checkpoint format, in no framework (PyTorch's files and mlx_port/ read and write it alike): a
 model's config (ModelConfig, config.json), the folder of the self-distilled adapter that `python
 train.py` leaves in `out/distilled/`, train.py's options (train_state.json), and the one way to write
-a checkpoint folder (`staged`, used by train.py, distill.py and their MLX twins) so that an interrupted
-save never leaves a mix. Model.save, lora.save_adapter and tokenizer.save are plain writes into the
+a checkpoint folder (`staged`, used by train.py, distill.py, learn.py and the MLX twins) so that an
+interrupted save never leaves a mix. Model.save, lora.save_adapter and tokenizer.save are plain writes into the
 folder that `staged` yields. Loading a model with its adapter is lora.load_model (PyTorch) and
 mlx_port.lora.load_model (MLX).
 
@@ -120,7 +120,7 @@ def adapter_base(out_dir):
 def pretrained_dir(cache_dir=None):
     """Where SmolLM2-135M-Instruct, converted into this project's checkpoint format, lives (pretrained.py
     converts it there on first use, with PyTorch: the GGUF file is read with torch)."""
-    return os.path.join(cache_dir or CACHE_DIR, "smollm2-135m-instruct-q4_1")
+    return os.path.join(cache_dir or CACHE_DIR, "smollm2-135m-instruct-q4_1-v2")
 
 
 def converted_pretrained():
@@ -152,93 +152,43 @@ def training_config(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing a checkpoint folder: train.py's and mlx_port/train.py's out_dir, and distill.py's
-# out_dir/distilled/. out_dir/<file> is a relative link to .checkpoint/<file>, and out_dir/.checkpoint
-# a relative link to the hidden folder out_dir/.checkpoint-<random> that holds the files: a save writes
-# a new folder and switches .checkpoint to it with one rename, so readers see the old checkpoint whole
-# or the new one whole. The folder can be moved, or copied with its links kept or followed.
+# Writing a checkpoint folder: train.py's and mlx_port/train.py's out_dir, distill.py's out_dir/distilled/
+# and learn.py's --learn_save folder. Each file is written under a temporary name and os.replace'd into
+# place, so a reader (or a crash) sees every file whole, the old one or the new one.
 
-CURRENT = ".checkpoint"
 KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
-# tok.FILES: tiktoken.json, and Hugging Face's tokenizer.json and tokenizer_config.json
-FILES = KINDS[0] + KINDS[1] + tok.FILES + ("optimizer.safetensors", "train_state.json")
-
-
-def relink(out_dir, name, target):
-    """Make out_dir/name a link to `target` in one rename (nothing to do if it already is)."""
-    path = os.path.join(out_dir, name)
-    if os.path.islink(path) and os.readlink(path) == target:
-        return
-    tmp = os.path.join(out_dir, f".{name}.link")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, path)
-
-
-def adopt_plain_files(out_dir):
-    """A checkpoint of plain files (an older train.py's, or a copy that followed the links, as
-    shutil.copytree does by default: its .checkpoint is a folder): hard-link them into a folder of
-    their own and link their names through .checkpoint. Nothing a reader sees changes at any point."""
-    paths = {n: os.path.join(out_dir, n) for n in FILES}
-    plain = [n for n, p in paths.items() if os.path.isfile(p) and not os.path.islink(p)]
-    if plain:
-        folder = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
-        for n in plain:
-            os.link(os.path.join(out_dir, n), os.path.join(folder, n))
-        current = os.path.join(out_dir, CURRENT)
-        copied = os.path.isdir(current) and not os.path.islink(current)
-        if copied and not any(os.path.islink(p) for p in paths.values()):  # hidden, goes with the old folders
-            os.replace(current, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), CURRENT))
-        relink(out_dir, CURRENT, os.path.basename(folder))
-        for n in plain:
-            relink(out_dir, n, os.path.join(CURRENT, n))
+# the order of the replaces: a kind's tensors after its config, and train.py's optimizer.safetensors (all that
+# --resume reads: see train.save_checkpoint) before train_state.json, its readable copy; tok.FILES: the tokenizer
+FILES = tok.FILES + KINDS[0][::-1] + KINDS[1][::-1] + ("optimizer.safetensors", "train_state.json")
 
 
 @contextlib.contextmanager
 def staged(out_dir, new_run=False):
-    """Files written into the yielded folder become out_dir's checkpoint together, in one rename (the
-    switch of out_dir/.checkpoint): an interrupted save leaves the last good checkpoint whole. Used by
-    train.py and mlx_port/train.py (a model or an adapter, its tokenizer, optimizer and train state)
-    and by distill.save (the adapter alone, in out_dir/distilled/). The files of the other kind (a
-    full model vs an adapter) go, so loading never picks up a stale adapter; the rest of out_dir
-    stays, such as distill.py's out_dir/distilled/, unless new_run: the checkpoint replaces another
-    run's (train.py --overwrite), and that run's distilled adapter goes with it."""
+    """Files written into the yielded folder (a temporary one in out_dir) replace out_dir's one by one, in
+    FILES order. Never a mix: a save that changes a kind's config removes that kind's tensors first, and the
+    files of the other kind (a model vs an adapter) go, so loading never picks up a stale adapter. new_run
+    (train.py --overwrite): the checkpoint replaces another run's, whose files, and distilled/ adapter, go
+    first. The rest of out_dir stays, such as distill.py's out_dir/distilled/."""
     os.makedirs(out_dir, exist_ok=True)
-    adopt_plain_files(out_dir)
-    stage = tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir)
+    stage = tempfile.mkdtemp(prefix=".saving-", dir=out_dir)
     try:
         yield stage
-    except BaseException:
+        names = sorted(os.listdir(stage), key=FILES.index)
+        old = [n for n in FILES if os.path.isfile(os.path.join(out_dir, n)) and (new_run or n not in names)]
+        for tensors, config in KINDS:
+            if config in names and not same_file(os.path.join(stage, config), os.path.join(out_dir, config)):
+                old.append(tensors)
+        if new_run:
+            shutil.rmtree(os.path.join(out_dir, DISTILLED), ignore_errors=True)
+        for n in old:
+            if os.path.isfile(os.path.join(out_dir, n)):
+                os.remove(os.path.join(out_dir, n))
+        for n in names:
+            os.replace(os.path.join(stage, n), os.path.join(out_dir, n))
+    finally:
         shutil.rmtree(stage, ignore_errors=True)
-        raise
-    names = os.listdir(stage)
-    for n in names:  # links of a new kind dangle (the reader sees no such file) until the switch
-        relink(out_dir, n, os.path.join(CURRENT, n))
-    distilled = os.path.join(out_dir, DISTILLED)
-    if new_run and os.path.isdir(distilled):  # hidden first: gone with the old folders below
-        os.replace(distilled, os.path.join(tempfile.mkdtemp(prefix=CURRENT + "-", dir=out_dir), DISTILLED))
-    relink(out_dir, CURRENT, os.path.basename(stage))  # the switch
-    for n in FILES:
-        if n not in names and os.path.lexists(os.path.join(out_dir, n)):
-            os.remove(os.path.join(out_dir, n))
-    for n in os.listdir(out_dir):
-        if n.startswith(CURRENT + "-") and n != os.path.basename(stage):
-            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
 
 
-def add_tokenizer_files(out_dir):
-    """Give a checkpoint saved before tiktoken.json existed (its tokenizer.json held that content) the
-    tokenizer files of today, Hugging Face's among them, in one staged save: the other files are
-    hard-linked, unchanged. (Writing them beside the links would leave a folder that staged's next save,
-    through adopt_plain_files, turns into one without its other files.)"""
-    enc = tok.load(out_dir)
-    config = os.path.join(out_dir, "config.json")
-    context = load_config(out_dir).max_seq_len if os.path.isfile(config) else None
-    with staged(out_dir) as stage:
-        for n in FILES:
-            path = os.path.join(out_dir, n)
-            if n not in tok.FILES and os.path.isfile(path):
-                os.link(os.path.realpath(path), os.path.join(stage, n))
-        tok.save(enc, stage, context=context)
-
+def same_file(a, b):
+    """Whether files a and b exist with the same bytes."""
+    return os.path.isfile(b) and open(a, "rb").read() == open(b, "rb").read()

@@ -75,9 +75,9 @@ def add_adapter(model, cfg: LoraConfig, state=None):
     return model
 
 
-def save_adapter(lora, out_dir, metadata=None):
+def save_adapter(lora, out_dir):
     """Write adapter.safetensors + adapter.json into out_dir (see model.save_module)."""
-    save_module(lora, lora.cfg, out_dir, "adapter.safetensors", "adapter.json", metadata)
+    save_module(lora, lora.cfg, out_dir, "adapter.safetensors", "adapter.json")
 
 
 def load_adapter(out_dir):

@@ -301,9 +301,9 @@ class Model(nn.Module):
         p = self.embed_tokens.weight
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
 
-    def save(self, out_dir, metadata=None):
+    def save(self, out_dir):
         """Write model.safetensors + config.json into out_dir (see save_module)."""
-        save_module(self, self.cfg, out_dir, "model.safetensors", "config.json", metadata)
+        save_module(self, self.cfg, out_dir, "model.safetensors", "config.json")
 
     @classmethod
     def load(cls, out_dir, device="cpu"):
@@ -336,12 +336,11 @@ def window_positions_and_mask(cache, rows, T, context, rel_pos=None, window_mask
     return pos, mask & (pos[:, :, None] - key_pos[:, None, :] < context)
 
 
-def save_module(module, cfg, out_dir, weights_name, config_name, metadata=None):
-    """Write a module's tensors (safetensors, `metadata` as strings) and its config dataclass (JSON)
-    into out_dir: plain writes. A checkpoint is saved whole by writing into the folder that
-    checkpoint.staged yields (train.py, distill.py), or into a new folder renamed into place
-    (pretrained.smollm2_dir)."""
+def save_module(module, cfg, out_dir, weights_name, config_name):
+    """Write a module's tensors (safetensors) and its config dataclass (JSON) into out_dir: plain writes.
+    A checkpoint is saved by writing into the folder that checkpoint.staged yields (train.py, distill.py),
+    or into a new folder renamed into place (pretrained.smollm2_dir)."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(tensors, os.path.join(out_dir, weights_name), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    save_file(tensors, os.path.join(out_dir, weights_name))
     Path(out_dir, config_name).write_text(json.dumps(asdict(cfg), indent=2) + "\n")

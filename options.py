@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from safetensors import safe_open
+
 import checkpoint
 import data
 import tokenizer as tok
@@ -300,15 +302,15 @@ def micro_batches(ids, it, cfg, rank=0, world=1):
 
 
 def read_train_state(out_dir, framework):
-    path = os.path.join(out_dir, "train_state.json")
+    """The train state --resume continues: the metadata of optimizer.safetensors (train.save_checkpoint)."""
+    path = os.path.join(out_dir, "optimizer.safetensors")
     if not os.path.isfile(path):
-        raise UsageError(f"--resume: {out_dir} has no train_state.json (not a training run); drop --resume")
-    state = json.load(open(path))
+        raise UsageError(f"--resume: {out_dir} has no optimizer.safetensors (not a training run); drop --resume")
+    with safe_open(path, "np") as f:
+        state = json.loads(f.metadata()["state"])
     if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
         raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
                          f"with that trainer, or start from its weights with --init_from")
-    if state["config"]["alpha"] != "auto":  # a number; an older train.py saved it as a string
-        state["config"]["alpha"] = float(state["config"]["alpha"])
     return state
 
 

@@ -125,8 +125,7 @@ def smollm2_dir(cache_dir=None):
     The folder appears whole, in one rename: the conversion is written into a new hidden folder beside
     it, so a conversion cut short never leaves a folder under the final name (an error or Ctrl-C
     removes the hidden one; a killed process may leave it behind). When two processes convert at once,
-    the first rename wins and the other drops its copy. A folder without config.json is an older
-    version's conversion (written in place) cut short: it is replaced."""
+    the first rename wins and the other drops its copy."""
     cache = cache_dir or CACHE_DIR
     folder = checkpoint.pretrained_dir(cache)
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -139,8 +138,6 @@ def smollm2_dir(cache_dir=None):
     try:
         model.save(tmp)
         tok.save(enc, tmp, context=cfg.max_seq_len)
-        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
-            shutil.rmtree(folder)
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -5,9 +5,7 @@
 - `train_bpe(text, vocab_size)`: a byte-level BPE with GPT-2's pre-tokenizer, trained here.
 - `save` / `load`: a checkpoint folder's tokenizer files (FILES); `get(name, ...)`: a tokenizer by name.
 
-A folder holds three files. `tiktoken.json` is this project's (what `load` reads); checkpoints
-written before it existed have the same content under `tokenizer.json`, and `load` still reads that
-(checkpoint.add_tokenizer_files gives them today's files).
+A folder holds three files. `tiktoken.json` is this project's (what `load` reads);
 `tokenizer.json` and `tokenizer_config.json` are Hugging Face's (the `tokenizers` library's format,
 written as plain JSON by `hf_tokenizer`), so that `transformers.AutoTokenizer.from_pretrained(folder)`
 and the tools built on it (vLLM, guidellm) give the same ids as `enc.encode(text, allowed_special="all")`.
@@ -153,7 +151,7 @@ def save(enc, directory, context=None):
     (base64, in rank order, consecutive from first_rank: a vocabulary may put its special tokens
     first, as SmolLM2's does); and Hugging Face's tokenizer.json and tokenizer_config.json
     (`context`: the model's context length, their model_max_length).
-    Plain writes: a checkpoint is saved whole through checkpoint.staged (see model.save_module)."""
+    Plain writes: a checkpoint is saved through checkpoint.staged (see model.save_module)."""
     if enc.name == "gpt2":
         d = {"name": "gpt2"}
     else:
@@ -171,18 +169,13 @@ def save(enc, directory, context=None):
 
 
 def load(directory):
-    """The tokenizer that `save` wrote to directory/tiktoken.json (or, in a checkpoint saved before
-    Hugging Face's files were added, to directory/tokenizer.json)."""
+    """The tokenizer that `save` wrote to directory/tiktoken.json."""
     path = os.path.join(directory, TIKTOKEN_FILE)
     if not os.path.isfile(path):
-        path = os.path.join(directory, HF_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {TIKTOKEN_FILE} (or an older checkpoint's {HF_FILE}) in {directory}")
+        raise FileNotFoundError(f"no {TIKTOKEN_FILE} in {directory}")
     try:
         with open(path) as f:
             d = json.load(f)
-        if isinstance(d, dict) and "added_tokens" in d and "name" not in d:
-            raise ValueError(f"Hugging Face's format, without this project's {TIKTOKEN_FILE} beside it")
         if d["name"] == "gpt2":
             return gpt2()
         first = int(d.get("first_rank", 0))
@@ -197,7 +190,7 @@ def load(directory):
 
 def has_tokenizer(directory):
     """Whether `load` finds a tokenizer in directory."""
-    return any(os.path.isfile(os.path.join(directory, n)) for n in (TIKTOKEN_FILE, HF_FILE))
+    return os.path.isfile(os.path.join(directory, TIKTOKEN_FILE))
 
 
 def load_or_train_bpe(text, vocab_size, cache_dir):

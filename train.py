@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 
 import checkpoint
 import data
@@ -128,39 +128,44 @@ def train_step(net, opt, batches, lr, cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: model.safetensors + config.json + the tokenizer's files (+ optimizer and train state), written
-# together by checkpoint.staged
+# checkpoints: model.safetensors + config.json + the tokenizer's files (+ optimizer and train state)
+
+def trained(model):
+    """The module whose weights the run trains: the adapter (--lora; the base is frozen) or the model."""
+    return model.lora if hasattr(model, "lora") else model
+
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
-    """Write the checkpoint's files (with an adapter, --lora: the adapter, not the frozen base).
-    `it` is stamped into both tensor files to detect a mix. new_run: see staged."""
-    meta = {"iter": str(state["iter"])}
+    """Write the checkpoint's files (with an adapter, --lora: the adapter, not the frozen base) through
+    checkpoint.staged (new_run: see there). optimizer.safetensors holds all that --resume reads, so one
+    os.replace makes a step resumable: AdamW's moments, the trained weights of that step ("weights." + their
+    names) and the train state (its metadata); train_state.json, written after it, is the readable copy."""
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+    tensors.update({f"weights.{k}": v.detach().contiguous().cpu() for k, v in trained(model).state_dict().items()})
     text = json.dumps({**state, "param_groups": sd["param_groups"]}, indent=1)
     with checkpoint.staged(out_dir, new_run) as stage:
         if hasattr(model, "lora"):
-            lora.save_adapter(model.lora, stage, metadata=meta)
+            lora.save_adapter(model.lora, stage)
         else:
-            model.save(stage, metadata=meta)
+            model.save(stage)
         tok.save(enc, stage, context=model.cfg.max_seq_len)
-        save_file(tensors, os.path.join(stage, "optimizer.safetensors"), metadata=meta)
+        save_file(tensors, os.path.join(stage, "optimizer.safetensors"), metadata={"state": text})
         Path(stage, "train_state.json").write_text(text)
 
 
-def load_optimizer(out_dir, opt, state):
-    """Restore the optimizer in place from optimizer.safetensors and the saved param groups."""
-    opt_path = os.path.join(out_dir, "optimizer.safetensors")
-    weights = "adapter.safetensors" if state["config"].get("lora") else "model.safetensors"
-    with safe_open(opt_path, "pt") as f, safe_open(os.path.join(out_dir, weights), "pt") as m:
-        if f.metadata().get("iter") != m.metadata().get("iter") or f.metadata().get("iter") != str(state["iter"]):
-            raise UsageError(f"--resume: the files in {out_dir} come from different steps; "
-                             f"the checkpoint is inconsistent, start a new run")
-    tensors = load_file(opt_path)
+def restore(out_dir, model, opt, state):
+    """--resume: the trained weights and the optimizer as optimizer.safetensors holds them (read_train_state
+    gave its train state)."""
     sd = {"state": {}, "param_groups": state["param_groups"]}
-    for key, v in tensors.items():
+    weights = {}
+    for key, v in load_file(os.path.join(out_dir, "optimizer.safetensors")).items():
         i, name = key.split(".", 1)
-        sd["state"].setdefault(int(i), {})[name] = v
+        if i == "weights":
+            weights[name] = v
+        else:
+            sd["state"].setdefault(int(i), {})[name] = v
+    trained(model).load_state_dict(weights)
     opt.load_state_dict(sd)
 
 
@@ -233,7 +238,7 @@ def train(cfg, given, rank=0, world=1, device="cpu", ddp=False):
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
-        load_optimizer(cfg["out_dir"], opt, state)
+        restore(cfg["out_dir"], model, opt, state)
         start, history, evals = state["iter"], state["history"], state["evals"]
     net = torch.compile(model) if cfg["compile"] else model
     if ddp:

@@ -114,11 +114,10 @@ def add_adapter(model, cfg: LoraConfig, state=None):
     return model
 
 
-def save_adapter(lora, out_dir, metadata=None):
+def save_adapter(lora, out_dir):
     """Write adapter.safetensors + adapter.json into out_dir (plain writes, as Model.save)."""
     os.makedirs(out_dir, exist_ok=True)
-    mx.save_safetensors(os.path.join(out_dir, "adapter.safetensors"), dict(tree_flatten(lora.parameters())),
-                        metadata={k: str(v) for k, v in (metadata or {}).items()})
+    mx.save_safetensors(os.path.join(out_dir, "adapter.safetensors"), dict(tree_flatten(lora.parameters())))
     Path(out_dir, "adapter.json").write_text(json.dumps(asdict(lora.cfg), indent=2) + "\n")
 
 

@@ -299,13 +299,12 @@ class Model(nn.Module):
     def new_cache(self, batch_size, max_len=None):
         return KVCache(self.cfg, batch_size, max_len, dtype=self.embed_tokens.weight.dtype)
 
-    def save(self, out_dir, metadata=None):
+    def save(self, out_dir):
         """Write model.safetensors + config.json into out_dir: plain writes, as model.save_module
         (mlx_port/train.py writes them into the folder of checkpoint.staged)."""
         os.makedirs(out_dir, exist_ok=True)
         tensors = dict(tree_flatten(self.parameters()))
-        mx.save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
-                            metadata={k: str(v) for k, v in (metadata or {}).items()})
+        mx.save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
         Path(out_dir, "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod

@@ -75,16 +75,15 @@ def evaluate(model, val, cfg):
 # checkpoints: model.safetensors + config.json + the tokenizer's files (+ optimizer and train state)
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
-    """train.py's files, replacing out_dir's together (checkpoint.staged; new_run: see there); `it` is stamped
-    into both tensor files. The optimizer state is MLX's, so train_state.json says framework "mlx" (train.py will not
-    resume it)."""
-    meta = {"iter": str(state["iter"])}
-    tensors = dict(tree_flatten(opt.state))
+    """train.py's files, as train.save_checkpoint writes them (optimizer.safetensors: all that --resume reads,
+    the weights among it). The optimizer state is MLX's, so the train state says framework "mlx" (train.py will
+    not resume it)."""
+    tensors = {**dict(tree_flatten(opt.state)), **{f"weights.{k}": v for k, v in tree_flatten(model.parameters())}}
     text = json.dumps({**state, "framework": "mlx"}, indent=1)
     with checkpoint.staged(out_dir, new_run) as stage:
-        model.save(stage, metadata=meta)
+        model.save(stage)
         tok.save(enc, stage, context=model.cfg.max_seq_len)
-        mx.save_safetensors(os.path.join(stage, "optimizer.safetensors"), tensors, metadata=meta)
+        mx.save_safetensors(os.path.join(stage, "optimizer.safetensors"), tensors, metadata={"state": text})
         Path(stage, "train_state.json").write_text(text)
 
 
@@ -122,14 +121,11 @@ def train_step(model, opt, loss_and_grad, batches, lr, cfg):
     return stats.tolist()
 
 
-def load_optimizer(out_dir, opt, state):
-    """Restore the optimizer state saved by save_checkpoint (same step as the weights)."""
-    tensors, meta = mx.load(os.path.join(out_dir, "optimizer.safetensors"), return_metadata=True)
-    _, m_meta = mx.load(os.path.join(out_dir, "model.safetensors"), return_metadata=True)
-    if meta.get("iter") != m_meta.get("iter") or meta.get("iter") != str(state["iter"]):
-        raise UsageError(f"--resume: the files in {out_dir} come from different steps; "
-                         f"the checkpoint is inconsistent, start a new run")
-    opt.state = tree_unflatten(list(tensors.items()))
+def restore(out_dir, model, opt):
+    """--resume: the weights and the optimizer state as save_checkpoint left them in optimizer.safetensors."""
+    tensors = mx.load(os.path.join(out_dir, "optimizer.safetensors"))
+    model.load_weights([(k[len("weights."):], v) for k, v in tensors.items() if k.startswith("weights.")])
+    opt.state = tree_unflatten([(k, v) for k, v in tensors.items() if not k.startswith("weights.")])
 
 
 def main(argv=None):
@@ -155,7 +151,7 @@ def train(cfg, given):
     opt = make_optimizer(model, cfg)
     start, history, evals = 0, [], []
     if state is not None:
-        load_optimizer(cfg["out_dir"], opt, state)
+        restore(cfg["out_dir"], model, opt)
         start, history, evals = state["iter"], state["history"], state["evals"]
     loss_and_grad = nn.value_and_grad(model, lambda x: losses(model, x, cfg))  # gradient of the first output
     print(run_line(cfg, sum(p.size for _, p in tree_flatten(model.parameters())), model.cfg, len(train_ids),

@@ -15,7 +15,6 @@ Test modules import from here, never from one another (tests/test_structure.py c
 """
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -292,18 +291,6 @@ def save_checkpoint(out_dir, max_seq_len=128):
     model.save(out_dir)
     tok.save(enc, out_dir)
     return out_dir
-
-
-def copy_checkpoint(src, dst, layout):
-    """A copy of a checkpoint folder: "links" as written; "copied" by shutil.copytree, which follows the
-    links (plain files, and .checkpoint a folder); "plain files" without the hidden folders (an older
-    train.py's layout)."""
-    if layout == "links":
-        shutil.copytree(src, dst, symlinks=True)
-    elif layout == "copied":
-        shutil.copytree(src, dst)
-    else:
-        shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n.startswith(".")])
 
 
 def interrupt_rename(monkeypatch, k):

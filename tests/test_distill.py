@@ -36,7 +36,7 @@ import lora  # noqa: E402
 import options  # noqa: E402
 import model as model_module  # noqa: E402
 from model import Model  # noqa: E402
-from reference import (brute_greedy, copy_checkpoint, full_logits, interrupt_rename,  # noqa: E402
+from reference import (brute_greedy, full_logits, interrupt_rename,  # noqa: E402
                        ref_distill_loss, tiny_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -424,10 +424,7 @@ def trained(tmp_path_factory):
 def test_train_writes_a_distilled_adapter_whose_base_is_the_checkpoint(trained):
     out, _ = trained
     folder = out / "distilled"
-    current = os.readlink(folder / ".checkpoint")  # written by checkpoint.staged, as train.py's checkpoint
-    assert sorted(os.listdir(folder)) == sorted([".checkpoint", current, "adapter.json", "adapter.safetensors"])
-    for n in ("adapter.json", "adapter.safetensors"):
-        assert os.readlink(folder / n) == os.path.join(".checkpoint", n)  # relative: the folder can move
+    assert sorted(os.listdir(folder)) == ["adapter.json", "adapter.safetensors"]  # no stage left behind
     cfg, state = lora.load_adapter(str(folder))
     assert cfg.base == ".."
     assert os.path.samefile(checkpoint.base_of(str(folder), cfg.base), out)
@@ -446,14 +443,12 @@ def test_train_distill_usage_errors(tmp_path):
         assert not os.path.exists(tmp_path / "o")
 
 
-@pytest.mark.parametrize("symlinks", [False, True])
-def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path, symlinks):
-    """Copied (links followed: plain files, or links kept: they are relative), then renamed."""
+def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path):
+    """Copied, then renamed: the adapter names its base relative to itself ("..")."""
     out, _ = trained
-    shutil.copytree(out, tmp_path / "a", symlinks=symlinks)
+    shutil.copytree(out, tmp_path / "a")
     os.rename(tmp_path / "a", tmp_path / "moved")  # the old folder name no longer exists
     moved = str(tmp_path / "moved")
-    assert os.path.islink(os.path.join(moved, "distilled", "adapter.json")) == symlinks
     src = checkpoint.distilled_or_base(moved)
     assert src == os.path.join(moved, "distilled")
     model, enc = lora.load_model(src)
@@ -485,23 +480,29 @@ def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):
     assert all(torch.equal(loaded.lora.B[k], model.lora.B[k]) for k in model.lora.B)
 
 
+RANK_OF = {0.25: 2, 0.5: 2, 0.75: 3}  # the value of B of each adapter the test below saves -> its rank
+
+
 def adapter_in(folder):
-    """(rank, the value every B matrix holds) of the adapter that loads from `folder`'s distilled/,
-    after checking that it is whole: its files come from one save, and it loads over its base."""
+    """The value every B matrix holds in the adapter that loads from `folder`'s distilled/, after checking that
+    it is whole (its rank is the one saved with that value, and it loads over its base); None if none loads."""
     src = checkpoint.distilled_or_base(folder)
-    assert src == os.path.join(folder, "distilled"), os.listdir(os.path.join(folder, "distilled"))
-    model, _ = lora.load_model(src)
+    try:
+        model, _ = lora.load_model(src)
+    except (OSError, ValueError):
+        return None
     values = {v for p in model.lora.B.values() for v in p.detach().flatten().tolist()}
-    assert len(values) == 1 and model.lora.cfg.rank == {0.25: 2, 0.5: 3}[values.pop()]
-    return model.lora.cfg.rank
+    assert len(values) == 1
+    value = values.pop()
+    assert model.lora.cfg.rank == RANK_OF[value]
+    return value
 
 
-@pytest.mark.parametrize("layout", ["links", "plain files", "copied"])
-def test_a_distill_save_interrupted_anywhere_leaves_one_whole_adapter(trained, tmp_path, monkeypatch, layout):
-    """Interrupt distill.save of a rank-3 adapter over a rank-2 one at each rename in turn, and while it
-    writes the tensors: distilled/ holds the old adapter whole or the new one whole, never a mix or none.
-    "plain files": an adapter folder of plain files (as an older distill.save wrote it); "copied": by
-    shutil.copytree, which follows the links (plain files, and .checkpoint a folder)."""
+def test_a_distill_save_interrupted_anywhere_never_leaves_a_mix(trained, tmp_path, monkeypatch):
+    """Interrupt distill.save at each rename in turn, and while it writes the tensors. Over an adapter of the
+    same shape (rank 2 over rank 2): distilled/ holds the old adapter whole or the new one whole. Over one of
+    another shape (rank 3 over rank 2): the old whole, the new whole, or no adapter (its config replaced, its
+    tensors gone), never a mix that loads."""
     out, _ = trained
 
     def adapter(rank, value):
@@ -510,42 +511,38 @@ def test_a_distill_save_interrupted_anywhere_leaves_one_whole_adapter(trained, t
             for p in model.lora.B.values():
                 p.fill_(value)
         return model
-    old, new = adapter(2, 0.25), adapter(3, 0.5)
     base = tmp_path / "base"
-    shutil.copytree(out, base, symlinks=True)
-    distill.save(old, str(base))
-    assert adapter_in(str(base)) == 2
-    rename, write = os.replace, model_module.save_file
-    ranks = []
-    for k in range(0, 20):  # k = 0: interrupted while it writes adapter.safetensors
-        ck = str(tmp_path / f"c{k}")
-        copy_checkpoint(base, ck, layout)
-        if layout == "copied":
-            assert os.path.isdir(os.path.join(ck, "distilled", ".checkpoint"))
-        assert os.path.islink(os.path.join(ck, "distilled", "adapter.json")) == (layout == "links")
+    shutil.copytree(out, base)
+    distill.save(adapter(2, 0.25), str(base))
+    write = model_module.save_file
 
-        def half_written(tensors, path, metadata=None):
-            open(path, "wb").write(b"\0" * 100)
-            raise KeyboardInterrupt
-        interrupt_rename(monkeypatch, k)
-        if k == 0:
-            monkeypatch.setattr(model_module, "save_file", half_written)
-        try:
-            distill.save(new, ck)
-            finished = True
-        except KeyboardInterrupt:
-            finished = False
-        monkeypatch.setattr(os, "replace", rename)
-        monkeypatch.setattr(model_module, "save_file", write)
-        ranks.append(adapter_in(ck))
-        if finished:
-            break
-    assert finished and ranks[0] == 2 and ranks[-1] == 3 and set(ranks) == {2, 3}, ranks
-    assert len(ranks) > 2  # more than one rename was interrupted
-    folder = os.path.join(ck, "distilled")  # the finished save left its checkpoint alone, no stage
-    assert sorted(n for n in os.listdir(folder) if n.startswith(".")) == [".checkpoint", os.readlink(f"{folder}/.checkpoint")]
-    distill.save(new, str(tmp_path / "c0"))  # the folder of a save interrupted while writing takes the next
-    assert adapter_in(str(tmp_path / "c0")) == 3
+    def half_written(tensors, path, metadata=None):
+        open(path, "wb").write(b"\0" * 100)
+        raise KeyboardInterrupt
+    for rank, value, allowed in ((2, 0.5, {0.25, 0.5}), (3, 0.75, {0.25, 0.75, None})):
+        new, seen = adapter(rank, value), []
+        for k in range(0, 20):  # k = 0: interrupted while it writes adapter.safetensors
+            ck = str(tmp_path / f"r{rank}-{k}")
+            shutil.copytree(base, ck)
+            interrupt_rename(monkeypatch, k)
+            if k == 0:
+                monkeypatch.setattr(model_module, "save_file", half_written)
+            try:
+                distill.save(new, ck)
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+            monkeypatch.undo()
+            assert model_module.save_file is write
+            seen.append(adapter_in(ck))
+            assert not [n for n in os.listdir(os.path.join(ck, "distilled")) if n.startswith(".")]
+            if finished:
+                break
+        assert finished and seen[0] == 0.25 and seen[-1] == value and set(seen) <= allowed, (rank, seen)
+        assert len(seen) > 2  # more than one rename was interrupted
+        distill.save(new, str(tmp_path / f"r{rank}-0"))  # the folder of a save interrupted while writing takes the next
+        assert adapter_in(str(tmp_path / f"r{rank}-0")) == value
+
 
 
 def test_isd_cli_names_the_folder_it_decodes_with(trained):

@@ -12,8 +12,7 @@ import bench
 import data
 import dlm
 import train
-from isd import Request, ar_generate, isd_generate
-from sampling import process_logits
+from isd import Request
 from reference import V23, rand_tokens, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -207,7 +207,7 @@ def test_load_model_names_and_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "CACHE_DIR", str(cache))
     with pytest.raises(ValueError, match="python isd.py --init_from=smollm2"):
         mlx_lora.load_model("smollm2")
-    folder = os.path.join(cache, "smollm2-135m-instruct-q4_1")  # stood in for by a tiny checkpoint
+    folder = os.path.join(cache, "smollm2-135m-instruct-q4_1-v2")  # stood in for by a tiny checkpoint
     torch_model().save(folder)
     tok.save(small_tokenizer(), folder)
     assert checkpoint.pretrained_dir() == pretrained.smollm2_dir(str(cache))  # where PyTorch converts it
@@ -282,7 +282,7 @@ def test_distill_command_line_writes_an_adapter_pytorch_decodes_losslessly(tmp_p
                       "--iters=4", "--batch_size=4", "--rank=4", "--lr=1e-2", "--device=cpu"])
     folder = os.path.join(out, "distilled")
     assert json.load(open(os.path.join(folder, "adapter.json")))["base"] == ".."
-    assert os.readlink(os.path.join(folder, "adapter.json")) == os.path.join(".checkpoint", "adapter.json")
+    assert sorted(os.listdir(folder)) == ["adapter.json", "adapter.safetensors"]  # no stage left behind
     model, enc = lora.load_model(folder)
     base, _ = lora.load_model(out)
     assert all(float(b.detach().abs().max()) > 0 for b in model.lora.B.values())  # trained

@@ -457,7 +457,7 @@ def test_forward_per_row_3d_mask_and_explicit_positions():
 def test_save_load_roundtrip(tmp_path):
     model = tiny_model(seed=61, dtype=torch.float32, rope_theta=1234.0, **V23)
     d = tmp_path / "ckpt"
-    model.save(str(d), metadata={"step": 5})
+    model.save(str(d))
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
     assert not [f for f in os.listdir(d) if ".tmp" in f]
     loaded = Model.load(str(d))

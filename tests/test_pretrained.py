@@ -206,17 +206,6 @@ def test_conversion_cut_short_leaves_no_folder(tmp_path, monkeypatch, fail_at):
     assert pretrained.smollm2_dir(str(cache)) == folder
 
 
-def test_conversion_replaces_an_older_half_written_folder(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(pretrained, "convert", lambda path=None: tiny_conversion(1.0))
-    old = cache / "smollm2-135m-instruct-q4_1"  # as the in-place conversion left it, cut short before config.json
-    old.mkdir(parents=True)
-    (old / "tokenizer.json").write_text("{}")
-    (old / "model.safetensors").write_bytes(b"\0" * 100)
-    assert pretrained.smollm2_dir(str(cache)) == str(old)
-    assert os.listdir(cache) == [old.name] and converted(cache) == 1.0
-
-
 def test_concurrent_conversions_keep_the_first_folder(tmp_path, monkeypatch):
     """Another process's conversion finishes while this one converts: its folder stays, ours goes."""
     cache = tmp_path / "cache"

@@ -183,56 +183,15 @@ def test_save_load_round_trip(tmp_path, hamlet):
     assert json.loads((tmp_path / "gpt2" / "tiktoken.json").read_text()) == {"name": "gpt2"}
 
 
-def test_older_checkpoints_tokenizer_json_still_loads(tmp_path, hamlet):
-    """Before Hugging Face's files, a checkpoint held tiktoken.json's content as tokenizer.json."""
+def test_load_reads_this_projects_file_only(tmp_path, hamlet):
+    """Hugging Face's tokenizer.json beside no tiktoken.json is not a tokenizer of ours: a clear error."""
     enc = tok.train_bpe(hamlet[:20000], 300)
-    for name in ("new", "old"):
-        tok.save(enc, tmp_path / name)
-    (tmp_path / "old" / "tiktoken.json").replace(tmp_path / "old" / "tokenizer.json")
-    (tmp_path / "old" / "tokenizer_config.json").unlink()
-    old = tok.load(tmp_path / "old")
-    assert old._mergeable_ranks == enc._mergeable_ranks and old._special_tokens == enc._special_tokens
-    assert tok.has_tokenizer(tmp_path / "old")
-    (tmp_path / "new" / "tiktoken.json").unlink()  # Hugging Face's file alone is not ours
-    with pytest.raises(ValueError, match="Hugging Face's format"):
-        tok.load(tmp_path / "new")
-
-
-def old_checkpoint(folder, enc):
-    """A checkpoint folder as written before tiktoken.json: tokenizer.json held its content."""
-    with checkpoint.staged(folder) as stage:
-        tok.save(enc, stage)
-        os.replace(os.path.join(stage, "tiktoken.json"), os.path.join(stage, "tokenizer.json"))
-        os.remove(os.path.join(stage, "tokenizer_config.json"))
-        with open(os.path.join(stage, "config.json"), "w") as f:
-            json.dump(vars(checkpoint.ModelConfig(vocab_size=301, mask_token_id=300, max_seq_len=96)), f)
-        for name in ("model.safetensors", "train_state.json"):
-            with open(os.path.join(stage, name), "w") as f:
-                f.write(name)
-
-
-@pytest.mark.parametrize("copied", [False, True])
-def test_add_tokenizer_files_to_an_older_checkpoint(tmp_path, hamlet, copied):
-    """checkpoint.add_tokenizer_files: the checkpoint as it was, plus today's tokenizer files, all
-    through .checkpoint (also for a copy that followed the links, as shutil.copytree does)."""
-    Tokenizer = pytest.importorskip("tokenizers").Tokenizer
-    enc = tok.train_bpe(hamlet[:20000], 300)
-    old_checkpoint(tmp_path / "ck", enc)
-    folder = tmp_path / "ck"
-    if copied:
-        folder = tmp_path / "copy"
-        shutil.copytree(tmp_path / "ck", folder)
-    checkpoint.add_tokenizer_files(folder)
-    names = ["config.json", "model.safetensors", "tiktoken.json", "tokenizer.json", "tokenizer_config.json",
-             "train_state.json"]
-    assert sorted(n for n in os.listdir(folder) if not n.startswith(".")) == names
-    assert all(os.path.islink(folder / n) for n in names)
-    assert (folder / "model.safetensors").read_text() == "model.safetensors"
-    assert checkpoint.load_config(folder).max_seq_len == 96
-    assert tok.load(folder)._mergeable_ranks == enc._mergeable_ranks
-    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 96
-    text = hamlet[30000:31000] + "<|endoftext|>"
-    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids == enc.encode(text, allowed_special="all")
+    tok.save(enc, tmp_path)
+    assert tok.has_tokenizer(tmp_path)
+    (tmp_path / "tiktoken.json").unlink()
+    assert not tok.has_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no tiktoken.json"):
+        tok.load(tmp_path)
 
 
 def test_load_errors_are_clear(tmp_path):
@@ -240,13 +199,10 @@ def test_load_errors_are_clear(tmp_path):
         tok.load(tmp_path / "missing")
     for bad in ["{not json", "[1, 2]", '{"name": "bpe"}', '{"name": "bpe", "pat_str": "x", "ranks": ["@@"], '
                                                              '"special_tokens": {}}']:
-        for name in ("tiktoken.json", "tokenizer.json"):  # ours, or an older checkpoint's
-            folder = tmp_path / name
-            folder.mkdir(exist_ok=True)
-            (folder / name).write_text(bad)
-            with pytest.raises(ValueError, match="not a valid tokenizer file") as e:
-                tok.load(folder)
-            assert "\n" not in str(e.value) and name in str(e.value)
+        (tmp_path / "tiktoken.json").write_text(bad)
+        with pytest.raises(ValueError, match="not a valid tokenizer file") as e:
+            tok.load(tmp_path)
+        assert "\n" not in str(e.value) and "tiktoken.json" in str(e.value)
 
 
 def test_bpe_cache_skips_training(tmp_path, hamlet, monkeypatch):

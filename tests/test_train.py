@@ -3,6 +3,7 @@ import importlib.resources
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import tokenizer as tok
 import train
 from model import Model, load_config
 from options import progress_line
-from reference import copy_checkpoint, interrupt_rename
+from reference import interrupt_rename
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--batch_size=4", "--log_interval=1",
@@ -142,6 +143,7 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     common = TINY + [f"--data={corpus}", f"--out_dir={out}", "--eval_interval=2"]
     run(common + ["--max_iters=2"])
     before, hidden = checkpoint_files(out), sorted(os.listdir(out))
+    assert not [n for n in hidden if n.startswith(".")]
 
     def disk_full(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")
@@ -151,23 +153,20 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         run(common + ["--max_iters=4", "--resume"])
     assert checkpoint_files(out) == before  # nothing of step 4 landed
-    assert sorted(os.listdir(out)) == hidden  # nothing half-written is left
+    assert sorted(os.listdir(out)) == hidden  # nothing half-written is left (no .saving- folder)
     monkeypatch.undo()
     resumed = run(common + ["--max_iters=4", "--resume"])
     straight = run(common[:-2] + [f"--out_dir={tmp_path}/p", "--eval_interval=2", "--max_iters=4"])
     assert resumed["history"] == straight["history"]
 
 
-def test_alpha_is_a_number_and_older_string_alphas_resume(corpus, tmp_path):
-    """--alpha is parsed to a float (or "auto") and saved as one; a checkpoint whose train_state.json
-    records it as a string (an older train.py) resumes, --alpha given again, and continues exactly."""
+def test_alpha_is_a_number_saved_as_one(corpus, tmp_path):
+    """--alpha is parsed to a float (or "auto") and saved as one; a resumed run continues exactly."""
     assert train.parse_args([])[0]["alpha"] == 3.0 and train.parse_args(["--alpha=auto"])[0]["alpha"] == "auto"
     common = TINY + [f"--data={corpus}", "--eval_interval=2", "--alpha=0.5"]
     straight = run(common + [f"--out_dir={tmp_path}/s", "--max_iters=4"])
     assert straight["config"]["alpha"] == 0.5
-    st = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=2"])
-    st["config"]["alpha"] = "0.5"
-    json.dump(st, open(f"{tmp_path}/o/train_state.json", "w"))
+    run(common + [f"--out_dir={tmp_path}/o", "--max_iters=2"])
     resumed = run(common + [f"--out_dir={tmp_path}/o", "--max_iters=4", "--resume"])
     assert resumed["history"] == straight["history"] and resumed["config"]["alpha"] == 0.5
 
@@ -232,30 +231,29 @@ def test_grad_accum_is_split_among_processes():
         options.micro_steps({"grad_accum": 3}, 2)
 
 
-def checkpoint_step(out):
-    """The step of out_dir's checkpoint, after checking that every file of it comes from that step."""
-    st = json.load(open(f"{out}/train_state.json"))
-    with safe_open(f"{out}/model.safetensors", "pt") as m, safe_open(f"{out}/optimizer.safetensors", "pt") as o:
-        assert m.metadata()["iter"] == o.metadata()["iter"] == str(st["iter"]), out
+def resumable_step(out):
+    """The step --resume continues from (optimizer.safetensors' train state), after checking that the files a
+    reader loads are whole: the model, its config and tokenizer."""
+    with safe_open(f"{out}/optimizer.safetensors", "pt") as o:
+        state = json.loads(o.metadata()["state"])
     Model.load(out)
-    return st["iter"]
+    tok.load(out)
+    return state["iter"]
 
 
-@pytest.mark.parametrize("layout", ["links", "plain files", "copied"])
-def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_path, monkeypatch, layout):
-    """Interrupt the save of step 4 at each rename in turn: out_dir holds step 2 whole or step 4
-    whole, never a mix. "plain files": a checkpoint laid out as plain files (an older train.py's);
-    "copied": by shutil.copytree, which follows the links (plain files, and .checkpoint a folder)."""
-    base = f"{tmp_path}/base"
+def test_a_save_interrupted_anywhere_resumes_exactly(corpus, tmp_path, monkeypatch):
+    """Interrupt the save of step 4 at each os.replace in turn: every file stays whole, and --resume goes on
+    from step 2 or step 4, exactly as a run that was never interrupted (its weights come from the optimizer
+    file, whatever model.safetensors holds)."""
     common = TINY + [f"--data={corpus}", "--eval_interval=2"]
+    straight = run(common + [f"--out_dir={tmp_path}/s", "--max_iters=6"])
+    base = f"{tmp_path}/base"
     run(common + [f"--out_dir={base}", "--max_iters=2"])
     rename = os.replace
     steps = []
     for k in range(1, 30):
         out = f"{tmp_path}/o{k}"
-        copy_checkpoint(base, out, layout)
-        if layout == "copied":
-            assert os.path.isdir(f"{out}/.checkpoint") and not os.path.islink(f"{out}/.checkpoint")
+        shutil.copytree(base, out)
         interrupt_rename(monkeypatch, k)
         try:
             run(common + [f"--out_dir={out}", "--max_iters=4", "--resume"])
@@ -263,12 +261,15 @@ def test_a_save_interrupted_anywhere_leaves_one_whole_checkpoint(corpus, tmp_pat
         except KeyboardInterrupt:
             finished = False
         monkeypatch.setattr(os, "replace", rename)
-        steps.append(checkpoint_step(out))
+        steps.append(resumable_step(out))
+        assert not [n for n in os.listdir(out) if n.startswith(".")]  # no stage left behind
+        resumed = run(common + [f"--out_dir={out}", "--max_iters=6", "--resume"])
+        assert resumed["history"] == straight["history"], k
+        for (name, v), w in zip(Model.load(f"{tmp_path}/s").state_dict().items(), Model.load(out).state_dict().values()):
+            assert torch.equal(v, w), (k, name)
         if finished:
             break
-    assert finished and steps[-1] == 4 and steps[0] == 2 and set(steps) == {2, 4}, steps
-    resumed = run(common + [f"--out_dir={tmp_path}/o1", "--max_iters=4", "--resume"])  # step 2 continues
-    assert resumed["history"] == json.load(open(f"{tmp_path}/o{k}/train_state.json"))["history"]
+    assert finished and steps[0] == 2 and steps[-1] == 4 and set(steps) == {2, 4}, steps
 
 
 def test_distilled_adapter_survives_a_save_and_goes_with_overwrite(corpus, tmp_path):
@@ -279,11 +280,10 @@ def test_distilled_adapter_survives_a_save_and_goes_with_overwrite(corpus, tmp_p
     open(f"{out}/distilled/adapter.json", "w").write("{}")  # as distill.py writes it, in short
     run(common + ["--max_iters=4", "--resume"])
     assert os.path.isfile(f"{out}/distilled/adapter.json")  # the same run saved again: kept
-    assert checkpoint_step(out) == 4
+    assert resumable_step(out) == 4
     run(common + ["--max_iters=2", "--overwrite"])
     assert not os.path.exists(f"{out}/distilled")  # another run's base: its adapter went with it
-    assert checkpoint_step(out) == 2
-    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".checkpoint", os.readlink(f"{out}/.checkpoint")]
+    assert resumable_step(out) == 2
 
 
 # ----------------------------------------------------------------------------------------------
