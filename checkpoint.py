@@ -129,7 +129,7 @@ def converted_pretrained():
     folder = pretrained_dir()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"{PRETRAINED} is not converted yet ({folder} has no config.json): convert it once with "
-                         f"PyTorch, python isd.py --init_from={PRETRAINED}")
+                         f"PyTorch, python sample.py --init_from={PRETRAINED}")
     return folder
 
 

@@ -299,13 +299,13 @@ def checkpoint_family(out_dir):
 
 def load(out_dir, device="cpu"):
     """(model, tokenizer, family, block) of a diffusion-LM checkpoint; a one-line ValueError for
-    anything else (I-DLM and AR checkpoints are decoded by isd.py)."""
+    anything else (I-DLM and AR checkpoints are decoded by sample.py)."""
     family, block = checkpoint_family(out_dir)
     if family not in FAMILIES:
         if not os.path.isfile(os.path.join(out_dir, "config.json")):
             raise ValueError(f"no checkpoint in {out_dir}: train one with python train.py --objective=dlm")
         raise ValueError(f"{out_dir} holds a model trained with objective={family or 'ar'}, not a diffusion LM "
-                         f"(objective=dlm/bdlm): decode it with python isd.py --out_dir={out_dir}")
+                         f"(objective=dlm/bdlm): decode it with python sample.py --out_dir={out_dir}")
     return Model.load(out_dir, device=device).eval(), tok.load(out_dir), family, block or 4
 
 

@@ -1,8 +1,5 @@
-"""Introspective Strided Decoding (docs/method.md section 2) and the autoregressive baseline.
-
-    python isd.py --out_dir=out --prompt="ROMEO:" --stride=4 --max_new_tokens=200 --temperature=0.8 --seed=1
-    python isd.py --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
-    python isd.py --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
+"""Introspective Strided Decoding (docs/method.md section 2) and the autoregressive baseline; its
+command line is sample.py.
 
 Each step is one forward of a window of W = N*N tokens per request (window_layout; N on a cold start):
     [pending, d_1 .. d_K | N-1 masks after pending | N-1 masks after d_1 | .. after d_K]
@@ -15,15 +12,11 @@ exactly as p( . | prefix). Group j of masks (after pending, d_1..d_j) proposes t
 """
 import functools
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-import decoding
-import lora
 from decoding import SettingError, Stats, check_settings  # noqa: F401 (SettingError: isd.SettingError)
 from kernels import verify
 from sampling import gumbel, probs, process_logits, sample
@@ -374,34 +367,3 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
         p = process_logits(logits, model.cfg.mask_token_id, temperature, top_k, top_p)
         r.commit([int(sample(p, temperature, r.gen))])
     return r.out
-
-
-# ----------------------------------------------------------------------------------------------
-# command line: sample from a checkpoint, show the statistics, compare with AR, visualize ISD
-# (decoding.main, shared with mlx_port/isd.py)
-
-SMALL_MODEL = 20_000_000  # parameters: below this a CPU decodes on one torch thread (decode_threads)
-
-
-def decode_threads(model):
-    """Torch threads for decoding `model` on a CPU, unless OMP_NUM_THREADS says: one for a small model, whose
-    matrices are too small to split; with two, a 1M-parameter model decodes 4x slower as soon as anything
-    else runs on a 2-core machine (docs/results.md). Returns the number set."""
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-    if "OMP_NUM_THREADS" not in os.environ and small and next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
-
-
-def load_model(source, device):
-    model, enc = lora.load_model(source, device=device or "cpu")
-    decode_threads(model)
-    return model, enc
-
-
-def main(argv=None):
-    decoding.main(argv, sys.modules[__name__], load_model, __doc__)
-
-
-if __name__ == "__main__":
-    main()

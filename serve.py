@@ -54,6 +54,7 @@ import checkpoint
 import isd
 import learn
 import lora
+import sample
 import tokenizer as tok
 from decoding import Stats
 from isd import SettingError
@@ -810,7 +811,7 @@ def main(argv=None):
         if a.learn_save and checkpoint.has_adapter(a.learn_save):  # a restart continues from the learned adapter
             source = learn.resume_source(a.learn_save, base)
         model, enc = lora.load_model(source, device=a.device)
-        learner, threads = None, isd.decode_threads(model)
+        learner, threads = None, sample.decode_threads(model)
         if a.learn:
             torch.set_num_threads(max(1, threads // 2))
             learner = learn.Learner(model, a.stride, learner_cfg, a.learn_save, base)

@@ -1,7 +1,8 @@
-"""The I-DLM in MLX (Apple's array framework): model.py, isd.py (with sampling.py and kernels.py), lora.py,
-distill.py and train.py mirror the PyTorch files of the same names (diff them), with the same config,
-parameter names and checkpoint files. Nothing here imports torch; what both sides share is
-framework-free: checkpoint.py (formats), data.py, tokenizer.py, options.py (the run's plan), decoding.py.
+"""The I-DLM in MLX (Apple's array framework): model.py, isd.py (with sampling.py and kernels.py), sample.py,
+lora.py, distill.py and train.py mirror the PyTorch files of the same names (diff them), with the same
+config, parameter names and checkpoint files. Nothing here imports torch; what both sides share is
+framework-free: checkpoint.py (formats), data.py, tokenizer.py, options.py (the run's plan), decoding.py,
+cli.py (the command line).
 
 On Linux, the mlx[cpu] wheel does its matrix products with the reference BLAS it bundles, about 20x
 slower than an optimized one. When the system has OpenBLAS (apt install libopenblas0), it is loaded

@@ -1,12 +1,8 @@
-"""Introspective Strided Decoding (docs/method.md section 2) and the autoregressive baseline, in MLX.
+"""Introspective Strided Decoding (docs/method.md section 2) and the autoregressive baseline, in MLX;
+its command line is mlx_port/sample.py.
 
-    python -m mlx_port.isd --out_dir=out --prompt="ROMEO:" --stride=4 --max_new_tokens=200 --temperature=0.8 --seed=1
-    python -m mlx_port.isd --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
-    python -m mlx_port.isd --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
-
-isd.py, function for function (diff them), with mx arrays; --device is auto (MLX's default device:
-the GPU on a Mac), cpu or gpu. Each step is one forward of a window of W = N*N tokens per request
-(window_layout):
+isd.py, function for function (diff them), with mx arrays. Each step is one forward of a window of
+W = N*N tokens per request (window_layout):
     [pending, d_1 .. d_K | N-1 masks after pending | N-1 masks after d_1 | .. after d_K]
 `pending` is the last committed token, not yet in the cache; d_1..d_K are the drafts the previous
 step proposed (K = N-1, or 0 on a cold start: the first step after the prompt, and every step at
@@ -17,17 +13,13 @@ exactly as p( . | prefix). Group j of masks (after pending, d_1..d_j) proposes t
 """
 import functools
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-import decoding
 from decoding import SettingError, Stats, check_settings  # noqa: F401 (SettingError: mlx_port.isd.SettingError)
-from mlx_port import lora
 from mlx_port.kernels import verify
-from mlx_port.model import pick_device
 from mlx_port.sampling import gumbel, probs, process_logits, sample
 
 @dataclass
@@ -333,22 +325,3 @@ def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, 
         p = filtered(model, hidden, [r])[0][-1]  # ISD's p: float32 at least, whatever the model's dtype
         r.commit([sample(p, temperature, r.next_key()).item()])
     return r.out
-
-
-# ----------------------------------------------------------------------------------------------
-# command line: sample from a checkpoint, show the statistics, compare with AR, visualize ISD
-# (decoding.main, shared with isd.py)
-
-def load_model(source, device):
-    """(MLX model, tokenizer) of a checkpoint folder, one with a gated LoRA adapter (its base + the
-    adapter) or a pretrained name, on --device (auto, cpu, gpu)."""
-    mx.set_default_device(pick_device(device))
-    return lora.load_model(source)
-
-
-def main(argv=None):
-    decoding.main(argv, sys.modules[__name__], load_model, __doc__)
-
-
-if __name__ == "__main__":
-    main()

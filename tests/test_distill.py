@@ -545,11 +545,11 @@ def test_a_distill_save_interrupted_anywhere_never_leaves_a_mix(trained, tmp_pat
 
 
 
-def test_isd_cli_names_the_folder_it_decodes_with(trained):
+def test_sample_cli_names_the_folder_it_decodes_with(trained):
     out, _ = trained
     got = {}
     for extra in ([], ["--base"]):
-        r = cli("isd.py", f"--out_dir={out}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=10", "--json",
+        r = cli("sample.py", f"--out_dir={out}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=10", "--json",
                 *extra)
         assert r.returncode == 0, r.stderr[-2000:]
         got[bool(extra)] = json.loads(r.stdout)
@@ -579,7 +579,7 @@ def test_adapter_whose_base_is_missing_gives_a_clear_error(trained, tmp_path):
     shutil.copytree(out / "distilled", lonely / "distilled")  # the adapter without its checkpoint
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         lora.load_model(str(lonely / "distilled"))
-    err = one_error_line(cli("isd.py", f"--out_dir={lonely}", "--temperature=0", "--max_new_tokens=4"), "isd.py")
+    err = one_error_line(cli("sample.py", f"--out_dir={lonely}", "--temperature=0", "--max_new_tokens=4"), "sample.py")
     assert str(lonely) in err and "config.json missing" in err
 
 

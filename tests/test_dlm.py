@@ -284,10 +284,10 @@ def test_dlm_cli_json(ckpts):
 
 def test_wrong_family_is_a_one_line_error(ckpts):
     r = cli("dlm.py", f"--out_dir={ckpts}/idlm")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "isd.py" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sample.py" in r.stderr, r.stderr
     r = cli("dlm.py", f"--out_dir={ckpts}/bdlm", "--block=3")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--block must be 4" in r.stderr, r.stderr
-    r = cli("isd.py", f"--out_dir={ckpts}/dlm")  # the error is the last line, after argparse's usage
+    r = cli("sample.py", f"--out_dir={ckpts}/dlm")  # the error is the last line, after argparse's usage
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "masked-diffusion LM (objective=dlm)" in r.stderr.splitlines()[-1] and "dlm.py" in r.stderr.splitlines()[-1]
     with pytest.raises(train.UsageError, match="--lora adapters act only at MASK"):

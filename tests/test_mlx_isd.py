@@ -8,7 +8,7 @@ distribution with its chi-square check:
   - sampled MLX ISD follows the enumerated AR law (and broken acceptance rules fail the same check);
   - mlx_port.kernels.verify makes kernels.verify_reference's decisions on the same random numbers;
   - per-request random streams: a seed gives the same tokens, alone or in a batch;
-  - `python -m mlx_port.isd` prints what `python isd.py` prints, and runs without torch.
+  - `python -m mlx_port.sample` prints what `python sample.py` prints, and runs without torch.
 mlx[cpu] on Linux uses a slow reference BLAS: every model here is tiny.
 """
 import copy
@@ -309,26 +309,26 @@ def run(*cmd):
 
 def test_command_line_matches_pytorch_and_runs_without_torch(ckpt, tmp_path):
     args = [f"--out_dir={ckpt}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=16", "--stride=3"]
-    want = run("isd.py", *args, "--json")
+    want = run("sample.py", *args, "--json")
     assert want.returncode == 0, want.stderr
     want = json.loads(want.stdout)
     html = tmp_path / "trace.html"
-    got = run("-m", "mlx_port.isd", *args, "--json", f"--visualize={html}")
+    got = run("-m", "mlx_port.sample", *args, "--json", f"--visualize={html}")
     assert got.returncode == 0, got.stderr
     got = json.loads(got.stdout)
     assert got["tokens"] == want["tokens"] and got["text"] == want["text"] and len(got["tokens"]) > 3
     assert {k: got["stats"][k] for k in STATS} == {k: want["stats"][k] for k in STATS}
     assert html.read_text().count("<tr>") == got["stats"]["forwards"] + 1
-    shown = run("-m", "mlx_port.isd", *args, "--visualize")  # the trace, one forward per line, in colour
+    shown = run("-m", "mlx_port.sample", *args, "--visualize")  # the trace, one forward per line, in colour
     assert shown.returncode == 0 and shown.stdout.count("\n") == got["stats"]["forwards"], shown.stderr
-    # torch unimportable: mlx_port.isd and everything it imports must do without it
+    # torch unimportable: mlx_port.sample and everything it imports must do without it
     script = ("import sys, runpy; sys.modules['torch'] = None; "
-              f"sys.argv = ['mlx_port.isd', *{args + ['--json']!r}]; "
-              "runpy.run_module('mlx_port.isd', run_name='__main__', alter_sys=True); "
-              "print(sorted(m for m in ('isd', 'model', 'sampling', 'kernels', 'lora') if m in sys.modules))")
+              f"sys.argv = ['mlx_port.sample', *{args + ['--json']!r}]; "
+              "runpy.run_module('mlx_port.sample', run_name='__main__', alter_sys=True); "
+              "print(sorted(m for m in ('isd', 'model', 'sampling', 'kernels', 'lora', 'sample') if m in sys.modules))")
     bare = run("-c", script)
     assert bare.returncode == 0, bare.stderr
     out, loaded = bare.stdout.strip().splitlines()
     assert json.loads(out)["tokens"] == want["tokens"] and loaded == "[]"
-    bad = run("-m", "mlx_port.isd", "--out_dir=/nonexistent")
+    bad = run("-m", "mlx_port.sample", "--out_dir=/nonexistent")
     assert bad.returncode == 2 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr

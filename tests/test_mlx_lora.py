@@ -205,7 +205,7 @@ def test_load_model_names_and_refusals(tmp_path, monkeypatch):
     # smollm2: pretrained.smollm2_dir's folder; not converted yet -> what to run
     cache = tmp_path / "cache"
     monkeypatch.setattr(checkpoint, "CACHE_DIR", str(cache))
-    with pytest.raises(ValueError, match="python isd.py --init_from=smollm2"):
+    with pytest.raises(ValueError, match="python sample.py --init_from=smollm2"):
         mlx_lora.load_model("smollm2")
     folder = os.path.join(cache, "smollm2-135m-instruct-q4_1-v2")  # stood in for by a tiny checkpoint
     torch_model().save(folder)

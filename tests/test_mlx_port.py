@@ -4,8 +4,8 @@ The references are PyTorch's model.py, isd.py and train.py (tested on their own 
 in test_model.py, test_isd.py and test_train.py): the same weights must give the same logits (float32,
 within 1e-4) for a plain forward, a cached windowed forward and the [xt | x0] training forward, the
 same introspective loss, the same training steps and bit-exact checkpoints both ways, and the same
-greedy tokens from the ISD command line (mlx_port/isd.py itself: test_mlx_isd.py). mlx[cpu] on Linux
-uses a slow reference BLAS: every model here is tiny.
+greedy tokens from the command line (python -m mlx_port.sample as python sample.py; mlx_port/isd.py
+itself: test_mlx_isd.py). mlx[cpu] on Linux uses a slow reference BLAS: every model here is tiny.
 """
 import json
 import os
@@ -183,16 +183,16 @@ def test_mlx_resume_is_exact_and_frameworks_do_not_mix(start, tmp_path, monkeypa
         mlx_train.main(TINY + ["--device=cuda", f"--out_dir={tmp_path}/x"])
 
 
-def test_isd_command_line_matches_pytorch(start):
+def test_sample_command_line_matches_pytorch(start):
     init = start[2]
     args = [f"--out_dir={init}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=12", "--stride=3", "--json"]
     runs = [subprocess.run([sys.executable, *cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-            for cmd in (["isd.py"], ["-m", "mlx_port.isd", "--device=cpu"])]
+            for cmd in (["sample.py"], ["-m", "mlx_port.sample", "--device=cpu"])]
     for r in runs:
         assert r.returncode == 0, r.stderr
     want, got = (json.loads(r.stdout) for r in runs)
     assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
-    for cmd, err in ((["mlx_port.isd", "--out_dir=/nonexistent"], "no checkpoint"),
+    for cmd, err in ((["mlx_port.sample", "--out_dir=/nonexistent"], "no checkpoint"),
                      (["mlx_port.train", "--device=cuda"], "--device=cuda")):
         bad = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and err in bad.stderr.strip().splitlines()[-1], bad.stderr
@@ -206,7 +206,7 @@ def test_pretrained_name_in_training(start, tmp_path, monkeypatch):
     import checkpoint
     import pretrained
     monkeypatch.setattr(checkpoint, "pretrained_dir", lambda cache_dir=None: str(tmp_path / "not-converted"))
-    with pytest.raises(train.UsageError, match="python isd.py --init_from=smollm2"):
+    with pytest.raises(train.UsageError, match="python sample.py --init_from=smollm2"):
         mlx_train.main(TINY + ["--init_from=smollm2", f"--out_dir={tmp_path}/x"])
     monkeypatch.setattr(checkpoint, "pretrained_dir", lambda cache_dir=None: start[2])
     monkeypatch.setattr(pretrained, "smollm2_dir", lambda cache_dir=None: start[2])

@@ -34,6 +34,17 @@ def imports(path, mods):
     return top, nested
 
 
+def reach(graph, start):
+    """The modules `start` imports, directly or through others, `start` included."""
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    return seen
+
+
 def test_no_import_cycles_and_no_hidden_imports():
     mods = project_modules()
     graph = {}
@@ -54,7 +65,16 @@ def test_no_import_cycles_and_no_hidden_imports():
     for m in graph:
         if m not in state:
             visit(m, [])
-    assert {"isd", "model", "checkpoint", "pretrained"} <= set(graph)  # the walk saw the project
+    assert {"isd", "model", "checkpoint", "pretrained", "sample"} <= set(graph)  # the walk saw the project
+
+
+def test_isd_is_the_algorithm_alone():
+    """isd.py reaches no command line, checkpoint format, tokenizer or adapter: sample.py (the command line)
+    and serve.py bring those."""
+    mods = project_modules()
+    graph = {name: imports(path, mods)[0] for name, path in mods.items()}
+    assert reach(graph, "isd") == {"isd", "decoding", "kernels", "sampling"}
+    assert {"isd", "lora", "cli", "checkpoint", "tokenizer"} <= reach(graph, "sample")
 
 
 NUMBER = re.compile(r"^\**[~+-]?\d[\d,.]*\s*(x|%|s|ms|k)?\**$")  # a cell that is a figure: 3.11, **1.36x**, 25%
@@ -113,20 +133,17 @@ def test_the_mlx_port_never_reaches_torch():
     graph = {name: imports(path, mods)[0] for name, path in mods.items()}
     reached = {}
     for start in [m for m in mods if m.startswith("mlx_port.")]:
-        seen, todo = set(), [start]
-        while todo:
-            m = todo.pop()
-            if m not in seen:
-                seen.add(m)
-                todo += graph[m]
+        seen = reach(graph, start)
         for m in seen:
             bad = third_party(mods[m]) & {"torch", "triton", "safetensors"}
             assert not bad, f"{start} imports {m}, which imports {sorted(bad)}"
         reached[start] = seen
     # the walk really crossed the import graph: the shared modules the port imports, directly or through
     # others, were reached and checked (a walk that found no edges would check the port's own files only)
-    assert {"checkpoint", "data", "options", "tokenizer", "decoding"} <= set().union(*reached.values()), reached
+    assert {"checkpoint", "data", "options", "tokenizer", "decoding", "cli"} <= set().union(*reached.values()), reached
     assert {"mlx_port.model", "mlx_port.lora", "mlx_port.isd", "checkpoint", "decoding"} <= reached["mlx_port.distill"]
+    # the command line: PyTorch's sample.py imports torch, so the port shares cli.py with it, not sample.py
+    assert {"mlx_port.isd", "mlx_port.lora", "cli", "decoding", "checkpoint", "tokenizer"} <= reached["mlx_port.sample"]
     # mlx_port.train reaches mlx_port.distill only through `from mlx_port import distill` (a package's member)
     assert {"mlx_port.distill", "checkpoint", "data", "options", "tokenizer"} <= reached["mlx_port.train"]
 

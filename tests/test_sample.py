@@ -1,4 +1,4 @@
-"""isd.py's command line on a tiny trained checkpoint: JSON output, the HTML trace, errors."""
+"""sample.py, the command line, on a tiny trained checkpoint: JSON output, the HTML trace, errors, torch threads."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-import isd
+import sample
 import tokenizer as tok
 import train
 from isd import ar_generate
@@ -32,14 +32,14 @@ def ckpt(tmp_path_factory):
     return str(d / "out")
 
 
-def isd_cli(*args):
-    return subprocess.run([sys.executable, "isd.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def sample_cli(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_json_greedy_equals_ar_and_html_trace(ckpt, tmp_path):
     html = tmp_path / "trace.html"
-    r = isd_cli(f"--out_dir={ckpt}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=12", "--json",
-                f"--visualize={html}")
+    r = sample_cli(f"--out_dir={ckpt}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=12", "--json",
+                   f"--visualize={html}")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     model, enc = Model.load(ckpt).eval(), tok.load(ckpt)
@@ -57,24 +57,24 @@ def test_cli_errors(ckpt, tmp_path):
                          ([f"--out_dir={ckpt}", "--temperature=-1"], "--temperature must be >= 0"),
                          ([f"--out_dir={ckpt}", "--max_new_tokens=0"], "max_new_tokens must be >= 1"),
                          ([f"--out_dir={ckpt}", "--top_k=0"], "top_k must be >= 1")]:
-        r = isd_cli(*args)
+        r = sample_cli(*args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
 
 
 def test_decode_threads_one_for_a_small_model_unless_omp_num_threads(monkeypatch):
-    """A model under isd.SMALL_MODEL parameters decodes on one torch thread; OMP_NUM_THREADS, when set, wins;
+    """A model under sample.SMALL_MODEL parameters decodes on one torch thread; OMP_NUM_THREADS, when set, wins;
     a large model keeps torch's count. (The count is restored afterwards: it is process-wide.)"""
     before = torch.get_num_threads()
     small = Model(ModelConfig(vocab_size=17, mask_token_id=16, n_layer=1, n_head=2, n_kv_head=1, d_model=8, d_ff=16))
     big = torch.nn.Linear(1, 1)
-    big.weight = torch.nn.Parameter(torch.empty(isd.SMALL_MODEL, 1))  # as many parameters as the threshold
+    big.weight = torch.nn.Parameter(torch.empty(sample.SMALL_MODEL, 1))  # as many parameters as the threshold
     try:
         torch.set_num_threads(2)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert isd.decode_threads(big) == 2
-        assert isd.decode_threads(small) == 1
+        assert sample.decode_threads(big) == 2
+        assert sample.decode_threads(small) == 1
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert isd.decode_threads(small) == 2
+        assert sample.decode_threads(small) == 2
     finally:
         torch.set_num_threads(before)

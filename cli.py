@@ -1,0 +1,126 @@
+"""The command line that samples from a checkpoint, in no framework: the options, the statistics line,
+the trace of each forward in colour or as HTML. sample.py (PyTorch) and mlx_port/sample.py (MLX) run
+it with their decoder and their load_model.
+"""
+import argparse
+import html
+import json
+import sys
+import time
+
+import checkpoint
+import tokenizer as tok
+
+COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8"),
+          "rejected": ("\033[9;2m", "#eeeeee")}  # rejected drafts: struck through, not committed
+
+
+def stats_line(st, stride):
+    """One line of a decode's Stats."""
+    f = max(1, st.forwards)
+    return (f"stride {stride} | {st.tokens} tokens in {st.forwards} forwards | TPF {st.tpf:.2f} | "
+            f"acceptance {st.acceptance_rate:.3f} | rounds V {st.rounds_v / f:.0%} R {st.rounds_r / f:.0%} "
+            f"C {st.rounds_c / f:.0%} | {st.tokens_per_s:.1f} tok/s")
+
+
+def show_trace(trace, enc):
+    """Each forward on its own line: accepted drafts green, corrections red, clean tokens blue, then
+    the drafts verification rejected, struck through."""
+    for step, toks in enumerate(trace):
+        parts = "".join(f"{COLORS[k][0]}{enc.decode([t])}\033[0m" for t, k in toks)
+        print(f"{step:4d} {parts.replace(chr(10), '⏎')}")
+
+
+def trace_html(trace, enc, prompt, st, stride):
+    """A self-contained HTML page of the decode, one row per forward."""
+    rows = []
+    for step, toks in enumerate(trace):
+        spans = "".join(f'<span style="background:{COLORS[k][1]}{";text-decoration:line-through" if k == "rejected" else ""}"'
+                        f' title="{k}">{html.escape(enc.decode([t]))}</span>' for t, k in toks)
+        rows.append(f"<tr><td>{step}</td><td>{sum(k != 'rejected' for _, k in toks)}</td><td><pre>{spans}</pre></td></tr>")
+    legend = " ".join(f'<span style="background:{c[1]}">{k}</span>' for k, c in COLORS.items())
+    return (f"<!doctype html><meta charset=utf-8><title>ISD trace</title>"
+            f"<style>body{{font-family:sans-serif}}pre{{margin:0;white-space:pre-wrap}}td{{vertical-align:top;padding:2px 8px}}</style>"
+            f"<h2>Introspective Strided Decoding, stride {stride}</h2><p>{legend}</p>"
+            f"<p>{html.escape(stats_line(st, stride))}</p><p>prompt: <code>{html.escape(prompt)}</code></p>"
+            f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
+
+
+def parse_args(argv, doc):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
+                                                    "adapter (its base model + the adapter) (default out)")
+    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
+    p.add_argument("--base", action="store_true", help="decode with the base checkpoint without its self-distilled "
+                   "adapter (out_dir/distilled, loaded by default: the same tokens, more of them per forward)")
+    p.add_argument("--chat", action="store_true", help="put --prompt as a user message in the chat template (ChatML)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
+    p.add_argument("--narrow", action="store_true", help="the narrow window: 2N-1 tokens per forward instead of N*N, "
+                   "with a cold start after each rejection (fewer tokens per forward, cheaper forwards)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (p and q alike)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (p and q alike)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu); for python -m mlx_port.sample: "
+                   "auto, cpu, gpu (default auto: MLX's default device, the GPU on a Mac)")
+    p.add_argument("--json", action="store_true", help='print {"model", "text", "tokens", "stats"} as JSON')
+    p.add_argument("--compare", action="store_true", help="also decode with AR and print both speeds and their ratio")
+    p.add_argument("--visualize", nargs="?", const="-", default=None, metavar="FILE.html",
+                   help="show each forward's accepted drafts / corrections / clean tokens and the drafts "
+                        "verification rejected (struck through); with a file, write HTML")
+    a = p.parse_args(argv)
+    if a.stride < 1:
+        p.error(f"--stride must be >= 1, got {a.stride}")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    return p, a
+
+
+def main(argv, decoder, load_model, doc):
+    """The command line of `decoder` (the module isd or mlx_port.isd: its Request, decode, isd_generate
+    and ar_generate). `load_model(source, device)` gives (model, tokenizer) of a checkpoint folder (with a
+    gated LoRA adapter: its base + the adapter) or a pretrained name; `doc` heads --help."""
+    p, a = parse_args(argv, doc)
+
+    # the model and the prompt
+    source = a.init_from or a.out_dir
+    source = source if a.base else checkpoint.distilled_or_base(source)  # the self-distilled adapter, if any
+    try:
+        model, enc = load_model(source, a.device)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    if a.chat and not tok.has_chat_template(enc):
+        p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
+    ids = tok.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=tok.stop_ids(enc))
+
+    # decode, keeping the trace of every forward
+    try:
+        decoder.isd_generate(model, ids, 2, a.stride, narrow=a.narrow, **kw)  # warm-up: first calls are slow
+        r = decoder.Request(ids, a.max_new_tokens, trace=[], **kw)
+    except ValueError as e:
+        p.error(str(e))
+    out, st = decoder.decode(model, [r], a.stride, a.narrow)[0].out, r.stats
+
+    # show it
+    text = enc.decode(out[:-1] if out and out[-1] in r.stop_ids else out)  # the stop token is not text
+    if a.json:
+        print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st.as_dict()}))
+    elif a.visualize == "-":
+        show_trace(r.trace, enc)
+    else:
+        print(text if a.chat else a.prompt + text)
+    if a.visualize and a.visualize != "-":
+        with open(a.visualize, "w") as f:
+            f.write(trace_html(r.trace, enc, a.prompt, st, a.stride))
+        print(f"wrote {a.visualize}", file=sys.stderr)
+    if not a.json:
+        print(f"model {source} | " + stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
+    if a.compare:
+        t0 = time.time()
+        ar = decoder.ar_generate(model, ids, a.max_new_tokens, **kw)
+        ar_tps = len(ar) / (time.time() - t0)
+        print(f"AR {ar_tps:.1f} tok/s | ISD {st.tokens_per_s:.1f} tok/s | ISD/AR {st.tokens_per_s / ar_tps:.2f}x"
+              + (" | identical tokens" if a.temperature == 0 and ar == out else ""))

@@ -1,0 +1,44 @@
+"""Sample from a checkpoint with Introspective Strided Decoding (isd.py), in PyTorch.
+
+    python sample.py --out_dir=out --prompt="ROMEO:" --stride=4 --max_new_tokens=200 --temperature=0.8 --seed=1
+    python sample.py --init_from=smollm2 --chat --prompt="What is the capital of France?" --temperature=0
+    python sample.py --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
+
+It prints the text and one line of statistics; --compare also decodes with AR, --visualize shows what
+each forward drafted and kept. The command line itself is cli.py's, shared with python -m mlx_port.sample.
+"""
+import os
+
+import torch
+
+import cli
+import isd
+import lora
+
+SMALL_MODEL = 20_000_000  # parameters: below this a CPU decodes on one torch thread (decode_threads)
+
+
+def decode_threads(model):
+    """Torch threads for decoding `model` on a CPU, unless OMP_NUM_THREADS says: one for a small model, whose
+    matrices are too small to split; with two, a 1M-parameter model decodes 4x slower as soon as anything
+    else runs on a 2-core machine (docs/results.md). Returns the number set."""
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+    if "OMP_NUM_THREADS" not in os.environ and small and next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def load_model(source, device):
+    """(model, tokenizer) of a checkpoint folder, one with a gated LoRA adapter (its base + the adapter) or
+    a pretrained name, on --device (default cpu), with decode_threads' torch threads."""
+    model, enc = lora.load_model(source, device=device or "cpu")
+    decode_threads(model)
+    return model, enc
+
+
+def main(argv=None):
+    cli.main(argv, isd, load_model, __doc__)
+
+
+if __name__ == "__main__":
+    main()
