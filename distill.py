@@ -1,8 +1,8 @@
 """Self-distillation: the masks learn the model's own continuations, through a gated LoRA adapter.
 
     python distill.py --out_dir=out        # greedy + sampled rollouts, hard + soft targets -> out/distilled
-    python distill.py --out_dir=out --rollouts=greedy --target=hard   # greedy decoding only: the highest greedy TPF
-    python distill.py --out_dir=out --rollouts=none --target=soft   # no rollouts: soft targets on the training text
+    python distill.py --out_dir=out --rollouts=greedy --supervision=hard   # greedy decoding only: the highest greedy TPF
+    python distill.py --out_dir=out --rollouts=none --supervision=soft   # no rollouts: soft targets on the training text
     python distill.py --replies=smol.txt   # SmolLM2's own chat replies, for train.py --init_from=smollm2 --lora=16 --data=smol.txt
 
 ISD keeps a draft when the model agrees with its own proposal, so the best thing a MASK position can
@@ -63,11 +63,11 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     return rows, labels
 
 
-def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard_rows=None, weights=None):
+def distill_loss(model, x0, labels, stride, supervision="hard", temperature=1.0, hard_rows=None, weights=None):
     """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets
     (the clean stream's distribution at temperature T at the same position: the mask at position i
     drafts token i+1, which the clean stream at position i predicts). MASK is never a target.
-    target="mixed": hard targets for the rows where `hard_rows` (B,) is True, soft for the others.
+    supervision="mixed": hard targets for the rows where `hard_rows` (B,) is True, soft for the others.
     weights (B, T), aligned with labels: a weighted mean over the targets instead of the plain one
     (learn.py weighs the tokens whose drafts were rejected)."""
     xt, x0_logits = idlm_logits(model, x0, labels, stride)
@@ -76,14 +76,14 @@ def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard
     valid = labels[:, 1:] != -100
     dtype = torch.promote_types(xt.dtype, torch.float32)  # float64 stays
     student = xt[:, :-1][valid][:, keep].to(dtype)
-    if target in ("hard", "mixed"):
+    if supervision in ("hard", "mixed"):
         ids = labels[:, 1:][valid]
         hard = F.cross_entropy(student, ids - (ids > mask_id).long(), reduction="none")  # ids above MASK: one column down
-    if target in ("soft", "mixed"):
+    if supervision in ("soft", "mixed"):
         teacher = (x0_logits[:, :-1][valid][:, keep].to(dtype).detach() / temperature).softmax(-1)
         soft = -(teacher * (student / temperature).log_softmax(-1)).sum(-1)
     losses = {"hard": lambda: hard, "soft": lambda: soft,
-              "mixed": lambda: torch.where(hard_rows[:, None].expand_as(valid)[valid], hard, soft)}[target]()
+              "mixed": lambda: torch.where(hard_rows[:, None].expand_as(valid)[valid], hard, soft)}[supervision]()
     if weights is None:
         return losses.mean()
     w = weights[:, 1:][valid].to(dtype)
@@ -98,12 +98,12 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle_lr(step, cfg.lr, cfg.iters) / cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})",
+    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.supervision})",
                disable=True if log is None else None)  # None: a bar on a terminal only
     greedy = torch.arange(len(rows)) < len(rows) // 2  # rollouts="both": the greedy half comes first
     for _ in bar:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=g)
-        loss = distill_loss(model, rows[idx], labels[idx], stride, cfg.target, cfg.temperature, greedy[idx])
+        loss = distill_loss(model, rows[idx], labels[idx], stride, cfg.supervision, cfg.temperature, greedy[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -133,7 +133,7 @@ def distill(out_dir, cfg: DistillConfig, stride, data_path=None, log=print):
     train_adapter(model, rows, labels, stride, cfg, log)
     folder = save(model, out_dir)
     if log:
-        log(f"self-distillation ({cfg.rollouts} rollouts, {cfg.target} targets, {cfg.iters} steps) in "
+        log(f"self-distillation ({cfg.rollouts} rollouts, {cfg.supervision} targets, {cfg.iters} steps) in "
             f"{time.time() - t0:.0f}s: adapter in {folder}/")
     return folder
 

@@ -224,9 +224,9 @@ class Learner:
         x0, labels, weights, hard_rows = batch(examples, self.pad_id)
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr * min(1.0, (self.counters["steps"] + 1) / self.cfg.warmup)
-        target = "hard" if hard_rows.all() else "soft" if not hard_rows.any() else "mixed"
+        supervision = "hard" if hard_rows.all() else "soft" if not hard_rows.any() else "mixed"
         dev = self.params[0].device
-        loss = distill_loss(self.twin, x0.to(dev), labels.to(dev), self.stride, target, self.cfg.temperature,
+        loss = distill_loss(self.twin, x0.to(dev), labels.to(dev), self.stride, supervision, self.cfg.temperature,
                             hard_rows.to(dev), weights.to(dev))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

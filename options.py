@@ -233,7 +233,7 @@ def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, fin
 class DistillConfig:
     """Self-distillation's options (distill.py and mlx_port/distill.py; docs/distillation.md)."""
     rollouts: str = "both"  # greedy | sampled | both (half each) | none (the training text itself)
-    target: str = "mixed"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
+    supervision: str = "mixed"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
     # mixed (with rollouts=both): hard on the greedy rollouts, soft on the sampled ones
     temperature: float = 0.8  # of sampled rollouts and of soft targets
     n_rollouts: int = 1024
@@ -250,12 +250,12 @@ class DistillConfig:
     def __post_init__(self):
         if self.rollouts not in ("greedy", "sampled", "both", "none"):
             raise ValueError(f"rollouts must be greedy, sampled, both or none, got {self.rollouts!r}")
-        if self.target not in ("hard", "soft", "mixed"):
-            raise ValueError(f"target must be hard, soft or mixed, got {self.target!r}")
-        if (self.target == "mixed") != (self.rollouts == "both"):
-            raise ValueError("target=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both")
-        if self.rollouts == "none" and self.target == "hard":
-            raise ValueError("rollouts=none with target=hard is ordinary training: use target=soft")
+        if self.supervision not in ("hard", "soft", "mixed"):
+            raise ValueError(f"supervision must be hard, soft or mixed, got {self.supervision!r}")
+        if (self.supervision == "mixed") != (self.rollouts == "both"):
+            raise ValueError("supervision=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both")
+        if self.rollouts == "none" and self.supervision == "hard":
+            raise ValueError("rollouts=none with supervision=hard is ordinary training: use supervision=soft")
         if not 0 < self.prompt_len < self.seq_len:
             raise ValueError(f"need 0 < prompt_len < seq_len, got {self.prompt_len} and {self.seq_len}")
         for k in ("n_rollouts", "rank", "iters", "batch_size"):

@@ -1,8 +1,8 @@
 """Self-distillation in MLX: distill.py, framework for framework (diff them).
 
     python -m mlx_port.distill --out_dir=out        # greedy + sampled rollouts, hard + soft targets -> out/distilled
-    python -m mlx_port.distill --out_dir=out --rollouts=greedy --target=hard  # greedy only: the highest greedy TPF
-    python -m mlx_port.distill --out_dir=out --rollouts=none --target=soft  # no rollouts: soft targets on the text
+    python -m mlx_port.distill --out_dir=out --rollouts=greedy --supervision=hard  # greedy only: the highest greedy TPF
+    python -m mlx_port.distill --out_dir=out --rollouts=none --supervision=soft  # no rollouts: soft targets on the text
 
 ISD keeps a draft when the model agrees with its own proposal, so the best thing a MASK position can
 predict is what the model itself would write there, not what the corpus says. Three steps:
@@ -65,7 +65,7 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     return mx.array(rows), mx.array(labels)
 
 
-def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard_rows=None):
+def distill_loss(model, x0, labels, stride, supervision="hard", temperature=1.0, hard_rows=None):
     """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets
     (the clean stream's distribution at temperature T at the same position: the mask at position i
     drafts token i+1, which the clean stream at position i predicts). MASK is never a target.
@@ -78,14 +78,14 @@ def distill_loss(model, x0, labels, stride, target="hard", temperature=1.0, hard
     dtype = xt.dtype if xt.dtype in (mx.float32, mx.float64) else mx.float32  # float64 stays
     student = xt[:, :-1][..., keep].astype(dtype)
     mean = lambda v: mx.where(valid, v, 0).sum() / valid.sum()  # noqa: E731
-    if target in ("hard", "mixed"):
+    if supervision in ("hard", "mixed"):
         ids = mx.where(valid, labels[:, 1:], 0)
         hard = nn.losses.cross_entropy(student, ids - (ids > mask_id))  # ids above MASK: one column down
-        if target == "hard":
+        if supervision == "hard":
             return mean(hard)
     teacher = mx.softmax(mx.stop_gradient(x0_logits[:, :-1][..., keep].astype(dtype)) / temperature, axis=-1)
     soft = -(teacher * nn.log_softmax(student / temperature, axis=-1)).sum(-1)
-    if target == "soft":
+    if supervision == "soft":
         return mean(soft)
     return mean(mx.where(hard_rows[:, None], hard, soft))
 
@@ -95,10 +95,10 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
     lora.add_adapter(model, lora.LoraConfig(cfg.rank, cfg.lora_alpha, base="..", targets=cfg.targets.split(",")))
     model.train()
     opt = optim.AdamW(cfg.lr, betas=[0.9, 0.95], weight_decay=0.0, bias_correction=True)  # torch's AdamW
-    loss_and_grad = nn.value_and_grad(model, lambda x, y, h: distill_loss(model, x, y, stride, cfg.target,
+    loss_and_grad = nn.value_and_grad(model, lambda x, y, h: distill_loss(model, x, y, stride, cfg.supervision,
                                                                          cfg.temperature, h))
     key = mx.random.key(cfg.seed)
-    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.target})",
+    bar = tqdm(range(cfg.iters), desc=f"distill ({cfg.rollouts}/{cfg.supervision})",
                disable=True if log is None else None)  # None: a bar on a terminal only
     greedy = mx.arange(len(rows)) < len(rows) // 2  # rollouts="both": the greedy half comes first
     for it in bar:
@@ -133,7 +133,7 @@ def distill(out_dir, cfg: DistillConfig, stride, data_path=None, log=print):
     train_adapter(model, rows, labels, stride, cfg, log)
     folder = save(model, out_dir)
     if log:
-        log(f"self-distillation ({cfg.rollouts} rollouts, {cfg.target} targets, {cfg.iters} steps) in "
+        log(f"self-distillation ({cfg.rollouts} rollouts, {cfg.supervision} targets, {cfg.iters} steps) in "
             f"{time.time() - t0:.0f}s: adapter in {folder}/")
     return folder
 

@@ -240,7 +240,7 @@ def slow_half_logits(model, x0, labels, stride):
     return xt_out, x0_out
 
 
-def ref_distill_loss(model, x0, labels, stride, target, temperature, hard_rows=None, weights=None):
+def ref_distill_loss(model, x0, labels, stride, supervision, temperature, hard_rows=None, weights=None):
     """The loss written out target by target: the mask at position i (xt half) against label i+1
     (hard) or the clean stream's distribution at position i at temperature T (soft); "mixed": hard for
     the rows where hard_rows[r], soft elsewhere. weights (B, T): sum(w * l) / sum(w) over the targets,
@@ -250,7 +250,7 @@ def ref_distill_loss(model, x0, labels, stride, target, temperature, hard_rows=N
     keep = [v for v in range(V) if v != M]
     terms, ws = [], []
     for r in range(x0.shape[0]):
-        hard = target == "hard" or (target == "mixed" and bool(hard_rows[r]))
+        hard = supervision == "hard" or (supervision == "mixed" and bool(hard_rows[r]))
         for i in range(x0.shape[1] - 1):
             y = int(labels[r, i + 1])
             if y == -100:

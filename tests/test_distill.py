@@ -181,11 +181,11 @@ def _distill_case(mask_token_id, cases=(("hard", 1.0), ("soft", 1.0), ("soft", 0
     labels[0, :3] = -100  # a prompt that ends mid-block
     labels[1, :1] = -100
     for stride in (2, 3, 4):
-        for target, T in cases:
+        for supervision, T in cases:
             with torch.no_grad():
-                got = float(distill.distill_loss(model, x0, labels, stride, target, T))
-            ref = ref_distill_loss(model, x0, labels, stride, target, T)
-            assert abs(got - ref) < TOL * max(1.0, abs(ref)), (stride, target, T, got, ref)
+                got = float(distill.distill_loss(model, x0, labels, stride, supervision, T))
+            ref = ref_distill_loss(model, x0, labels, stride, supervision, T)
+            assert abs(got - ref) < TOL * max(1.0, abs(ref)), (stride, supervision, T, got, ref)
     # the soft loss really depends on the temperature: the reference at another one is far off
     ref_wrong = ref_distill_loss(model, x0, labels, 3, "soft", 0.7)
     with torch.no_grad():
@@ -214,18 +214,18 @@ def test_distill_loss_in_float32_on_large_logits_is_within_float32_rounding():
     assert float((torch.softmax(logits.float() / 0.7, -1)).log().isinf().sum()) > 0  # naive float32 underflows
     tol = 1e-5
     for stride in (2, 3, 4):
-        for target, T in (("hard", 1.0), ("soft", 0.7), ("mixed", 0.7)):
-            hr = hard_rows if target == "mixed" else None
-            ref = ref_distill_loss(model64, x0, labels, stride, target, T, hr)
+        for supervision, T in (("hard", 1.0), ("soft", 0.7), ("mixed", 0.7)):
+            hr = hard_rows if supervision == "mixed" else None
+            ref = ref_distill_loss(model64, x0, labels, stride, supervision, T, hr)
             with torch.no_grad():
-                got = distill.distill_loss(model, x0, labels, stride, target, T, hr)
+                got = distill.distill_loss(model, x0, labels, stride, supervision, T, hr)
             assert got.dtype == torch.float32 and math.isfinite(float(got))
-            assert abs(float(got) - ref) < tol * max(1.0, abs(ref)), (stride, target, float(got), ref)
+            assert abs(float(got) - ref) < tol * max(1.0, abs(ref)), (stride, supervision, float(got), ref)
             for low in (torch.bfloat16, torch.float16):
                 with torch.no_grad():
-                    half = distill.distill_loss(copy.deepcopy(model).to(low), x0, labels, stride, target, T, hr)
+                    half = distill.distill_loss(copy.deepcopy(model).to(low), x0, labels, stride, supervision, T, hr)
                 assert half.dtype == torch.float32, low
-                assert abs(float(half) - ref) > tol * max(1.0, abs(ref)), (stride, target, low)
+                assert abs(float(half) - ref) > tol * max(1.0, abs(ref)), (stride, supervision, low)
 
 
 def test_distill_loss_matches_slow_reference_float64():
@@ -262,19 +262,19 @@ def test_weighted_and_mixed_distill_loss_match_the_slow_reference():
     ones = torch.ones(3, 8, dtype=torch.float64)
     checked = 0
     for stride in (2, 3):
-        for target, T in (("hard", 1.0), ("soft", 1.0), ("soft", 0.7), ("mixed", 0.7)):
-            hr = hard_rows if target == "mixed" else None
+        for supervision, T in (("hard", 1.0), ("soft", 1.0), ("soft", 0.7), ("mixed", 0.7)):
+            hr = hard_rows if supervision == "mixed" else None
             with torch.no_grad():
-                got = distill.distill_loss(model, x0, labels, stride, target, T, hr, weights)
-                plain = float(distill.distill_loss(model, x0, labels, stride, target, T, hr))
-                flat = float(distill.distill_loss(model, x0, labels, stride, target, T, hr, ones))
+                got = distill.distill_loss(model, x0, labels, stride, supervision, T, hr, weights)
+                plain = float(distill.distill_loss(model, x0, labels, stride, supervision, T, hr))
+                flat = float(distill.distill_loss(model, x0, labels, stride, supervision, T, hr, ones))
             assert got.dtype == torch.float64
-            ref = ref_distill_loss(model, x0, labels, stride, target, T, hard_rows, weights)
-            ref_plain = ref_distill_loss(model, x0, labels, stride, target, T, hard_rows)
-            assert abs(float(got) - ref) < TOL * max(1.0, abs(ref)), (stride, target, T, float(got), ref)
-            assert abs(plain - ref_plain) < TOL * max(1.0, abs(ref_plain)), (stride, target, T)
-            assert abs(flat - ref_plain) < TOL * max(1.0, abs(ref_plain)), (stride, target, T)
-            assert abs(ref - ref_plain) > 1e-3, (stride, target, T)  # the weights matter
+            ref = ref_distill_loss(model, x0, labels, stride, supervision, T, hard_rows, weights)
+            ref_plain = ref_distill_loss(model, x0, labels, stride, supervision, T, hard_rows)
+            assert abs(float(got) - ref) < TOL * max(1.0, abs(ref)), (stride, supervision, T, float(got), ref)
+            assert abs(plain - ref_plain) < TOL * max(1.0, abs(ref_plain)), (stride, supervision, T)
+            assert abs(flat - ref_plain) < TOL * max(1.0, abs(ref_plain)), (stride, supervision, T)
+            assert abs(ref - ref_plain) > 1e-3, (stride, supervision, T)  # the weights matter
             checked += 1
         # mixed really mixes: neither all-hard nor all-soft
         with torch.no_grad():
@@ -313,7 +313,7 @@ def test_rollouts_both_are_greedy_then_sampled():
     model = tiny_model(seed=4, vocab=16)
     train_ids = np.random.default_rng(1).integers(0, 15, 400).astype(np.uint16)
     cfg = distill.DistillConfig(n_rollouts=40, prompt_len=3, seq_len=12, seed=5, temperature=1.0)
-    assert (cfg.rollouts, cfg.target) == ("both", "mixed")  # the default recipe
+    assert (cfg.rollouts, cfg.supervision) == ("both", "mixed")  # the default recipe
     rows, _ = distill.rollouts(model, train_ids, cfg, log=None)
     greedy = [rows[r, 3:].tolist() == isd.ar_generate(model, rows[r, :3].tolist(), 9, temperature=0) for r in range(40)]
     assert all(greedy[:20]) and sum(greedy[20:]) < 10  # the first half greedy, the second sampled
@@ -322,7 +322,7 @@ def test_rollouts_both_are_greedy_then_sampled():
 def test_rollouts_greedy_are_the_models_greedy_continuations():
     model = tiny_model(seed=4, vocab=16)
     train_ids = np.random.default_rng(0).integers(0, 15, 400).astype(np.uint16)  # never MASK (15)
-    cfg = distill.DistillConfig(rollouts="greedy", target="hard", n_rollouts=260, prompt_len=3, seq_len=9,
+    cfg = distill.DistillConfig(rollouts="greedy", supervision="hard", n_rollouts=260, prompt_len=3, seq_len=9,
                                 seed=7)  # two batches of 256
     rows, labels = distill.rollouts(model, train_ids, cfg, log=None)
     assert rows.shape == (260, 9) and labels.shape == (260, 9)
@@ -340,12 +340,12 @@ def test_rollouts_greedy_are_the_models_greedy_continuations():
 def test_rollouts_none_is_the_training_text():
     model = tiny_model(seed=4, vocab=16)
     train_ids = np.random.default_rng(1).integers(0, 15, 300).astype(np.uint16)
-    cfg = distill.DistillConfig(rollouts="none", target="soft", n_rollouts=20, prompt_len=3, seq_len=10)
+    cfg = distill.DistillConfig(rollouts="none", supervision="soft", n_rollouts=20, prompt_len=3, seq_len=10)
     rows, labels = distill.rollouts(model, train_ids, cfg, log=None)
     assert rows.shape == (20, 10) and torch.equal(rows, labels)
     assert all(contains(train_ids.tolist(), r) for r in rows.tolist())
-    with pytest.raises(ValueError, match="target=soft"):
-        distill.DistillConfig(rollouts="none", target="hard")
+    with pytest.raises(ValueError, match="supervision=soft"):
+        distill.DistillConfig(rollouts="none", supervision="hard")
 
 
 # ----------------------------------------------------------------------------------------------

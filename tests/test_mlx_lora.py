@@ -83,9 +83,9 @@ def test_both_frameworks_read_one_config():
     assert mlx_lora.LoraConfig is lora.LoraConfig is checkpoint.LoraConfig and mlx_lora.TARGETS == lora.TARGETS
     assert mlx_distill.DistillConfig is distill.DistillConfig
     for cls, bad in ((lora.LoraConfig, [{"rank": 0}, {"targets": ["q_proj", "lm_head"]}]),
-                     (distill.DistillConfig, [{"rollouts": "beam"}, {"target": "x"}, {"target": "hard"},
-                                              {"rollouts": "none", "target": "hard"}, {"prompt_len": 128},
-                                              {"iters": 0}, {"temperature": 0.0}, {"rollouts": "greedy", "target": "mixed"}])):
+                     (distill.DistillConfig, [{"rollouts": "beam"}, {"supervision": "x"}, {"supervision": "hard"},
+                                              {"rollouts": "none", "supervision": "hard"}, {"prompt_len": 128},
+                                              {"iters": 0}, {"temperature": 0.0}, {"rollouts": "greedy", "supervision": "mixed"}])):
         for kw in bad:
             with pytest.raises(ValueError):
                 cls(**kw)
@@ -247,7 +247,7 @@ def test_distill_loss_matches_pytorch(mask_token_id, tmp_path):
 def test_greedy_rollouts_match_pytorch_and_training_lowers_the_loss(pair):
     tb, _, _, _, d = pair
     train_ids = np.random.default_rng(0).integers(0, 15, 400).astype(np.uint16)  # never MASK (15)
-    cfg = mlx_distill.DistillConfig(rollouts="greedy", target="hard", n_rollouts=12, prompt_len=3, seq_len=12,
+    cfg = mlx_distill.DistillConfig(rollouts="greedy", supervision="hard", n_rollouts=12, prompt_len=3, seq_len=12,
                                     iters=8, batch_size=4, rank=4, lr=3e-2, seed=7)
     rows, labels = mlx_distill.rollouts(mm.Model.load(d), train_ids, cfg, log=None)
     want = distill.rollouts(tb, train_ids, distill.DistillConfig(**dataclasses.asdict(cfg)), log=None)
