@@ -7,9 +7,11 @@ import html
 import json
 import sys
 import time
+from dataclasses import replace
 
 import checkpoint
 import tokenizer as tok
+from decoding import SamplingParams
 
 COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8"),
           "rejected": ("\033[9;2m", "#eeeeee")}  # rejected drafts: struck through, not committed
@@ -94,18 +96,18 @@ def main(argv, decoder, load_model, doc):
     if a.chat and not tok.has_chat_template(enc):
         p.error(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")
     ids = tok.chat_ids(enc, [{"role": "user", "content": a.prompt}]) if a.chat else enc.encode_ordinary(a.prompt)
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_ids=tok.stop_ids(enc))
 
     # decode, keeping the trace of every forward
     try:
-        decoder.isd_generate(model, ids, 2, a.stride, narrow=a.narrow, **kw)  # warm-up: first calls are slow
-        r = decoder.Request(ids, a.max_new_tokens, trace=[], **kw)
+        params = SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, tok.stop_ids(enc))
+        decoder.isd_generate(model, ids, replace(params, max_tokens=2), a.stride, a.narrow)  # warm-up: first calls are slow
+        r = decoder.Request(ids, params, trace=[])
     except ValueError as e:
         p.error(str(e))
     out, st = decoder.decode(model, [r], a.stride, a.narrow)[0].out, r.stats
 
     # show it
-    text = enc.decode(out[:-1] if out and out[-1] in r.stop_ids else out)  # the stop token is not text
+    text = enc.decode(out[:-1] if out and out[-1] in params.stop_ids else out)  # the stop token is not text
     if a.json:
         print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st.as_dict()}))
     elif a.visualize == "-":
@@ -120,7 +122,7 @@ def main(argv, decoder, load_model, doc):
         print(f"model {source} | " + stats_line(st, a.stride), file=sys.stderr if a.visualize == "-" else sys.stdout)
     if a.compare:
         t0 = time.time()
-        ar = decoder.ar_generate(model, ids, a.max_new_tokens, **kw)
+        ar = decoder.ar_generate(model, ids, params)
         ar_tps = len(ar) / (time.time() - t0)
         print(f"AR {ar_tps:.1f} tok/s | ISD {st.tokens_per_s:.1f} tok/s | ISD/AR {st.tokens_per_s / ar_tps:.2f}x"
               + (" | identical tokens" if a.temperature == 0 and ar == out else ""))

@@ -1,5 +1,5 @@
-"""What every decoder shares, in no framework: the Stats a decode reports and the checks of a request's
-settings (isd.py in PyTorch, mlx_port/isd.py in MLX, and the decoders built on them).
+"""What every decoder shares, in no framework: the SamplingParams a request is decoded with and the Stats
+a decode reports (isd.py in PyTorch, mlx_port/isd.py in MLX, and the decoders built on them).
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -49,20 +49,37 @@ class SettingError(ValueError):
         self.param = param
 
 
-def check_settings(r):
-    """Refuse a request's bad settings (SettingError names the one) before it decodes."""
-    if r.max_new_tokens < 1:
-        raise SettingError("max_new_tokens", f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
-    if r.temperature < 0:
-        raise SettingError("temperature", f"temperature must be >= 0, got {r.temperature}")
-    if not math.isfinite(r.temperature) or 0 < r.temperature < MIN_TEMPERATURE:  # logits / T overflows
-        raise SettingError("temperature", f"temperature must be 0 (greedy) or a finite number >= "
-                          f"{MIN_TEMPERATURE:g}, got {r.temperature}")
-    if r.top_k is not None and r.top_k < 1:
-        raise SettingError("top_k", f"top_k must be >= 1, got {r.top_k}")
-    if r.top_p is not None and not 0 < r.top_p <= 1:
-        raise SettingError("top_p", f"top_p must be in (0, 1], got {r.top_p}")
-    if r.seed is not None and not 0 <= r.seed < 2 ** 63:
-        raise SettingError("seed", f"seed must be in [0, 2**63), got {r.seed}")
-    if len(r.prompt) == 0:
-        raise ValueError("the prompt is empty: give at least one token")
+@dataclass
+class SamplingParams:
+    """How a continuation is sampled: one value for every decoder (ISD, AR, the diffusion baselines), the
+    scheduler and the server. Up to max_tokens new tokens, ending at the first of stop_ids (kept as the last
+    token); each from the model's distribution at `temperature` (0 = greedy), cut to its top_k tokens and
+    then to the top_p of the mass; seed: the request's own random stream (None: a fresh one).
+    Bad values raise SettingError, which names the field."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = None
+    top_p: float = None
+    seed: int = None
+    stop_ids: tuple = ()
+
+    def __post_init__(self):
+        self.stop_ids = tuple(self.stop_ids or ())
+        if self.max_tokens < 1:
+            raise SettingError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise SettingError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows
+            raise SettingError("temperature", f"temperature must be 0 (greedy) or a finite number >= "
+                                              f"{MIN_TEMPERATURE:g}, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SettingError("top_k", f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SettingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise SettingError("seed", f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def filter_key(self):
+        """The settings that shape the distributions: requests with equal ones are filtered together."""
+        return self.temperature, self.top_k, self.top_p

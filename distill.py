@@ -32,6 +32,7 @@ import data
 import lora
 import pretrained
 import tokenizer as tok
+from decoding import SamplingParams
 from isd import Request, decode
 from model import Model, idlm_logits
 from options import DistillConfig, one_cycle_lr
@@ -51,7 +52,8 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     for at in tqdm(range(0, cfg.n_rollouts, 256), desc=f"{cfg.rollouts} rollouts", disable=quiet):
         greedy = [cfg.rollouts == "greedy" or (cfg.rollouts == "both" and at + i < cfg.n_rollouts // 2)
                   for i in range(len(text[at:at + 256]))]
-        reqs = [Request(row[:cfg.prompt_len].tolist(), n_new, 0.0 if g else cfg.temperature, seed=cfg.seed + at + i)
+        reqs = [Request(row[:cfg.prompt_len].tolist(),
+                        SamplingParams(n_new, temperature=0.0 if g else cfg.temperature, seed=cfg.seed + at + i))
                 for i, (row, g) in enumerate(zip(text[at:at + 256], greedy))]
         decode(model, reqs, stride=1)  # stride 1: batched AR
         rows += [r.prompt + r.out for r in reqs]
@@ -156,8 +158,8 @@ def write_replies(model, enc, prompts, path, max_new_tokens=96, batch_size=16):
     """The model's greedy chat reply to each prompt, appended to the text file `path` with a blank
     line after each (one file: train.py's validation split is its last tenth)."""
     for at in range(0, len(prompts), batch_size):
-        reqs = [Request(tok.chat_ids(enc, [{"role": "user", "content": p}]), max_new_tokens, temperature=0,
-                        stop_ids=tok.stop_ids(enc)) for p in prompts[at:at + batch_size]]
+        params = SamplingParams(max_new_tokens, temperature=0, stop_ids=tok.stop_ids(enc))
+        reqs = [Request(tok.chat_ids(enc, [{"role": "user", "content": p}]), params) for p in prompts[at:at + batch_size]]
         decode(model, reqs, stride=1)  # stride 1: batched AR
         with open(path, "a") as f:
             for r in reqs:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import checkpoint
 import isd
 import tokenizer as tok
-from isd import Stats
+from decoding import SamplingParams, Stats
 from sampling import process_logits, sample
 from model import Model, idlm_mask
 
@@ -152,34 +152,34 @@ def check_settings(model, family, requests, block, steps, threshold):
     if threshold is not None and not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     for r in requests:  # a canvas fits the context: dlm reads it whole, a bdlm block sees all before it
-        if len(r.prompt) + r.max_new_tokens > model.cfg.max_seq_len:
-            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the "
+        if len(r.prompt) + r.params.max_tokens > model.cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_tokens ({r.params.max_tokens}) exceeds the "
                              f"context of {model.cfg.max_seq_len} tokens")
 
 
 @torch.no_grad()
-def dlm_generate(model, family, prompt_ids, max_new_tokens, block=4, steps=4, threshold=None,
-                 temperature=1.0, top_k=None, top_p=None, seed=None):
+def dlm_generate(model, family, prompt_ids, params, block=4, steps=4, threshold=None):
     """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
-    training), one request, no cache: the reference decoder. Returns (new ids, q, parallel, isd.Stats):
+    training), one request sampled as `params` says (its stop_ids unused: the canvas is decoded whole),
+    no cache: the reference decoder. Returns (new ids, q, parallel, isd.Stats):
     q (n, V) holds, for each new token, the filtered logits of the distribution it was drawn from in the
     step that committed it (for the metric below), parallel (n,) whether it was committed in parallel
     (unmask_step)."""
-    r = isd.Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)  # validates settings
+    r = isd.Request(list(prompt_ids), params)
     check_settings(model, family, [r], block, steps, threshold)
-    mask_id, P = model.cfg.mask_token_id, len(r.prompt)
+    mask_id, P, n, temperature = model.cfg.mask_token_id, len(r.prompt), params.max_tokens, params.temperature
     dev = model.embed_tokens.weight.device
-    ids = torch.tensor([r.prompt + [mask_id] * max_new_tokens], device=dev)
+    ids = torch.tensor([r.prompt + [mask_id] * n], device=dev)
     dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
-    q = torch.empty(max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev)
-    parallel = torch.zeros(max_new_tokens, dtype=torch.bool, device=dev)
+    q = torch.empty(n, model.cfg.vocab_size, dtype=dtype, device=dev)
+    parallel = torch.zeros(n, dtype=torch.bool, device=dev)
     forwards, t0 = 0, time.time()
-    for lo in [P, *range((P // block + 1) * block, P + max_new_tokens, block)]:  # the first block may be cut
-        hi = min((lo // block + 1) * block, P + max_new_tokens)
+    for lo in [P, *range((P // block + 1) * block, P + n, block)]:  # the first block may be cut
+        hi = min((lo // block + 1) * block, P + n)
         for step in range(hi - lo):  # at most one step per position
             logits = denoise_logits(model, family, ids, lo, hi, block)[0].to(dtype)
             forwards += 1
-            proc = process_logits(logits, mask_id, temperature, top_k, top_p)
+            proc = process_logits(logits, mask_id, *params.filter_key)
             pick, x, par = unmask_step(proc, ids[0, lo:hi] == mask_id, step, steps, threshold, temperature, r.gen)
             ids[0, lo + pick] = x
             q[lo + pick - P] = proc[pick]
@@ -216,10 +216,10 @@ def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
     dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
     t0 = time.time()
     # room for the longest row and a window (after the first: a finished block and the next, two blocks)
-    cache = model.new_cache(B, max(len(r.prompt) + r.max_new_tokens for r in requests) + 2 * block)
-    canvas = [r.prompt + [mask_id] * r.max_new_tokens for r in requests]  # lists: read and written per token
-    q = [torch.empty(r.max_new_tokens, model.cfg.vocab_size, dtype=dtype, device=dev) for r in requests]
-    parallel = [[False] * r.max_new_tokens for r in requests]
+    cache = model.new_cache(B, max(len(r.prompt) + r.params.max_tokens for r in requests) + 2 * block)
+    canvas = [r.prompt + [mask_id] * r.params.max_tokens for r in requests]  # lists: read and written per token
+    q = [torch.empty(r.params.max_tokens, model.cfg.vocab_size, dtype=dtype, device=dev) for r in requests]
+    parallel = [[False] * r.params.max_tokens for r in requests]
     start = [len(r.prompt) // block * block for r in requests]  # each row's block; the first may be cut
     step = [0] * B
     active = list(range(B))
@@ -246,7 +246,7 @@ def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
         for j, (i, r, f, e) in enumerate(zip(active, reqs, first, ends)):
             P, p = len(r.prompt), proc[j][:e - f]
             still = torch.tensor([t == mask_id for t in canvas[i][f:e]], device=dev)
-            pick, x, par = unmask_step(p, still, step[i], steps, threshold, r.temperature, r.gen)
+            pick, x, par = unmask_step(p, still, step[i], steps, threshold, r.params.temperature, r.gen)
             q[i][pick + (f - P)] = p[pick]
             for m, t, in_parallel in zip(pick.tolist(), x.tolist(), par.tolist()):
                 canvas[i][f + m], parallel[i][f + m - P] = t, in_parallel
@@ -331,8 +331,8 @@ def main(argv=None):
         raise ValueError(f"{a.out_dir} is a block DLM trained with blocks of {block}: --block must be {block}")
     block = a.block or block
     ids = enc.encode_ordinary(a.prompt)
-    out, _, _, st = dlm_generate(model, family, ids, a.max_new_tokens, block, a.steps or block, a.threshold,
-                                 a.temperature, a.top_k, a.top_p, a.seed)
+    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+    out, _, _, st = dlm_generate(model, family, ids, params, block, a.steps or block, a.threshold)
     if a.json:
         print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st.as_dict()}))
     else:

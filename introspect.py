@@ -31,6 +31,7 @@ import tokenizer as tok
 from isd import Request, Stats, decode
 from model import Model
 from sampling import probs, process_logits
+from decoding import SamplingParams
 
 
 VAL_LOSS_KIND = {"ar": "NLL", "idlm": "clean-stream NLL", "dlm": "diffusion bound (>= NLL)",
@@ -99,16 +100,15 @@ def generate(model, family, prompt, a, seed, opts):
     models by low-confidence remasking (bdlm over a KV cache: dlm.bdlm_decode, the same tokens as
     dlm_generate's)."""
     if family in ("ar", "idlm"):
-        r = Request(list(prompt), a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed, drawn_from=[])
+        r = Request(list(prompt), SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed), drawn_from=[])
         decode(model, [r], opts["stride"])
         return r.out, torch.stack(r.drawn_from), None, r.stats
     if family == "bdlm":  # over a KV cache of the committed blocks
-        r = Request(list(prompt), a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed)
+        r = Request(list(prompt), SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed))
         (q, parallel), = dlm.bdlm_decode(model, family, [r], opts["block"], opts["steps"], opts.get("threshold"))
         out, st = r.out, r.stats
     else:
-        out, q, parallel, st = dlm.dlm_generate(model, family, prompt, a.max_new_tokens, opts["block"], opts["steps"],
-                                                opts.get("threshold"), a.temperature, a.top_k, a.top_p, seed)
+        out, q, parallel, st = dlm.dlm_generate(model, family, prompt, SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed), block=opts["block"], steps=opts["steps"], threshold=opts.get("threshold"))
     return out, probs(q, a.temperature), parallel, st
 
 

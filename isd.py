@@ -17,20 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding import SettingError, Stats, check_settings  # noqa: F401 (SettingError: isd.SettingError)
+from decoding import SamplingParams, SettingError, Stats
 from kernels import verify
 from sampling import gumbel, probs, process_logits, sample
 
 @dataclass
 class Request:
-    """One row of the batched decoder: settings, committed tokens, drafts and their q."""
+    """One row of the batched decoder: its prompt and SamplingParams, committed tokens, drafts and their q."""
     prompt: list
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = None
-    top_p: float = None
-    seed: int = None
-    stop_ids: tuple = ()
+    params: SamplingParams = field(default_factory=SamplingParams)
     out: list = field(default_factory=list)  # committed new tokens
     drafts: list = field(default_factory=list)  # d_1..d_K, proposed by the last forward's masks
     q: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from (not yet divided by the
@@ -55,17 +50,17 @@ class Request:
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
-        check_settings(self)
+        if len(self.prompt) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
         self.gen = torch.Generator()
-        self.gen.manual_seed(self.seed) if self.seed is not None else self.gen.seed()
-        self.stop_ids = set(self.stop_ids or ())
+        self.gen.manual_seed(self.params.seed) if self.params.seed is not None else self.gen.seed()
         if self.logit_bias and not all(math.isfinite(v) for v in self.logit_bias.values()):
             raise SettingError("logit_bias", "logit_bias values must be finite numbers")
 
     @property
-    def bias_key(self):
-        """logit_bias as a hashable value (requests with equal settings are filtered together)."""
-        return tuple(sorted(self.logit_bias.items())) if self.logit_bias else None
+    def filter_key(self):
+        """The settings its logits are filtered with (requests with equal ones are filtered together)."""
+        return *self.params.filter_key, tuple(sorted(self.logit_bias.items())) if self.logit_bias else None
 
     @property
     def pending(self):
@@ -73,10 +68,10 @@ class Request:
         return (self.out or self.prompt)[-1]
 
     def commit(self, new):
-        """Append a forward's tokens up to the first stop id or max_new_tokens (what the same
-        forward produced after it is dropped), and count the forward; returns what was kept."""
+        """Append a forward's tokens up to the first stop id or max_tokens (what the same forward
+        produced after it is dropped), and count the forward; returns what was kept."""
         for t, n in enumerate(new):
-            if n in self.stop_ids or len(self.out) + t + 1 >= self.max_new_tokens:
+            if n in self.params.stop_ids or len(self.out) + t + 1 >= self.params.max_tokens:
                 new, self.done = new[:t + 1], True
                 break
         self.out.extend(new)
@@ -204,11 +199,11 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
         r.stats.acceptance_sum += sum(ratios)
         if correction is not None:  # d_{j+1} was rejected: its correction, then fresh drafts
             new, kinds = drafts[:j] + [correction], ["accepted"] * j + ["correction"]
-            r.drafts = sample(q[i], r.temperature, r.gen).tolist() if not narrow else []
+            r.drafts = sample(q[i], r.params.temperature, r.gen).tolist() if not narrow else []
             r.stats.rounds_r += 1
         else:  # all K drafts passed (or K = 0): the clean token from p after d_K (row K), and the
             # next drafts from q, in one draw from the request's stream
-            clean, *r.drafts = sample(torch.cat([p[i][K:K + 1], q[i]]), r.temperature, r.gen).tolist()
+            clean, *r.drafts = sample(torch.cat([p[i][K:K + 1], q[i]]), r.params.temperature, r.gen).tolist()
             new, kinds = drafts + [clean], ["accepted"] * K + ["clean"]
             r.stats.rounds_v += K > 0
             r.stats.rounds_c += K == 0
@@ -217,7 +212,7 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
         if r.trace is not None:  # what this forward committed, then the drafts verification threw away
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
         if r.drawn_from is not None:
-            r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.temperature)[:len(new)])
+            r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.params.temperature)[:len(new)])
         if r.logprobs is not None:  # committed token c was predicted at clean position c
             r.logprobs.extend(token_logprobs(model.head(hidden[i, :len(new)]), new, mask_id, r.top_logprobs))
         committed.append(new)
@@ -247,10 +242,8 @@ def filtered(model, hidden, requests):
     logits = model.head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     out = [None] * len(requests)
-    for (temperature, top_k, top_p, bias), members in grouped(requests, "temperature", "top_k", "top_p",
-                                                               "bias_key").items():
-        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, temperature, top_k, top_p,
-                                                   bias)):
+    for settings, members in grouped(requests, lambda r: r.filter_key).items():  # (temperature, top_k, top_p, bias)
+        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, *settings)):
             out[i] = proc
     return out
 
@@ -280,11 +273,11 @@ def prompt_logprobs(model, ids, k=0):
     return token_logprobs(model(x)[0, :-1], ids[1:], model.cfg.mask_token_id, k)
 
 
-def grouped(requests, *settings):
-    """{values of `settings`: [indices of the requests that have them]}."""
+def grouped(requests, key):
+    """{key(request): [indices of the requests that have it]}."""
     groups = {}
     for i, r in enumerate(requests):
-        groups.setdefault(tuple(getattr(r, s) for s in settings), []).append(i)
+        groups.setdefault(key(r), []).append(i)
     return groups
 
 
@@ -295,7 +288,7 @@ def verify_drafts(requests, p_logits):
     rejection, the correction drawn from normalize((p - q)+) or None, min(1, p/q) of the drafts
     verification reached: d_1..d_{j+1}, or all K); (0, None, []) for a request without drafts."""
     verdicts = [(0, None, [])] * len(requests)
-    for (temperature,), members in grouped(requests, "temperature").items():
+    for temperature, members in grouped(requests, lambda r: r.params.temperature).items():
         members = [i for i in members if requests[i].drafts]
         if not members:
             continue
@@ -323,7 +316,7 @@ def cache_length(model, requests, stride):
     """Cache slots per row for decoding `requests`: all they can hold, but at most two contexts (past
     that, the cache drops tokens that have left the context; see model.KVCache.make_room), and room
     for the (wide) window."""
-    need = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    need = max(len(r.prompt) + r.params.max_tokens for r in requests)
     return min(need, 2 * model.cfg.max_seq_len) + window_size(stride)
 
 
@@ -346,24 +339,23 @@ def decode(model, requests, stride, narrow=False):
     return requests
 
 
-def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, stop_ids=None, narrow=False):
-    """ISD for one prompt: (new token ids, Stats). For the trace of each forward, decode a
-    Request(..., trace=[]) yourself."""
-    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
+def isd_generate(model, prompt_ids, params, stride=4, narrow=False):
+    """ISD for one prompt, sampled as `params` says: (new token ids, Stats). For the trace of each
+    forward, decode a Request(..., trace=[]) yourself."""
+    r = Request(list(prompt_ids), params)
     decode(model, [r], stride, narrow)
     return r.out, r.stats
 
 
 @torch.no_grad()
-def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                seed=None, stop_ids=None):
-    """The baseline: one token per forward over a KV cache. Returns the new token ids."""
-    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
+def ar_generate(model, prompt_ids, params):
+    """The baseline: one token per forward over a KV cache, sampled as `params` says. Returns the new
+    token ids."""
+    r = Request(list(prompt_ids), params)
     cache = model.new_cache(1, cache_length(model, [r], 1))
     prefill(model, cache, [0], [r])
     while not r.done:
         logits = model(torch.tensor([[r.pending]], device=cache.lengths.device), cache=cache)[0, -1]
-        p = process_logits(logits, model.cfg.mask_token_id, temperature, top_k, top_p)
-        r.commit([int(sample(p, temperature, r.gen))])
+        p = process_logits(logits, model.cfg.mask_token_id, *params.filter_key)
+        r.commit([int(sample(p, params.temperature, r.gen))])
     return r.out

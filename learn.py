@@ -73,7 +73,7 @@ def example(req, max_len, rejected_weight):
     tokens = req.prompt + req.out
     labels = [-100] * len(req.prompt) + req.out
     weights = [1.0] * len(req.prompt) + [rejected_weight if k == "correction" else 1.0 for k in kinds]
-    return tokens[-max_len:], labels[-max_len:], weights[-max_len:], req.temperature == 0
+    return tokens[-max_len:], labels[-max_len:], weights[-max_len:], req.params.temperature == 0
 
 
 def batch(examples, pad_id):

@@ -2,7 +2,7 @@
 batch, each exactly as it would alone.
 
     sched = Scheduler(model, enc, stride=4, max_batch=16).start()
-    job = sched.submit(enc.encode_ordinary("ROMEO:"), max_tokens=50, temperature=0.8, seed=1)
+    job = sched.submit(enc.encode_ordinary("ROMEO:"), SamplingParams(50, temperature=0.8, seed=1, stop_ids=sched.stop_ids))
     print(job.result())  # or give submit a listener to receive the text as it is committed
     sched.stop()
 
@@ -35,7 +35,7 @@ import torch
 
 import isd
 import tokenizer as tok
-from isd import SettingError
+from decoding import SamplingParams, SettingError
 
 REASONS = ("stop", "length", "cancelled", "error")
 # latency histograms (Prometheus): name -> upper bounds of the buckets in seconds (+Inf is implied)
@@ -162,12 +162,12 @@ class Scheduler:
     def __exit__(self, *exc):
         self.stop()
 
-    def submit(self, prompt, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=(),
-               listener=None, logit_bias=None, logprobs=None, ignore_eos=False):
-        """Queue a request (prompt: token ids) and return its Job. A bad setting raises SettingError
-        here, never in the scheduler thread. logit_bias: {token id: value} added to the logits;
-        logprobs: None, or k to record each committed token's log p and top k (isd.Request.logprobs);
-        ignore_eos: the stop ids do not end the request (it runs to max_tokens or a stop string)."""
+    def submit(self, prompt, params, stop=(), listener=None, logit_bias=None, logprobs=None):
+        """Queue a request (prompt: token ids, sampled as `params` says: decoding.SamplingParams; with
+        stop_ids=self.stop_ids it ends at the end of text) and return its Job. A bad setting raises SettingError
+        here, never in the scheduler thread. stop: strings that end the text; logit_bias: {token id: value}
+        added to the logits; logprobs: None, or k to record each committed token's log p and top k
+        (isd.Request.logprobs)."""
         if self.closed:
             raise RuntimeError("the scheduler is shutting down")
         if any(not isinstance(s, str) or not s for s in stop):
@@ -176,13 +176,9 @@ class Scheduler:
             bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size or t == self.model.cfg.mask_token_id]
             if bad:
                 raise SettingError(param, f"{param}: {bad[0]} is not a token id of the model")
-        try:
-            req = isd.Request(list(prompt), max_tokens, temperature, top_k, top_p, seed,
-                              () if ignore_eos else self.stop_ids, logit_bias=dict(logit_bias or {}) or None,
-                              logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0,
-                              trace=None if self.learner is None else [])
-        except SettingError as e:  # the API's name for max_new_tokens
-            raise SettingError("max_tokens" if e.param == "max_new_tokens" else e.param, str(e)) from None
+        req = isd.Request(list(prompt), params, logit_bias=dict(logit_bias or {}) or None,
+                          logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0,
+                          trace=None if self.learner is None else [])
         job = Job(req, stop, listener)
         self.inbox.put(job)
         return job
@@ -260,7 +256,7 @@ class Scheduler:
         for rows in sorted({min(2 ** k, B) for k in range(B.bit_length() + 1)}):
             # sampled requests: their steps cost more than greedy ones (softmaxes, noise), and it is for them
             # that ISD is a close call; a greedy batch's own running mean corrects the chosen mode's time
-            reqs = [isd.Request([(7 * i + 3) % self.model.cfg.mask_token_id] * 8, 10 ** 6, temperature=1.0, seed=i)
+            reqs = [isd.Request([(7 * i + 3) % self.model.cfg.mask_token_id] * 8, SamplingParams(10 ** 6, seed=i))
                     for i in range(rows)]
             self.cache.reset(list(range(rows)))
             isd.prefill(self.model, self.cache, list(range(rows)), reqs)
@@ -397,7 +393,7 @@ class Scheduler:
                 del req.logprobs[k:]
             self._finish(job, "stop")
         elif req.done:
-            self._finish(job, "stop" if req.out[-1] in req.stop_ids else "length")
+            self._finish(job, "stop" if req.out[-1] in req.params.stop_ids else "length")
         else:
             self._send(job, len(job.text) - held_back(job.text, job.stop))
 

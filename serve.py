@@ -57,7 +57,7 @@ import lora
 import sample
 import tokenizer as tok
 from decoding import Stats
-from isd import SettingError
+from decoding import SamplingParams, SettingError
 from scheduler import MODES, REASONS, Scheduler
 
 CHAT_STOP = "\n\n"  # a speech ends at a blank line (see chat_prompt)
@@ -413,11 +413,11 @@ async def generate(request, body, prompts, max_tokens, stops, chat, logprobs):
             for i in range(n):
                 c = Choice(len(choices), ids, echo_text, None)
                 if length:  # 0: echo only
-                    temperature = 1.0 if body.temperature is None else body.temperature
-                    seed = None if body.seed is None else body.seed + i
-                    c.job = s.sched.submit(ids, length, temperature, body.top_k, body.top_p, seed, stops,
-                                           listener(s, c, loop, events, body.stream, logprobs), bias, logprobs,
-                                           bool(body.ignore_eos))
+                    params = SamplingParams(length, 1.0 if body.temperature is None else body.temperature, body.top_k,
+                                            body.top_p, None if body.seed is None else body.seed + i,
+                                            () if body.ignore_eos else s.sched.stop_ids)
+                    c.job = s.sched.submit(ids, params, stops, listener(s, c, loop, events, body.stream, logprobs),
+                                           bias, logprobs)
                     c.submitted.set()
                 choices.append(c)
     except SettingError as e:

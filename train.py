@@ -31,6 +31,7 @@ import lora
 import pretrained
 import tokenizer as tok
 from checkpoint import PRETRAINED
+from decoding import SamplingParams
 from isd import ar_generate
 from model import Model, ar_loss, idlm_loss
 from options import (BETAS, UsageError, check_options, decays, distill_config, evaluates_at, load_data, log_progress,
@@ -200,12 +201,11 @@ def sample(model, enc, cfg):
     diffusion decoder for dlm / bdlm."""
     model.eval()
     prompt = enc.encode_ordinary("\n")
-    n = min(100, model.cfg.max_seq_len - len(prompt))
+    params = SamplingParams(min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
     if cfg["objective"] in dlm.FAMILIES:
-        out = dlm.dlm_generate(model, cfg["objective"], prompt, n, cfg["block_size"], cfg["block_size"],
-                               temperature=0.8, seed=cfg["seed"])[0]
+        out = dlm.dlm_generate(model, cfg["objective"], prompt, params, cfg["block_size"], cfg["block_size"])[0]
     else:
-        out = ar_generate(model, prompt, n, temperature=0.8, seed=cfg["seed"])
+        out = ar_generate(model, prompt, params)
     return enc.decode(out)
 
 

@@ -35,6 +35,7 @@ import checkpoint
 import data
 import mlx_port.lora as lora
 import tokenizer as tok
+from decoding import SamplingParams
 from mlx_port.isd import Request, decode
 from mlx_port.model import Model, idlm_logits, pick_device
 from options import DistillConfig, one_cycle_lr
@@ -53,7 +54,8 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     for at in tqdm(range(0, cfg.n_rollouts, 256), desc=f"{cfg.rollouts} rollouts", disable=quiet):
         greedy = [cfg.rollouts == "greedy" or (cfg.rollouts == "both" and at + i < cfg.n_rollouts // 2)
                   for i in range(len(text[at:at + 256]))]
-        reqs = [Request(row[:cfg.prompt_len].tolist(), n_new, 0.0 if g else cfg.temperature, seed=cfg.seed + at + i)
+        reqs = [Request(row[:cfg.prompt_len].tolist(),
+                        SamplingParams(n_new, temperature=0.0 if g else cfg.temperature, seed=cfg.seed + at + i))
                 for i, (row, g) in enumerate(zip(text[at:at + 256], greedy))]
         decode(model, reqs, stride=1)  # stride 1: batched AR
         rows += [r.prompt + r.out for r in reqs]

@@ -18,20 +18,15 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from decoding import SettingError, Stats, check_settings  # noqa: F401 (SettingError: mlx_port.isd.SettingError)
+from decoding import SamplingParams, Stats
 from mlx_port.kernels import verify
 from mlx_port.sampling import gumbel, probs, process_logits, sample
 
 @dataclass
 class Request:
-    """One row of the batched decoder: settings, committed tokens, drafts and their q."""
+    """One row of the batched decoder: its prompt and SamplingParams, committed tokens, drafts and their q."""
     prompt: list
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = None
-    top_p: float = None
-    seed: int = None
-    stop_ids: tuple = ()
+    params: SamplingParams = field(default_factory=SamplingParams)
     out: list = field(default_factory=list)  # committed new tokens
     drafts: list = field(default_factory=list)  # d_1..d_K, proposed by the last forward's masks
     q: mx.array = None  # (K, V) the filtered logits the drafts were sampled from (not yet divided by the
@@ -48,9 +43,9 @@ class Request:
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
-        check_settings(self)
-        self.key = mx.random.key(self.seed if self.seed is not None else secrets.randbits(63))
-        self.stop_ids = set(self.stop_ids or ())
+        if len(self.prompt) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.key = mx.random.key(self.params.seed if self.params.seed is not None else secrets.randbits(63))
 
     def next_key(self):
         """The next key of the request's random stream (each draw takes one: a chain of splits)."""
@@ -64,10 +59,10 @@ class Request:
         return (self.out or self.prompt)[-1]
 
     def commit(self, new):
-        """Append a forward's tokens up to the first stop id or max_new_tokens (what the same
-        forward produced after it is dropped), and count the forward; returns what was kept."""
+        """Append a forward's tokens up to the first stop id or max_tokens (what the same forward
+        produced after it is dropped), and count the forward; returns what was kept."""
         for t, n in enumerate(new):
-            if n in self.stop_ids or len(self.out) + t + 1 >= self.max_new_tokens:
+            if n in self.params.stop_ids or len(self.out) + t + 1 >= self.params.max_tokens:
                 new, self.done = new[:t + 1], True
                 break
         self.out.extend(new)
@@ -193,11 +188,11 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
         r.stats.acceptance_sum += sum(ratios)
         if correction is not None:  # d_{j+1} was rejected: its correction, then fresh drafts
             new, kinds = drafts[:j] + [correction], ["accepted"] * j + ["correction"]
-            r.drafts = sample(q[i], r.temperature, r.next_key()).tolist() if not narrow else []
+            r.drafts = sample(q[i], r.params.temperature, r.next_key()).tolist() if not narrow else []
             r.stats.rounds_r += 1
         else:  # all K drafts passed (or K = 0): the clean token from p after d_K (row K), and the
             # next drafts from q, in one draw from the request's stream
-            clean, *r.drafts = sample(mx.concatenate([p[i][K:K + 1], q[i]]), r.temperature, r.next_key()).tolist()
+            clean, *r.drafts = sample(mx.concatenate([p[i][K:K + 1], q[i]]), r.params.temperature, r.next_key()).tolist()
             new, kinds = drafts + [clean], ["accepted"] * K + ["clean"]
             r.stats.rounds_v += K > 0
             r.stats.rounds_c += K == 0
@@ -206,7 +201,7 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
         if r.trace is not None:  # what this forward committed, then the drafts verification threw away
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
         if r.drawn_from is not None:
-            r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.temperature)[:len(new)])
+            r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.params.temperature)[:len(new)])
         committed.append(new)
 
     # 5. roll back: each row keeps pending + its accepted drafts. Counted back from the row's end: the
@@ -234,17 +229,17 @@ def filtered(model, hidden, requests):
     logits = model.head(hidden)
     logits = logits if logits.dtype in (mx.float32, mx.float64) else logits.astype(mx.float32)
     out = [None] * len(requests)
-    for (temperature, top_k, top_p), members in grouped(requests, "temperature", "top_k", "top_p").items():
-        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, temperature, top_k, top_p)):
+    for settings, members in grouped(requests, lambda r: r.params.filter_key).items():  # (temperature, top_k, top_p)
+        for i, proc in zip(members, process_logits(logits[members], model.cfg.mask_token_id, *settings)):
             out[i] = proc
     return out
 
 
-def grouped(requests, *settings):
-    """{values of `settings`: [indices of the requests that have them]}."""
+def grouped(requests, key):
+    """{key(request): [indices of the requests that have it]}."""
     groups = {}
     for i, r in enumerate(requests):
-        groups.setdefault(tuple(getattr(r, s) for s in settings), []).append(i)
+        groups.setdefault(key(r), []).append(i)
     return groups
 
 
@@ -255,7 +250,7 @@ def verify_drafts(requests, p_logits):
     rejection, the correction drawn from normalize((p - q)+) or None, min(1, p/q) of the drafts
     verification reached: d_1..d_{j+1}, or all K); (0, None, []) for a request without drafts."""
     verdicts = [(0, None, [])] * len(requests)
-    for (temperature,), members in grouped(requests, "temperature").items():
+    for temperature, members in grouped(requests, lambda r: r.params.temperature).items():
         members = [i for i in members if requests[i].drafts]
         if not members:
             continue
@@ -283,7 +278,7 @@ def cache_length(model, requests, stride):
     """Cache slots per row for decoding `requests`: all they can hold, but at most two contexts (past
     that, the cache drops tokens that have left the context; see model.KVCache.make_room), and room
     for the (wide) window."""
-    need = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    need = max(len(r.prompt) + r.params.max_tokens for r in requests)
     return min(need, 2 * model.cfg.max_seq_len) + window_size(stride)
 
 
@@ -305,23 +300,22 @@ def decode(model, requests, stride, narrow=False):
     return requests
 
 
-def isd_generate(model, prompt_ids, max_new_tokens, stride=4, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, stop_ids=None, narrow=False):
-    """ISD for one prompt: (new token ids, Stats). For the trace of each forward, decode a
-    Request(..., trace=[]) yourself."""
-    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
+def isd_generate(model, prompt_ids, params, stride=4, narrow=False):
+    """ISD for one prompt, sampled as `params` says: (new token ids, Stats). For the trace of each
+    forward, decode a Request(..., trace=[]) yourself."""
+    r = Request(list(prompt_ids), params)
     decode(model, [r], stride, narrow)
     return r.out, r.stats
 
 
-def ar_generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                seed=None, stop_ids=None):
-    """The baseline: one token per forward over a KV cache. Returns the new token ids."""
-    r = Request(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_ids or ()))
+def ar_generate(model, prompt_ids, params):
+    """The baseline: one token per forward over a KV cache, sampled as `params` says. Returns the new
+    token ids."""
+    r = Request(list(prompt_ids), params)
     cache = model.new_cache(1, cache_length(model, [r], 1))
     prefill(model, cache, [0], [r])
     while not r.done:
         hidden = model(mx.array([[r.pending]]), cache=cache, hidden_only=True)
         p = filtered(model, hidden, [r])[0][-1]  # ISD's p: float32 at least, whatever the model's dtype
-        r.commit([sample(p, temperature, r.next_key()).item()])
+        r.commit([sample(p, params.temperature, r.next_key()).item()])
     return r.out

@@ -26,6 +26,7 @@ import checkpoint
 import data
 import tokenizer as tok
 from mlx_port import distill
+from decoding import SamplingParams
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
 from options import (BETAS, UsageError, check_options, decays, distill_config, evaluates_at, load_data, log_progress,
@@ -176,7 +177,8 @@ def train(cfg, given):
 
     # the end: a sample; then (the cpu preset, --distill_iters) self-distillation of the masks
     prompt = enc.encode_ordinary("\n")
-    out = ar_generate(model, prompt, min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
+    params = SamplingParams(min(100, model.cfg.max_seq_len - len(prompt)), temperature=0.8, seed=cfg["seed"])
+    out = ar_generate(model, prompt, params)
     print("sample:\n" + enc.decode(out))
     if cfg.get("distill_iters") and cfg["objective"] == "idlm":
         print(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")

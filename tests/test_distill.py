@@ -38,6 +38,7 @@ import model as model_module  # noqa: E402
 from model import Model  # noqa: E402
 from reference import (brute_greedy, full_logits, interrupt_rename,  # noqa: E402
                        ref_distill_loss, tiny_model)
+from decoding import SamplingParams  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -132,7 +133,7 @@ def test_window_forward_equals_full_forward_of_what_each_slot_sees(stride, max_s
     model = tiny_model(seed=stride + max_seq_len, max_seq_len=max_seq_len)
     N, M = stride, model.cfg.mask_token_id
     prompt = clean_tokens(torch.Generator().manual_seed(stride), (prompt_len,), model).tolist()
-    req = isd.Request(prompt, 40, temperature=0)
+    req = isd.Request(prompt, SamplingParams(40, temperature=0))
     req.cache = model.new_cache(1, isd.cache_length(model, [req], N))
     isd.prefill(model, req.cache, [0], [req])
     checked, slid, Ks = 0, False, set()
@@ -315,7 +316,7 @@ def test_rollouts_both_are_greedy_then_sampled():
     cfg = distill.DistillConfig(n_rollouts=40, prompt_len=3, seq_len=12, seed=5, temperature=1.0)
     assert (cfg.rollouts, cfg.supervision) == ("both", "mixed")  # the default recipe
     rows, _ = distill.rollouts(model, train_ids, cfg, log=None)
-    greedy = [rows[r, 3:].tolist() == isd.ar_generate(model, rows[r, :3].tolist(), 9, temperature=0) for r in range(40)]
+    greedy = [rows[r, 3:].tolist() == isd.ar_generate(model, rows[r, :3].tolist(), SamplingParams(9, temperature=0)) for r in range(40)]
     assert all(greedy[:20]) and sum(greedy[20:]) < 10  # the first half greedy, the second sampled
 
 
@@ -330,7 +331,7 @@ def test_rollouts_greedy_are_the_models_greedy_continuations():
     for r in range(260):
         prompt = rows[r, :3].tolist()
         assert contains(train_ids.tolist(), prompt)
-        ref = isd.ar_generate(model, prompt, 6, temperature=0)
+        ref = isd.ar_generate(model, prompt, SamplingParams(6, temperature=0))
         assert rows[r, 3:].tolist() == ref, r
         if r % 64 == 0:  # and a brute-force reference, no cache, for a few
             assert rows[r, 3:].tolist() == brute_greedy(model, prompt, 6), r
@@ -390,9 +391,9 @@ def test_trained_adapter_is_lossless_and_only_runs_at_masks(monkeypatch):
     forwards = tokens = 0
     for k, stride in enumerate((2, 3, 4)):
         prompt = clean_tokens(torch.Generator().manual_seed(20 + k), (4,), base).tolist()
-        out, st = isd.isd_generate(model, prompt, 24, stride=stride, temperature=0)
+        out, st = isd.isd_generate(model, prompt, SamplingParams(24, temperature=0), stride=stride)
         assert out == brute_greedy(base, prompt, 24), stride
-        assert out == isd.ar_generate(base, prompt, 24, temperature=0)
+        assert out == isd.ar_generate(base, prompt, SamplingParams(24, temperature=0))
         forwards, tokens = forwards + st.forwards, tokens + st.tokens
     assert tokens == 72 and forwards <= tokens
 
@@ -459,8 +460,8 @@ def test_adapter_folder_survives_moving_the_checkpoint(trained, tmp_path):
                                                           if not n.startswith("lora.")]):
         assert n == n2 and torch.equal(p, p2)
     prompt = enc.encode_ordinary("ROMEO:")
-    assert isd.isd_generate(model, prompt, 12, stride=4, temperature=0)[0] == \
-        isd.ar_generate(base, prompt, 12, temperature=0)
+    assert isd.isd_generate(model, prompt, SamplingParams(12, temperature=0), stride=4)[0] == \
+        isd.ar_generate(base, prompt, SamplingParams(12, temperature=0))
 
 
 def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):

@@ -14,6 +14,7 @@ import dlm
 import train
 from isd import Request
 from reference import V23, rand_tokens, tiny_model
+from decoding import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = V23["vocab"]  # tiny_model(**V23)'s vocabulary; MASK = V - 1 = 22
@@ -105,7 +106,7 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
     model = tiny_model(seed=3, **V23)
     prompt = rand_tokens(torch.Generator().manual_seed(prompt_len), (prompt_len,), V).tolist()
     n, block = 11, 4
-    out, q, _, st = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=7)
+    out, q, _, st = dlm.dlm_generate(model, family, prompt, SamplingParams(n, temperature=temperature, seed=7), block=block, steps=steps, threshold=threshold)
     assert len(out) == n and model.cfg.mask_token_id not in out and all(0 <= t < V for t in out)
     assert st.tokens == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
     # blocks are aligned to position 0; the first one may be cut by the prompt
@@ -121,11 +122,11 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
 
 def test_decoder_seeded_and_bad_settings():
     model = tiny_model(seed=4, **V23)
-    a = dlm.dlm_generate(model, "dlm", [1, 2, 3], 9, 4, 2, seed=11)[0]
-    assert a == dlm.dlm_generate(model, "dlm", [1, 2, 3], 9, 4, 2, seed=11)[0]
+    a = dlm.dlm_generate(model, "dlm", [1, 2, 3], SamplingParams(9, seed=11), block=4, steps=2)[0]
+    assert a == dlm.dlm_generate(model, "dlm", [1, 2, 3], SamplingParams(9, seed=11), block=4, steps=2)[0]
     for kw, needle in [(dict(family="ar"), "family"), (dict(steps=0), "steps"), (dict(threshold=1.5), "threshold"),
-                       (dict(temperature=-1), "temperature"), (dict(max_new_tokens=100), "exceeds the context")]:
-        args = {**dict(family="bdlm", prompt_ids=[1, 2], max_new_tokens=5, steps=2), **kw}
+                       (dict(params=SamplingParams(100)), "exceeds the context")]:
+        args = {**dict(family="bdlm", prompt_ids=[1, 2], params=SamplingParams(5), steps=2), **kw}
         with pytest.raises(ValueError, match=needle):
             dlm.dlm_generate(model, **args)
 
@@ -136,7 +137,7 @@ def canvases_of(model, family, prompt, n, block, steps, threshold, temperature, 
     inputs, forward = [], model.forward
     model.forward = lambda idx, *args, **kw: forward(inputs.append(idx[0].clone()) or idx, *args, **kw)
     try:
-        res = dlm.dlm_generate(model, family, prompt, n, block, steps, threshold, temperature, seed=seed)
+        res = dlm.dlm_generate(model, family, prompt, SamplingParams(n, temperature=temperature, seed=seed), block=block, steps=steps, threshold=threshold)
     finally:
         del model.forward
     return res, inputs[1:] + [torch.tensor(prompt + res[0])]
@@ -168,8 +169,9 @@ def bdlm_requests(temperature, seed=0, stop_ids=()):
     g = torch.Generator().manual_seed(seed)
     shapes = [(1, 9), (2, 10), (3, 11), (4, 12), (5, 5), (7, 8), (9, 13), (12, 1)]
     filters = [(None, None), (5, None), (None, 0.9), (8, 0.8)] if temperature else [(None, None)]
-    return [Request(rand_tokens(g, (P,), V).tolist(), n, temperature, *filters[i % len(filters)], seed=seed + i,
-                    stop_ids=stop_ids) for i, (P, n) in enumerate(shapes)]
+    return [Request(rand_tokens(g, (P,), V).tolist(),
+                    SamplingParams(n, temperature, *filters[i % len(filters)], seed=seed + i, stop_ids=stop_ids))
+            for i, (P, n) in enumerate(shapes)]
 
 
 @pytest.mark.parametrize("steps,threshold", [(1, None), (2, None), (3, None), (4, None), (4, 0.3)])
@@ -181,8 +183,7 @@ def test_cached_batched_bdlm_equals_uncached_decoder(steps, threshold, temperatu
     reqs = bdlm_requests(temperature, seed=3)
     got = dlm.bdlm_decode(model, "bdlm", reqs, 4, steps, threshold)
     for r, (q, parallel) in zip(reqs, got):
-        out, q_ref, par_ref, st = dlm.dlm_generate(model, "bdlm", r.prompt, r.max_new_tokens, 4, steps, threshold,
-                                                   r.temperature, r.top_k, r.top_p, r.seed)
+        out, q_ref, par_ref, st = dlm.dlm_generate(model, "bdlm", r.prompt, r.params, block=4, steps=steps, threshold=threshold)
         assert r.out == out and torch.equal(parallel, par_ref) and torch.allclose(q, q_ref, atol=1e-10, rtol=0)
         assert (r.stats.forwards, r.stats.tokens) == (st.forwards, st.tokens) and r.done
     assert len({len(r.prompt) % 4 for r in reqs}) == 4  # every cut of the first block
@@ -211,9 +212,9 @@ def test_bdlm_decode_refuses_what_has_no_cache():
     for family, kw, needle in [("dlm", {}, "nothing|no key or value"), ("bdlm", dict(steps=0), "steps"),
                                ("bdlm", dict(threshold=1.0), "threshold")]:
         with pytest.raises(ValueError, match=needle):
-            dlm.bdlm_decode(model, family, [Request([1, 2], 5)], **kw)
+            dlm.bdlm_decode(model, family, [Request([1, 2], SamplingParams(5))], **kw)
     with pytest.raises(ValueError, match="exceeds the context"):
-        dlm.bdlm_decode(model, "bdlm", [Request([1, 2], 5), Request([1] * 60, 5)])
+        dlm.bdlm_decode(model, "bdlm", [Request([1, 2], SamplingParams(5)), Request([1] * 60, SamplingParams(5))])
 
 
 def test_block_window_matches_rules():

@@ -24,6 +24,7 @@ import pretrained  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 TEXT = ("ROMEO.\nBut soft, what light through yonder window breaks?\n\n"
@@ -114,7 +115,7 @@ def test_logits_match_transformers(exported, hf):
 def test_greedy_matches_ar_generate(exported, hf):
     _, _, model, enc = exported
     for p in prompts(enc, model.cfg)[:2]:
-        ours = ar_generate(model, p, 20, temperature=0, stop_ids=tok.stop_ids(enc))
+        ours = ar_generate(model, p, SamplingParams(20, temperature=0, stop_ids=tok.stop_ids(enc)))
         ref = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
         assert ours == ref and len(ours) > 1
 
@@ -133,7 +134,7 @@ def test_generate_never_emits_mask(exported, hf):
             w[mask] = h * (hf(torch.tensor([p])).logits[0, -1].max() + 10) / h.dot(h)
         assert int(hf(torch.tensor([p])).logits[0, -1].argmax()) == mask
         ref = hf.generate(torch.tensor([p]), max_new_tokens=1, do_sample=False)[0, len(p):].tolist()
-        assert ref == ar_generate(model, p, 1, temperature=0) and ref != [mask]
+        assert ref == ar_generate(model, p, SamplingParams(1, temperature=0)) and ref != [mask]
     finally:
         for w in rows:
             w[mask] = old
@@ -249,7 +250,7 @@ def test_smollm2_export(tmp_path):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.chat_ids(enc, messages)
     assert ids == t.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    ours = ar_generate(model, ids, 12, temperature=0, stop_ids=tok.stop_ids(enc))
+    ours = ar_generate(model, ids, SamplingParams(12, temperature=0, stop_ids=tok.stop_ids(enc)))
     assert ours == hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
     assert "Paris" in enc.decode(ours) and ours[-1] == enc.encode_single_token("<|im_end|>")
 

@@ -31,6 +31,7 @@ from isd import Request, ar_generate, decode, isd_generate, isd_step, prefill, v
 from model import Model  # noqa: E402
 from reference import (N_SAMPLES, P_MIN, P_WRONG, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, chi2_sf,  # noqa: E402
                        exact_continuations, full_logits, isd_samples, ref_probs, sampling_model, tiny_model)
+from decoding import SamplingParams  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ from reference import (N_SAMPLES, P_MIN, P_WRONG, SAMPLE_PROMPT, brute_greedy, c
 @torch.no_grad()
 def isd_traced(model, prompt, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, stop_ids=()):
     """isd_generate's (tokens, Stats), and the trace of every forward."""
-    r = Request(list(prompt), n, temperature, top_k, top_p, seed, tuple(stop_ids), trace=[])
+    r = Request(list(prompt), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=tuple(stop_ids)), trace=[])
     decode(model, [r], stride)
     return r.out, r.stats, r.trace
 
@@ -77,7 +78,7 @@ def test_greedy_isd_equals_bruteforce_and_ar():
             ref = brute_greedy(model, prompt, 23)
             assert len(set(ref)) >= 3  # not a degenerate repetitive continuation
             for n in LENGTHS:
-                assert ar_generate(model, prompt, n, temperature=0) == ref[:n]
+                assert ar_generate(model, prompt, SamplingParams(n, temperature=0)) == ref[:n]
             for b, N in enumerate(STRIDES):
                 out, st, trace = isd_traced(model, prompt, 23, stride=N, temperature=0)
                 assert out == ref, (seed, prompt, N)
@@ -85,7 +86,7 @@ def test_greedy_isd_equals_bruteforce_and_ar():
                 if N > 1:
                     rounds.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r", "rounds_c")})
                 n = LENGTHS[(a + b) % 2]  # 7 or 13: a length ending inside a window
-                assert isd_generate(model, prompt, n, stride=N, temperature=0)[0] == ref[:n], (seed, prompt, n, N)
+                assert isd_generate(model, prompt, SamplingParams(n, temperature=0), stride=N)[0] == ref[:n], (seed, prompt, n, N)
                 # stop ids: a token whose FIRST occurrence in the reference is committed in the
                 # middle of an ISD step (not the step's last token), so the step's tail must be
                 # dropped; else the token the reference emits at position 5
@@ -101,20 +102,18 @@ def test_greedy_isd_equals_bruteforce_and_ar():
                 else:
                     mid_window_stops += 1
                 want = ref[:ref.index(stop) + 1]
-                got, st = isd_generate(model, prompt, 23, stride=N, temperature=0, stop_ids=[stop])
+                got, st = isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=[stop]), stride=N)
                 assert got == want, (seed, prompt, N, stop)
                 assert st.tokens == len(want)
                 if b == 0:
-                    assert ar_generate(model, prompt, 23, temperature=0, stop_ids=[stop]) == want
+                    assert ar_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=[stop])) == want
                 if b == 2:
                     # an unused stop id changes nothing; several stop ids: the first one met wins
                     unused = [t for t in range(V - 1) if t not in ref]
-                    assert isd_generate(model, prompt, 23, stride=N, temperature=0,
-                                        stop_ids=unused)[0] == ref
+                    assert isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=unused), stride=N)[0] == ref
                     two = [ref[9], ref[3]]
                     first = min(ref.index(t) for t in two)
-                    assert isd_generate(model, prompt, 23, stride=N, temperature=0,
-                                        stop_ids=two)[0] == ref[:first + 1]
+                    assert isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=two), stride=N)[0] == ref[:first + 1]
     # the comparisons exercised both fully accepted and rejected verify steps
     assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0, rounds
     assert mid_window_stops >= 5, mid_window_stops
@@ -142,11 +141,11 @@ def test_narrow_window_greedy_equals_bruteforce_and_cold_starts_after_rejections
         for prompt in ([3], [V - 2, 0], [1, 5, 2, 6, 0, 4, 2]):
             ref = brute_greedy(model, prompt, 23)
             for N in STRIDES:
-                assert isd_generate(model, prompt, 23, N, temperature=0, narrow=True)[0] == ref, (seed, prompt, N)
+                assert isd_generate(model, prompt, SamplingParams(23, temperature=0), stride=N, narrow=True)[0] == ref, (seed, prompt, N)
                 stop = ref[9]
-                assert isd_generate(model, prompt, 23, N, temperature=0, stop_ids=[stop], narrow=True)[0] == \
+                assert isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=[stop]), stride=N, narrow=True)[0] == \
                     ref[:ref.index(stop) + 1]
-                r = Request(list(prompt), 23, 0.0, trace=[])
+                r = Request(list(prompt), SamplingParams(23, temperature=0.0), trace=[])
                 decode(model, [r], N, narrow=True)
                 kinds = [[k for _, k in step if k != "rejected"] for step in r.trace]
                 for before, after in zip(kinds, kinds[1:]):
@@ -227,7 +226,7 @@ def test_narrow_window_samples_the_exact_ar_distribution(temperature, top_k, top
 def test_ar_generate_samples_the_exact_ar_distribution():
     model = sampling_model()
     dist = exact_continuations(model, SAMPLE_PROMPT, 2, 1.0)
-    counts = Counter(tuple(ar_generate(model, SAMPLE_PROMPT, 2, temperature=1.0, seed=s))
+    counts = Counter(tuple(ar_generate(model, SAMPLE_PROMPT, SamplingParams(2, temperature=1.0, seed=s)))
                      for s in range(400))
     assert chi2_pvalue(counts, dist) > P_MIN
 
@@ -381,8 +380,8 @@ def test_cache_after_rollback_equals_fresh_prefill():
     model = tiny_model(4, 16, std=0.2)
     stride = 4
     prompts = [[5], [1, 2, 3], [7, 7, 0, 1, 9, 4, 2], [3, 8]]
-    reqs = [Request(p, 18 + i, 1.0, None, None, 100 + i) for i, p in enumerate(prompts)]
-    max_len = max(len(p) + r.max_new_tokens for p, r in zip(prompts, reqs)) + isd.window_size(stride)
+    reqs = [Request(p, SamplingParams(18 + i, temperature=1.0, top_k=None, top_p=None, seed=100 + i)) for i, p in enumerate(prompts)]
+    max_len = max(len(p) + r.params.max_tokens for p, r in zip(prompts, reqs)) + isd.window_size(stride)
     B = len(reqs)
     cache = model.new_cache(B, max_len)
 
@@ -412,7 +411,7 @@ def test_cache_after_rollback_equals_fresh_prefill():
         isd_step(model, cache, active, [reqs[i] for i in active], stride)
         steps += 1
         check()
-    assert all(len(r.out) == r.max_new_tokens for r in reqs)
+    assert all(len(r.out) == r.params.max_tokens for r in reqs)
     assert sum(r.stats.rounds_r for r in reqs) > 0 and sum(r.stats.rounds_v for r in reqs) > 0
     # rejections happened at several draft positions, so rollbacks of different lengths ran
     assert steps > 5
@@ -432,14 +431,14 @@ def test_batched_rows_equal_single_runs():
     ]
     for stride in (2, 3, 4):
         # a stop id for the last request: a token its unstopped run emits at position >= 3
-        free, _ = isd_generate(model, settings[4][0], settings[4][1], stride, *settings[4][2:])
+        free, _ = isd_generate(model, settings[4][0], SamplingParams(*settings[4][1:]), stride)
         stop = free[3]
         stops = [(), (), (), (), (stop,)]
-        singles = [isd_generate(model, p, n, stride, t, k, tp, s, list(st))
+        singles = [isd_generate(model, p, SamplingParams(n, temperature=t, top_k=k, top_p=tp, seed=s, stop_ids=list(st)), stride=stride)
                    for (p, n, t, k, tp, s), st in zip(settings, stops)]
         assert singles[4][0] == free[:free.index(stop) + 1]
         for order in (list(range(5)), [3, 0, 4, 2, 1]):
-            reqs = [Request(list(settings[i][0]), *settings[i][1:], stop_ids=stops[i]) for i in order]
+            reqs = [Request(list(settings[i][0]), SamplingParams(*settings[i][1:], stop_ids=stops[i])) for i in order]
             decode(model, reqs, stride)
             for r, i in zip(reqs, order):
                 out, st = singles[i]
@@ -456,36 +455,34 @@ def test_batched_rows_equal_single_runs():
 def test_errors():
     model = tiny_model(0, 16)
     with pytest.raises(ValueError, match="empty"):
-        isd_generate(model, [], 5)
+        isd_generate(model, [], SamplingParams(5))
     with pytest.raises(ValueError, match="empty"):
-        ar_generate(model, [], 5)
+        ar_generate(model, [], SamplingParams(5))
     with pytest.raises(ValueError, match="empty"):
-        decode(model, [Request([], 5)], 2)
+        decode(model, [Request([], SamplingParams(5))], 2)
     with pytest.raises(ValueError, match="stride"):
-        isd_generate(model, [1, 2], 5, stride=0)
+        isd_generate(model, [1, 2], SamplingParams(5), stride=0)
     with pytest.raises(ValueError, match="stride"):
-        decode(model, [Request([1, 2], 5)], -1)
+        decode(model, [Request([1, 2], SamplingParams(5))], -1)
     with pytest.raises(ValueError, match="temperature"):
-        isd_generate(model, [1, 2], 5, temperature=-0.5)
+        isd_generate(model, [1, 2], SamplingParams(5, temperature=-0.5))
     with pytest.raises(ValueError, match="temperature"):
-        ar_generate(model, [1, 2], 5, temperature=-1)
+        ar_generate(model, [1, 2], SamplingParams(5, temperature=-1))
     for bad in (float("inf"), float("nan"), 1e-300):  # logits / T would overflow: inf, NaN, MASK emitted
         with pytest.raises(ValueError, match="temperature must be 0 .greedy. or a finite number"):
-            isd_generate(model, [1, 2], 5, temperature=bad)
+            isd_generate(model, [1, 2], SamplingParams(5, temperature=bad))
     for kw, msg in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), "top_p must be in"),
                     (dict(top_p=1.5), "top_p must be in"), (dict(seed=-1), "seed must be in")):
         with pytest.raises(ValueError, match=msg):
-            isd_generate(model, [1, 2], 5, **kw)
-        with pytest.raises(ValueError, match=msg):
-            ar_generate(model, [1, 2], 5, **kw)
+            SamplingParams(5, **kw)
     # past the context (64): every token reads the last 64 tokens, with ISD as with AR, also when
     # the prompt alone is longer than the context and when the cache must drop old tokens
     for prompt, n in (([(3 * i) % 15 for i in range(54)], 40), ([(5 * i) % 13 for i in range(150)], 30)):
         ref = brute_greedy(model, prompt, n)
         assert len(set(ref[-20:])) >= 3
-        assert ar_generate(model, prompt, n, temperature=0) == ref
+        assert ar_generate(model, prompt, SamplingParams(n, temperature=0)) == ref
         for stride in (2, 4):
-            assert isd_generate(model, prompt, n, stride=stride, temperature=0)[0] == ref
+            assert isd_generate(model, prompt, SamplingParams(n, temperature=0), stride=stride)[0] == ref
 
 
 class MaskLover(Model):
@@ -504,12 +501,12 @@ def test_mask_never_emitted():
     for stride in (1, 2, 3, 4):
         for temperature, top_k, top_p in ((1.0, None, None), (0.0, None, None), (2.0, None, None),
                                           (1.0, 1, None), (1.0, None, 0.3)):
-            reqs = [Request([1, 2], 12, temperature, top_k, top_p, s) for s in range(8)]
+            reqs = [Request([1, 2], SamplingParams(12, temperature=temperature, top_k=top_k, top_p=top_p, seed=s)) for s in range(8)]
             decode(model, reqs, stride)
             for r in reqs:
                 assert len(r.out) == 12 and mask_id not in r.out
     for s in range(5):
-        out = ar_generate(model, [3], 20, temperature=1.0, seed=s)
+        out = ar_generate(model, [3], SamplingParams(20, temperature=1.0, seed=s))
         assert len(out) == 20 and mask_id not in out
 
 
@@ -611,7 +608,7 @@ def isd_samples_switching(model, prompt, n, stride, n_samples, temperature, seed
     window, the narrow one, or a plain AR step (stride 1; the row's drafts are then dropped), each request
     with its own sequence of modes. Returns (counts, steps taken in each mode)."""
     pick = torch.Generator().manual_seed(seed0)
-    reqs = [Request(list(prompt), n, temperature, seed=seed0 + s) for s in range(n_samples)]
+    reqs = [Request(list(prompt), SamplingParams(n, temperature=temperature, seed=seed0 + s)) for s in range(n_samples)]
     cache = model.new_cache(n_samples, isd.cache_length(model, reqs, stride))
     prefill(model, cache, list(range(n_samples)), reqs)
     modes, active = Counter(), list(range(n_samples))
@@ -691,7 +688,7 @@ def test_greedy_isd_with_a_logit_bias():
 
 
 def isd_generate_biased(model, prompt, n, stride, bias, temperature=0.0, seed=None, narrow=False):
-    r = Request(list(prompt), n, temperature, seed=seed, logit_bias=bias)
+    r = Request(list(prompt), SamplingParams(n, temperature=temperature, seed=seed), logit_bias=bias)
     decode(model, [r], stride, narrow)
     return r.out, r.stats
 
@@ -735,8 +732,7 @@ def test_logprobs_are_the_models_own_whatever_isd_drafted(temperature, top_k, bi
     model = tiny_model(3, 12, 0.5)
     kinds = Counter()
     for N, narrow in ((1, False), (3, False), (4, False), (3, True)):
-        reqs = [Request([1, 2 + s], 14, temperature, top_k, None, 10 + s, stop_ids=(9,), logit_bias=bias,
-                        logprobs=[], top_logprobs=3, trace=[]) for s in range(3)]
+        reqs = [Request([1, 2 + s], SamplingParams(14, temperature=temperature, top_k=top_k, top_p=None, seed=10 + s, stop_ids=(9,)), logit_bias=bias, logprobs=[], top_logprobs=3, trace=[]) for s in range(3)]
         decode(model, reqs, N, narrow)
         for r in reqs:
             assert_logprobs_equal(r.logprobs, ref_logprobs(model, r.prompt + r.out, len(r.prompt), 3))
@@ -765,7 +761,7 @@ def test_a_window_is_as_wide_as_its_widest_row_needs(monkeypatch):
     monkeypatch.setattr(type(model), "forward", recorded)
     for narrow, steady in ((False, 16), (True, 7)):
         widths.clear()
-        r = Request([1, 2, 3], 40, 0.0)
+        r = Request([1, 2, 3], SamplingParams(40, temperature=0.0))
         cache = model.new_cache(1, 80)
         prefill(model, cache, [0], [r])
         widths.clear()
@@ -774,7 +770,7 @@ def test_a_window_is_as_wide_as_its_widest_row_needs(monkeypatch):
             isd_step(model, cache, [0], [r], 4, narrow)
             assert widths[-1] == (steady if had else 4), (narrow, had, widths)
         assert steady in widths and 4 in widths
-    a, b = Request([1, 2, 3], 9, 0.0), Request([4, 5], 9, 0.0)  # a with drafts, b cold: the batch is wide
+    a, b = Request([1, 2, 3], SamplingParams(9, temperature=0.0)), Request([4, 5], SamplingParams(9, temperature=0.0))  # a with drafts, b cold: the batch is wide
     cache = model.new_cache(2, 40)
     prefill(model, cache, [0], [a])
     isd_step(model, cache, [0], [a], 4)

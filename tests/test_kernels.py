@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402  (tests/conftest.py set TRITON_INTERPRET: the kernel runs in the interpreter)
 import isd  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 
 if kernels.triton is None:
     pytest.skip("Triton is not installed (Linux only)", allow_module_level=True)
@@ -109,8 +110,8 @@ def test_isd_generate_same_tokens_with_kernel_and_reference(monkeypatch, tempera
     same tokens as the reference, and the kernel really ran."""
     model = tiny_model(seed=3)
     prompt = [1, 5, 2]
-    kw = dict(stride=3, temperature=temperature, top_k=top_k, seed=11, stop_ids=[])
-    ref, ref_stats = isd.isd_generate(model, prompt, 16, **kw)
+    params = SamplingParams(16, temperature=temperature, top_k=top_k, seed=11)
+    ref, ref_stats = isd.isd_generate(model, prompt, params, stride=3)
     calls = []
 
     def counted(*args, **kwargs):
@@ -118,7 +119,7 @@ def test_isd_generate_same_tokens_with_kernel_and_reference(monkeypatch, tempera
         return verify_triton(*args, **kwargs)
     monkeypatch.setattr(kernels, "BACKEND", "triton")
     monkeypatch.setattr(kernels, "verify_triton", counted)
-    got, got_stats = isd.isd_generate(model, prompt, 16, **kw)
+    got, got_stats = isd.isd_generate(model, prompt, params, stride=3)
     assert calls, "the kernel was not used"
     assert got == ref
     assert got_stats.acceptance_rate == pytest.approx(ref_stats.acceptance_rate, abs=1e-6)

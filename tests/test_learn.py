@@ -30,7 +30,7 @@ import isd  # noqa: E402
 import learn  # noqa: E402
 import lora  # noqa: E402
 import tokenizer as tok  # noqa: E402
-from decoding import Stats  # noqa: E402
+from decoding import SamplingParams, Stats  # noqa: E402
 from isd import Request, ar_generate, isd_generate, isd_step, prefill  # noqa: E402
 from learn import LearnConfig, Learner  # noqa: E402
 from model import Model  # noqa: E402
@@ -66,7 +66,7 @@ def same_tensors(a, b):
 
 def finished_request(prompt, out, trace, temperature=0.0, tokens=None, forwards=1, drafts=0, accepted=0.0):
     """An isd.Request as the scheduler hands it to Learner.observe: committed tokens, trace, stats."""
-    r = Request(list(prompt), 1000, temperature, seed=0, trace=[list(s) for s in trace])
+    r = Request(list(prompt), SamplingParams(1000, temperature=temperature, seed=0), trace=[list(s) for s in trace])
     r.out = list(out)
     r.stats = Stats(forwards=forwards, tokens=len(out) if tokens is None else tokens, drafts_verified=drafts,
                     acceptance_sum=accepted)
@@ -125,7 +125,7 @@ def test_example_of_a_real_trace():
     each one differs from the draft it replaced."""
     model = with_random_adapter(tiny_model(seed=2, vocab=16), seed=3)
     prompt = [3, 1, 4]
-    r = Request(prompt, 40, 0.0, trace=[])
+    r = Request(prompt, SamplingParams(40, temperature=0.0), trace=[])
     isd.decode(model, [r], 3)
     assert r.out == brute_greedy(tiny_model(seed=2, vocab=16), prompt, 40)
     tokens, labels, weights, greedy = learn.example(r, 1000, 3.0)
@@ -250,9 +250,9 @@ def test_greedy_outputs_stay_the_base_models_while_the_adapter_learns():
     jobs = []
     with sched:
         for wave in range(12):
-            batch = [sched.submit(enc.encode_ordinary(texts[(wave + i) % len(texts)]), 24 + 7 * i, temperature=0)
+            batch = [sched.submit(enc.encode_ordinary(texts[(wave + i) % len(texts)]), SamplingParams(24 + 7 * i, temperature=0, stop_ids=sched.stop_ids))
                      for i in range(3)]
-            batch.append(sched.submit(enc.encode_ordinary(texts[wave % len(texts)]), 16, temperature=1.0, seed=wave))
+            batch.append(sched.submit(enc.encode_ordinary(texts[wave % len(texts)]), SamplingParams(16, temperature=1.0, seed=wave, stop_ids=sched.stop_ids)))
             for j in batch:
                 j.result(60)
             jobs += batch[:3]
@@ -266,7 +266,7 @@ def test_greedy_outputs_stay_the_base_models_while_the_adapter_learns():
     assert any(float(b.detach().abs().max()) > 0 for b in model.lora.B.values())  # the serving adapter moved
     for j in jobs:
         ids = j.req.prompt
-        want = ar_generate(base, ids, j.req.max_new_tokens, temperature=0, stop_ids=[enc.eot_token])
+        want = ar_generate(base, ids, SamplingParams(j.req.params.max_tokens, temperature=0, stop_ids=[enc.eot_token]))
         assert j.req.out == want, (ids, wave)
     assert jobs[0].req.out == brute_greedy(base, jobs[0].req.prompt, len(jobs[0].req.out))
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("lora."))
@@ -284,7 +284,7 @@ def samples_with_swaps(model, learner, prompt, n, stride, n_samples, temperature
     for a random group of rows, as the scheduler may; before every step (learner given) a new random adapter
     goes in through Learner.swap. Returns (counts, summed stats)."""
     pick, g = torch.Generator().manual_seed(seed0), torch.Generator().manual_seed(seed0 + 1)
-    reqs = [Request(list(prompt), n, temperature, seed=seed0 + s) for s in range(n_samples)]
+    reqs = [Request(list(prompt), SamplingParams(n, temperature=temperature, seed=seed0 + s)) for s in range(n_samples)]
     cache = model.new_cache(n_samples, isd.cache_length(model, reqs, stride))
     prefill(model, cache, list(range(n_samples)), reqs)
     active = list(range(n_samples))
@@ -361,8 +361,7 @@ def test_save_and_resume(tmp_path):
 
     loaded = check(learner)
     prompt = ids[0][:4]
-    assert isd_generate(loaded, prompt, 20, 3, temperature=0)[0] == ar_generate(Model.load(ckpt), prompt, 20,
-                                                                                  temperature=0)
+    assert isd_generate(loaded, prompt, SamplingParams(20, temperature=0), stride=3)[0] == ar_generate(Model.load(ckpt), prompt, SamplingParams(20, temperature=0))
     # a second save (more training) replaces the first whole, through checkpoint.staged
     learner2 = Learner(loaded, 3, LearnConfig(lr=0.05, warmup=1), save_dir=save_dir, base=ckpt)
     assert same_tensors(adapter_state(learner2.twin), adapter_state(learner.twin))  # it continues from the saved one
@@ -459,7 +458,7 @@ def test_serve_learn_end_to_end(tmp_path, capsys):
     name = os.path.basename(ckpt)
 
     def want(prompt, n):
-        out = ar_generate(base, enc.encode_ordinary(prompt), n, temperature=0, stop_ids=[enc.eot_token])
+        out = ar_generate(base, enc.encode_ordinary(prompt), SamplingParams(n, temperature=0, stop_ids=[enc.eot_token]))
         return enc.decode([t for t in out if t != enc.eot_token])
 
     prompts = ["ROMEO.\n", "But soft", "JULIET.\nCafé"]

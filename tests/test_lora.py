@@ -20,6 +20,7 @@ import train  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from reference import (P_MIN, SAMPLE_PROMPT, brute_greedy, chi2_pvalue, exact_continuations,  # noqa: E402
                       isd_samples, sampling_model, tiny_model)
+from decoding import SamplingParams  # noqa: E402
 
 
 def with_random_adapter(base, rank=4, seed=0, std=0.5):
@@ -62,13 +63,13 @@ def test_greedy_risd_equals_base_ar():
         model = with_random_adapter(base, seed=seed)
         for prompt in ([3], [V - 2, 0, 5], [1, 5, 2, 6, 0, 4, 2]):
             ref = brute_greedy(base, prompt, 20)
-            assert ar_generate(base, prompt, 20, temperature=0) == ref
+            assert ar_generate(base, prompt, SamplingParams(20, temperature=0)) == ref
             for stride in (2, 3, 4):
-                out, st = isd_generate(model, prompt, 20, stride, temperature=0)
+                out, st = isd_generate(model, prompt, SamplingParams(20, temperature=0), stride=stride)
                 assert out == ref, (seed, prompt, stride)
                 rounds.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r")})
                 # the adapter really changes the drafts: ISD of the bare base differs in its statistics
-                rounds["differs"] += isd_generate(base, prompt, 20, stride, temperature=0)[1].rounds_v != st.rounds_v
+                rounds["differs"] += isd_generate(base, prompt, SamplingParams(20, temperature=0), stride=stride)[1].rounds_v != st.rounds_v
     assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0 and rounds["differs"] > 0, rounds
 
 
@@ -112,7 +113,7 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items() if not k.startswith("lora."))
     base = lora.load_model(f"{tmp_path}/base")[0]
     prompt = enc.encode_ordinary("HAMLET.\n")
-    assert isd_generate(model, prompt, 15, 4, temperature=0)[0] == ar_generate(base, prompt, 15, temperature=0)
+    assert isd_generate(model, prompt, SamplingParams(15, temperature=0), stride=4)[0] == ar_generate(base, prompt, SamplingParams(15, temperature=0))
     # a full model trained over the adapter's folder (--overwrite) leaves no stale adapter behind
     train.main(tiny + [f"--out_dir={out}", "--overwrite", "--max_iters=2"])
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["config.json", "model.safetensors", "optimizer.safetensors",

@@ -21,6 +21,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from decoding import SamplingParams
 
 mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,19 +92,19 @@ def test_greedy_isd_matches_pytorch(pairs, adapted, with_adapter):
     for ctx, prompt, n in cases:
         t, m = (adapted if with_adapter else pairs)[ctx]
         if with_adapter:  # the adapter changes the drafts (so the statistics), never the tokens
-            base = isd.isd_generate(pairs[ctx][0], prompt, n, stride=4, temperature=0)
-            now = isd.isd_generate(t, prompt, n, stride=4, temperature=0)
+            base = isd.isd_generate(pairs[ctx][0], prompt, SamplingParams(n, temperature=0), stride=4)
+            now = isd.isd_generate(t, prompt, SamplingParams(n, temperature=0), stride=4)
             assert now[0] == base[0]
             rounds["changed"] += (now[1].forwards, now[1].acceptance_sum) != (base[1].forwards, base[1].acceptance_sum)
         for stride in (1, 2, 3, 4, 5, 6):
             for narrow in (False, True) if stride > 1 else (False,):
-                want, st = isd.isd_generate(t, prompt, n, stride=stride, temperature=0, narrow=narrow)
-                got, st_mlx = mlx_isd.isd_generate(m, prompt, n, stride=stride, temperature=0, narrow=narrow)
+                want, st = isd.isd_generate(t, prompt, SamplingParams(n, temperature=0), stride=stride, narrow=narrow)
+                got, st_mlx = mlx_isd.isd_generate(m, prompt, SamplingParams(n, temperature=0), stride=stride, narrow=narrow)
                 where = (ctx, prompt, stride, narrow)
                 assert got == want, where
                 assert_same_stats(st_mlx, st, where)
                 rounds.update(v=st.rounds_v, r=st.rounds_r)
-        assert mlx_isd.ar_generate(m, prompt, n, temperature=0) == isd.ar_generate(t, prompt, n, temperature=0)
+        assert mlx_isd.ar_generate(m, prompt, SamplingParams(n, temperature=0)) == isd.ar_generate(t, prompt, SamplingParams(n, temperature=0))
     assert rounds["v"] > 0 and rounds["r"] > 0, rounds  # drafts were both accepted and rejected
     assert rounds["changed"] > 0 or not with_adapter, rounds
 
@@ -113,13 +114,13 @@ def test_greedy_batch_equals_solo_runs(pairs):
     for ctx in (64, 24):
         t, m = pairs[ctx]
         settings = [([1, 2, 3], 25, ()), ([7], 18, ()), ([4, 4, 9, 0, 12, 5, 8, 8, 1], 30, ()),
-                    ([2, 6], 22, (isd.isd_generate(t, [2, 6], 22, 3, temperature=0)[0][6],))]
+                    ([2, 6], 22, (isd.isd_generate(t, [2, 6], SamplingParams(22, temperature=0), stride=3)[0][6],))]
         for stride in (2, 3, 4):
             for narrow in (False, True):
-                reqs = [mlx_isd.Request(list(p), n, temperature=0, stop_ids=s) for p, n, s in settings]
+                reqs = [mlx_isd.Request(list(p), SamplingParams(n, temperature=0, stop_ids=s)) for p, n, s in settings]
                 mlx_isd.decode(m, reqs, stride, narrow)
                 for r, (p, n, s) in zip(reqs, settings):
-                    want, st = isd.isd_generate(t, p, n, stride, temperature=0, stop_ids=s, narrow=narrow)
+                    want, st = isd.isd_generate(t, p, SamplingParams(n, temperature=0, stop_ids=s), stride=stride, narrow=narrow)
                     assert r.out == want, (ctx, p, stride, narrow)
                     assert_same_stats(r.stats, st, (ctx, p, stride, narrow))
 
@@ -127,8 +128,8 @@ def test_greedy_batch_equals_solo_runs(pairs):
 def test_trace_and_drawn_from_match_pytorch(pairs):
     t, m = pairs[64]
     for stride in (2, 4):
-        want = isd.Request([4, 4, 9], 20, temperature=0, trace=[], drawn_from=[])
-        got = mlx_isd.Request([4, 4, 9], 20, temperature=0, trace=[], drawn_from=[])
+        want = isd.Request([4, 4, 9], SamplingParams(20, temperature=0), trace=[], drawn_from=[])
+        got = mlx_isd.Request([4, 4, 9], SamplingParams(20, temperature=0), trace=[], drawn_from=[])
         isd.decode(t, [want], stride)
         mlx_isd.decode(m, [got], stride)
         assert got.trace == want.trace
@@ -162,7 +163,7 @@ def mlx_samples(model, n, stride, n_samples, temperature, top_k=None, top_p=None
     """`n_samples` continuations of SAMPLE_PROMPT from batched MLX ISD, one seed per row; summed stats."""
     counts, tot = Counter(), Counter()
     for start in range(0, n_samples, batch):
-        reqs = [mlx_isd.Request(list(SAMPLE_PROMPT), n, temperature, top_k, top_p, seed0 + s)
+        reqs = [mlx_isd.Request(list(SAMPLE_PROMPT), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed0 + s))
                 for s in range(start, min(n_samples, start + batch))]
         mlx_isd.decode(model, reqs, stride, narrow)
         for r in reqs:
@@ -187,7 +188,7 @@ def test_mlx_isd_samples_the_exact_ar_distribution(sampling_pair, temperature, t
 
 def test_mlx_ar_samples_the_exact_ar_distribution(sampling_pair):
     t, m = sampling_pair
-    counts = Counter(tuple(mlx_isd.ar_generate(m, SAMPLE_PROMPT, 2, temperature=1.0, seed=s)) for s in range(400))
+    counts = Counter(tuple(mlx_isd.ar_generate(m, SAMPLE_PROMPT, SamplingParams(2, temperature=1.0, seed=s))) for s in range(400))
     assert chi2_pvalue(counts, law(t, 2, 1.0)) > P_MIN
 
 
@@ -272,11 +273,11 @@ def test_same_seed_same_tokens_alone_or_in_a_batch(pairs):
         ([3, 1], 14, 1.0, None, None, 14),
     ]
     for stride in (2, 4):
-        singles = [mlx_isd.isd_generate(m, p, n, stride, tmp, k, tp, s) for p, n, tmp, k, tp, s in settings]
-        again = [mlx_isd.isd_generate(m, p, n, stride, tmp, k, tp, s)[0] for p, n, tmp, k, tp, s in settings]
+        singles = [mlx_isd.isd_generate(m, p, SamplingParams(n, temperature=tmp, top_k=k, top_p=tp, seed=s), stride=stride) for p, n, tmp, k, tp, s in settings]
+        again = [mlx_isd.isd_generate(m, p, SamplingParams(n, temperature=tmp, top_k=k, top_p=tp, seed=s), stride=stride)[0] for p, n, tmp, k, tp, s in settings]
         assert again == [out for out, _ in singles]
         for order in (list(range(5)), [3, 0, 4, 2, 1]):
-            reqs = [mlx_isd.Request(list(settings[i][0]), *settings[i][1:]) for i in order]
+            reqs = [mlx_isd.Request(list(settings[i][0]), SamplingParams(*settings[i][1:])) for i in order]
             mlx_isd.decode(m, reqs, stride)
             for r, i in zip(reqs, order):
                 out, st = singles[i]
@@ -285,9 +286,9 @@ def test_same_seed_same_tokens_alone_or_in_a_batch(pairs):
                     assert getattr(r.stats, k) == getattr(st, k), (stride, i, k)
                 assert r.stats.acceptance_sum == pytest.approx(st.acceptance_sum, abs=1e-6)
     # different seeds, or none (a fresh key each time), give different samples
-    runs = [tuple(mlx_isd.isd_generate(m, [1, 2, 3], 30, 3, 1.5, seed=s)[0]) for s in (1, 2, None, None)]
+    runs = [tuple(mlx_isd.isd_generate(m, [1, 2, 3], SamplingParams(30, temperature=1.5, seed=s), stride=3)[0]) for s in (1, 2, None, None)]
     assert len(set(runs)) == 4
-    assert mlx_isd.ar_generate(m, [5], 20, 1.0, seed=3) == mlx_isd.ar_generate(m, [5], 20, 1.0, seed=3)
+    assert mlx_isd.ar_generate(m, [5], SamplingParams(20, temperature=1.0, seed=3)) == mlx_isd.ar_generate(m, [5], SamplingParams(20, temperature=1.0, seed=3))
 
 
 # ----------------------------------------------------------------------------------------------

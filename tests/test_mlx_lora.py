@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from decoding import SamplingParams
 
 mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -287,7 +288,7 @@ def test_distill_command_line_writes_an_adapter_pytorch_decodes_losslessly(tmp_p
     base, _ = lora.load_model(out)
     assert all(float(b.detach().abs().max()) > 0 for b in model.lora.B.values())  # trained
     prompt = enc.encode_ordinary("ROMEO:")
-    want = isd.ar_generate(base, prompt, 16, temperature=0)
-    assert isd.ar_generate(model, prompt, 16, temperature=0) == want
+    want = isd.ar_generate(base, prompt, SamplingParams(16, temperature=0))
+    assert isd.ar_generate(model, prompt, SamplingParams(16, temperature=0)) == want
     for stride in (2, 4):
-        assert isd.isd_generate(model, prompt, 16, stride=stride, temperature=0)[0] == want
+        assert isd.isd_generate(model, prompt, SamplingParams(16, temperature=0), stride=stride)[0] == want

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from decoding import SamplingParams
 
 mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -233,5 +234,5 @@ def test_mlx_train_ends_like_train_py_with_a_distilled_adapter(start, tmp_path, 
     base, enc = lora.load_model(out)
     adapted = lora.load_model(f"{out}/distilled")[0]
     prompt = enc.encode_ordinary("ROMEO:")
-    want = isd.ar_generate(base, prompt, 20, temperature=0)
-    assert isd.isd_generate(adapted, prompt, 20, stride=4, temperature=0)[0] == want
+    want = isd.ar_generate(base, prompt, SamplingParams(20, temperature=0))
+    assert isd.isd_generate(adapted, prompt, SamplingParams(20, temperature=0), stride=4)[0] == want

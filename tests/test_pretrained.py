@@ -14,6 +14,7 @@ import pretrained  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 3,
            "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 0 1 1 2 3 5 8",
@@ -70,7 +71,7 @@ def test_greedy_continuation_matches_transformers(ours, hf_model):
     ids = enc.encode_ordinary("Once upon a time, in a small village by the sea,")
     ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-    assert ar_generate(model, ids, 20, temperature=0) == ref
+    assert ar_generate(model, ids, SamplingParams(20, temperature=0)) == ref
 
 
 def test_chat_template_and_answer(ours, hf_tokenizer):
@@ -82,7 +83,7 @@ def test_chat_template_and_answer(ours, hf_tokenizer):
     with_system = [{"role": "system", "content": "Be brief."}] + messages
     assert tok.chat_ids(enc, with_system) == hf_tokenizer.apply_chat_template(
         with_system, tokenize=True, add_generation_prompt=True, return_dict=False)
-    out = ar_generate(model, ids, 30, temperature=0, stop_ids=tok.stop_ids(enc))
+    out = ar_generate(model, ids, SamplingParams(30, temperature=0, stop_ids=tok.stop_ids(enc)))
     assert out[-1] == enc.encode_single_token("<|im_end|>")
     assert "Paris" in enc.decode(out)
 
@@ -128,8 +129,8 @@ def test_risd_on_smollm2_is_lossless(ours):
         for p in model.lora.B.values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     ids = tok.chat_ids(enc, [{"role": "user", "content": "Name three colours."}])
-    ref = ar_generate(base, ids, 12, temperature=0)
-    out, st = isd_generate(model, ids, 12, 4, temperature=0)
+    ref = ar_generate(base, ids, SamplingParams(12, temperature=0))
+    out, st = isd_generate(model, ids, SamplingParams(12, temperature=0), stride=4)
     assert out == ref
     assert st.forwards < 12 or st.rounds_r > 0  # drafts were verified, not only cold starts
 
@@ -145,7 +146,7 @@ def test_server_chat_on_smollm2(ours, hf_tokenizer):
     model, enc = ours
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    want = ar_generate(model, ids, 30, temperature=0, stop_ids=tok.stop_ids(enc))
+    want = ar_generate(model, ids, SamplingParams(30, temperature=0, stop_ids=tok.stop_ids(enc)))
     assert want[-1] == enc.encode_single_token("<|im_end|>")
     sched = Scheduler(model, enc, stride=3, max_batch=2).start()
     with TestClient(serve.make_app(sched, enc, "smollm2")) as client:

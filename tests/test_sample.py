@@ -13,6 +13,7 @@ import tokenizer as tok
 import train
 from isd import ar_generate
 from model import Model, ModelConfig
+from decoding import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def test_json_greedy_equals_ar_and_html_trace(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     model, enc = Model.load(ckpt).eval(), tok.load(ckpt)
-    ref = ar_generate(model, enc.encode_ordinary("ROMEO:"), 12, temperature=0, stop_ids=[enc.eot_token])
+    ref = ar_generate(model, enc.encode_ordinary("ROMEO:"), SamplingParams(12, temperature=0, stop_ids=[enc.eot_token]))
     assert got["tokens"] == ref and got["text"] == enc.decode(ref)
     assert got["stats"]["tokens"] == len(ref) and got["stats"]["tpf"] >= 1
     page = html.read_text()

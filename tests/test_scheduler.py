@@ -19,6 +19,7 @@ import isd  # noqa: E402
 from isd import ar_generate, isd_generate  # noqa: E402
 from scheduler import EXPLORE, MODES, Scheduler, SettingError, expected_tpf, held_back  # noqa: E402
 from reference import tiny_model_and_tokenizer  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def me():
 
 
 def solo(model, enc, ids, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, narrow=False):
-    return isd_generate(model, ids, n, stride, temperature, top_k, top_p, seed, stop_ids=[enc.eot_token],
-                        narrow=narrow)[0]
+    return isd_generate(model, ids, SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=[enc.eot_token]), stride=stride, narrow=narrow)[0]
 
 
 def shown(enc, out):
@@ -51,7 +51,7 @@ def test_batched_requests_equal_solo_runs(me, stride, narrow):
     model, enc = me
     prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
     with Scheduler(model, enc, stride, max_batch=3, prefill_budget=7, narrow=narrow, policy="fixed") as s:  # FIFO, chunked prefill
-        jobs = [s.submit(ids, *rest) for ids, (_, *rest) in zip(prompts, SETTINGS)]
+        jobs = [s.submit(ids, SamplingParams(*rest, stop_ids=s.stop_ids)) for ids, (_, *rest) in zip(prompts, SETTINGS)]
         for j in jobs:
             j.result(60)
         m = s.metrics()
@@ -62,15 +62,15 @@ def test_batched_requests_equal_solo_runs(me, stride, narrow):
         ref = solo(model, enc, ids, n, stride, t, k, p, seed, narrow)
         assert j.req.out == ref
         if t == 0:
-            assert ref == ar_generate(model, ids, n, temperature=0, stop_ids=[enc.eot_token])
+            assert ref == ar_generate(model, ids, SamplingParams(n, temperature=0, stop_ids=[enc.eot_token]))
         assert j.text == shown(enc, ref)
         assert j.finish_reason == ("stop" if ref[-1] == enc.eot_token else "length")
         assert (j.prompt_tokens, j.completion_tokens) == (len(ids), len(ref))
 
 
-def run_streamed(sched, ids, n, **kw):
+def run_streamed(sched, ids, n, stop=(), **sampling):
     deltas = []
-    job = sched.submit(ids, n, listener=lambda d, r: deltas.append((d, r)), **kw)
+    job = sched.submit(ids, SamplingParams(n, stop_ids=sched.stop_ids, **sampling), stop, lambda d, r: deltas.append((d, r)))
     job.result(60)
     assert [r for _, r in deltas[:-1]] == [None] * (len(deltas) - 1) and deltas[-1][1] == job.finish_reason
     return job, "".join(d for d, _ in deltas)
@@ -107,12 +107,12 @@ def test_usage_counts_tokens_up_to_the_stop_string(me, monkeypatch):
                                                                  torch.full_like(d, -1), torch.ones(len(d))))
     ids = enc.encode_ordinary("But soft")
     with Scheduler(model, enc, stride=4, max_batch=2, policy="fixed") as s:  # every step 4 tokens
-        free = s.submit(ids, 40, temperature=0)
+        free = s.submit(ids, SamplingParams(40, temperature=0, stop_ids=s.stop_ids))
         free.result(60)
         out, t = list(free.req.out), free.text
         for a in range(4, 28, 3):
             stop = t[a:a + 2]
-            job = s.submit(ids, 40, temperature=0, stop=[stop])
+            job = s.submit(ids, SamplingParams(40, temperature=0, stop_ids=s.stop_ids), stop=[stop])
             job.result(60)
             n = next(k for k in range(1, len(out) + 1) if stop in shown(enc, out[:k]))
             assert job.text == t[:t.find(stop)] and job.completion_tokens == n, (stop, job.completion_tokens, n)
@@ -132,12 +132,12 @@ def test_budgeted_prefill_queue_and_cancel(me):
     model, enc = me
     s = Scheduler(model, enc, stride=2, max_batch=2, prefill_budget=4, policy="fixed")
     short, long = enc.encode_ordinary("ROMEO.\n")[:3], list(range(100, 121))  # long: 20 to prefill
-    a = s.submit(short, 40, temperature=0)
+    a = s.submit(short, SamplingParams(40, temperature=0, stop_ids=s.stop_ids))
     s.step()
     assert len(a.req.out) == 1 and a.slot is not None
-    b = s.submit(long, 10, temperature=0.9, seed=5)
-    c = s.submit(short, 6, temperature=0)
-    gone = s.submit(short, 6, temperature=0)
+    b = s.submit(long, SamplingParams(10, temperature=0.9, seed=5, stop_ids=s.stop_ids))
+    c = s.submit(short, SamplingParams(6, temperature=0, stop_ids=s.stop_ids))
+    gone = s.submit(short, SamplingParams(6, temperature=0, stop_ids=s.stop_ids))
     s.cancel(gone)
     for k in range(5):
         before = len(a.req.out)
@@ -166,22 +166,25 @@ def test_bad_requests_are_refused_at_submit(me):
     model, enc = me
     s = Scheduler(model, enc)
     for kw, needle in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0), "top_p"),
-                       (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop")]:
+                       (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed")]:
         with pytest.raises(SettingError, match=needle) as e:
-            s.submit([1, 2], 5, **kw)
+            s.submit([1, 2], SamplingParams(5, **kw))
         assert e.value.param == needle  # the setting, carried by the error (serve.py's "param")
-    with pytest.raises(SettingError, match="max_new_tokens") as e:
-        s.submit([1, 2], 0)
+    with pytest.raises(SettingError, match="stop") as e:
+        s.submit([1, 2], SamplingParams(5), stop=[""])
+    assert e.value.param == "stop"
+    with pytest.raises(SettingError, match="max_tokens") as e:
+        s.submit([1, 2], SamplingParams(0, stop_ids=s.stop_ids))
     assert e.value.param == "max_tokens"
     with pytest.raises(ValueError, match="empty"):
-        s.submit([], 5)
+        s.submit([], SamplingParams(5, stop_ids=s.stop_ids))
     assert s.inbox.empty()
     for kw in (dict(stride=0), dict(max_batch=0), dict(prefill_budget=0), dict(policy="greedy")):
         with pytest.raises(ValueError, match=next(iter(kw))):
             Scheduler(model, enc, **kw)
     s.stop()
     with pytest.raises(RuntimeError, match="shutting down"):
-        s.submit([1, 2], 5)
+        s.submit([1, 2], SamplingParams(5, stop_ids=s.stop_ids))
 
 
 def test_past_the_context_and_a_reused_slot(me):
@@ -191,7 +194,7 @@ def test_past_the_context_and_a_reused_slot(me):
     stride = 3
     prompts = [enc.encode_ordinary("ROMEO.\nBut soft"), enc.encode_ordinary("JULIET.\n")]
     with Scheduler(model, enc, stride=stride, max_batch=1, prefill_budget=8) as s:
-        jobs = [s.submit(p, 60, temperature=0.0) for p in prompts]  # one slot: the second reuses it
+        jobs = [s.submit(p, SamplingParams(60, temperature=0.0, stop_ids=s.stop_ids)) for p in prompts]  # one slot: the second reuses it
         outs = [j.result(timeout=120) for j in jobs]
         assert s.cache.max_len < 60  # so the slot had to drop tokens that left the context
     for p, out in zip(prompts, outs):
@@ -230,7 +233,7 @@ def test_the_policy_picks_what_commits_the_most_per_second(me):
     s = Scheduler(model, enc, stride=4, max_batch=8)
     s.step_time = {("ar", 1): 1.0, ("ar", 8): 2.0, ("wide", 1): 1.5, ("wide", 8): 8.0, ("narrow", 1): 1.5,
                    ("narrow", 8): 4.0}
-    sure, unsure = isd.Request([1], 5, 0.0), isd.Request([1], 5, 1.0)
+    sure, unsure = isd.Request([1], SamplingParams(5, temperature=0.0)), isd.Request([1], SamplingParams(5, temperature=1.0))
     sure.stats.drafts_verified, sure.stats.acceptance_sum = 1000, 990.0
     unsure.stats.drafts_verified, unsure.stats.acceptance_sum = 1000, 50.0
     assert s.choose_mode([sure]) == "wide"  # 3.9 tokens for 1.5 s vs 1 token for 1 s
@@ -255,13 +258,13 @@ def test_the_adaptive_scheduler_is_exact_and_counts_its_modes(me, monkeypatch):
     prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
     with Scheduler(model, enc, stride=3, max_batch=3, prefill_budget=7) as s:
         monkeypatch.setattr(s, "choose_mode", lambda reqs: next(order))
-        jobs = [s.submit(ids, n, temperature=0) for ids, (_, n, *_) in zip(prompts, SETTINGS)]
+        jobs = [s.submit(ids, SamplingParams(n, temperature=0, stop_ids=s.stop_ids)) for ids, (_, n, *_) in zip(prompts, SETTINGS)]
         for j in jobs:
             j.result(60)
         m = s.metrics()
         assert {m for m, _ in s.step_time} == set(MODES)  # calibrated before the first step
     for j, ids, (_, n, *_) in zip(jobs, prompts, SETTINGS):
-        assert j.req.out == ar_generate(model, ids, n, temperature=0, stop_ids=[enc.eot_token])
+        assert j.req.out == ar_generate(model, ids, SamplingParams(n, temperature=0, stop_ids=[enc.eot_token]))
     assert min(m[f"steps_{mode}"] for mode in MODES) > 0 and sum(m[f"steps_{mode}"] for mode in MODES) == m["steps"]
 def full_logprobs(model, seq, start):
     """log p(seq[i] | seq[:i]) for i >= start, by one plain forward of seq, MASK excluded."""
@@ -276,16 +279,16 @@ def test_logprobs_logit_bias_ignore_eos_and_latencies(me):
     model, enc = me
     ids, eot = enc.encode_ordinary("But soft"), enc.eot_token
     with Scheduler(model, enc, stride=3, max_batch=3) as s:
-        jobs = [s.submit(ids, 30, temperature=0, logprobs=2), s.submit(ids, 30, temperature=1.0, seed=3, logprobs=0)]
+        jobs = [s.submit(ids, SamplingParams(30, temperature=0, stop_ids=s.stop_ids), logprobs=2), s.submit(ids, SamplingParams(30, temperature=1.0, seed=3, stop_ids=s.stop_ids), logprobs=0)]
         for j in jobs:
             j.result(60)
         free = jobs[0]
         assert free.req.out == solo(model, enc, ids, 30, 3, 0.0)  # recording changes nothing
         stop = free.text[10:13]
-        cut = s.submit(ids, 30, temperature=0, logprobs=1, stop=[stop])  # a stop string cuts a step
-        forced = s.submit(ids, 5, temperature=0, logit_bias={eot: 100.0})  # EOS at once
-        ignored = s.submit(ids, 12, temperature=0, logit_bias={eot: 100.0}, ignore_eos=True)
-        banned = s.submit(ids, 30, temperature=0, logit_bias={free.req.out[0]: -100.0})
+        cut = s.submit(ids, SamplingParams(30, temperature=0, stop_ids=s.stop_ids), stop=[stop], logprobs=1)  # a stop string cuts a step
+        forced = s.submit(ids, SamplingParams(5, temperature=0, stop_ids=s.stop_ids), logit_bias={eot: 100.0})  # EOS at once
+        ignored = s.submit(ids, SamplingParams(12, temperature=0, stop_ids=()), logit_bias={eot: 100.0})
+        banned = s.submit(ids, SamplingParams(30, temperature=0, stop_ids=s.stop_ids), logit_bias={free.req.out[0]: -100.0})
         jobs += [cut, forced, ignored, banned]
         for j in jobs[2:]:
             j.result(60)
@@ -306,8 +309,8 @@ def test_logprobs_logit_bias_ignore_eos_and_latencies(me):
         for kw, param in ((dict(logit_bias={model.cfg.mask_token_id: 1.0}), "logit_bias"),
                           (dict(logit_bias={0: float("nan")}), "logit_bias")):
             with pytest.raises(SettingError) as e:
-                s.submit(ids, 5, **kw)
+                s.submit(ids, SamplingParams(5), **kw)
             assert e.value.param == param
         with pytest.raises(SettingError, match="not a token id") as e:
-            s.submit([1, model.cfg.mask_token_id], 5)
+            s.submit([1, model.cfg.mask_token_id], SamplingParams(5, stop_ids=s.stop_ids))
         assert e.value.param == "prompt"

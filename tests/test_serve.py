@@ -27,6 +27,7 @@ import tokenizer as tok  # noqa: E402
 from isd import Request, decode, isd_generate  # noqa: E402
 from model import Model  # noqa: E402
 from reference import SERVE_STRIDE, metrics, save_checkpoint, start_server, stop_server  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRIDE, CONTEXT = SERVE_STRIDE, 512  # start_server's stride
@@ -61,8 +62,7 @@ def ref(model_enc):
     model, enc = model_enc
 
     def run(prompt, n, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
-        out = isd_generate(model, enc.encode_ordinary(prompt), n, STRIDE, temperature, top_k, top_p, seed,
-                           stop_ids=[enc.eot_token])[0]
+        out = isd_generate(model, enc.encode_ordinary(prompt), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
         text = enc.decode([t for t in out if t != enc.eot_token])
         return text[:text.find(stop)] if stop and stop in text else text
     return run
@@ -299,7 +299,7 @@ def test_the_adaptive_policy_serves_greedy_text_and_reports_its_modes(ckpt, ref)
 
 def solo_ids(model_enc, ids, n, temperature=0.0, seed=None):
     model, enc = model_enc
-    return isd_generate(model, ids, n, STRIDE, temperature, seed=seed, stop_ids=[enc.eot_token])[0]
+    return isd_generate(model, ids, SamplingParams(n, temperature=temperature, seed=seed, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
 
 
 def full_logprobs(model, seq, start, k):
@@ -479,7 +479,7 @@ def test_logit_bias_and_ignore_eos(client, ckpt, model_enc):
     free = solo_ids(model_enc, ids, 20)
     r = client.completions.create(model=name, prompt="But soft", max_tokens=20, temperature=0,
                                   logit_bias={str(free[0]): -100})
-    banned = Request(ids, 20, 0.0, stop_ids=(enc.eot_token,), logit_bias={free[0]: -100.0})
+    banned = Request(ids, SamplingParams(20, temperature=0.0, stop_ids=(enc.eot_token,)), logit_bias={free[0]: -100.0})
     decode(model_enc[0], [banned], STRIDE)  # isd.py's bias is checked against brute force in test_isd.py
     assert free[0] not in banned.out and r.choices[0].text == enc.decode([t for t in banned.out if t != enc.eot_token])
     # EOS made certain: the request ends at once; with ignore_eos it runs to max_tokens (EOS is not text)
@@ -652,7 +652,7 @@ def test_api_key_access_log_and_latency_histograms(ckpt, ref):
 
 def solo_tokens(ckpt):
     model, enc = Model.load(ckpt).eval(), tok.load(ckpt)
-    return isd_generate(model, enc.encode_ordinary("But soft"), 12, STRIDE, 0.0, stop_ids=[enc.eot_token])[0]
+    return isd_generate(model, enc.encode_ordinary("But soft"), SamplingParams(12, temperature=0.0, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
 
 
 def test_access_log_can_be_turned_off(capsys):
