@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import bench
+import bench.__main__
 import data
 import dlm
 import train
@@ -300,7 +300,7 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
     argv = ["introspect", "--models=" + ",".join(str(ckpts / m) for m in ("ar", "idlm", "dlm", "bdlm")),
             "--n=2", "--prompt_len=8", "--max_new_tokens=6", "--dlm_steps=4,1", "--json", "--no_progress",
             f"--plot={plot}", f"--markdown={md}"]
-    bench.main(argv)
+    bench.__main__.main(argv)
     rows = json.loads(capsys.readouterr().out)
     keys = {"model", "val_loss", "judge_ppl", "introspective_acceptance", "draft_acceptance", "parallel_acceptance",
             "tokens_per_forward", "tokens_per_s"}
@@ -308,7 +308,7 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
     # --markdown: what was printed, under the command; the rows as JSON beside it
     shown = " ".join(a for a in argv if not a.startswith("--markdown"))
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    assert md.read_text().startswith(f"Command: `{threads}python bench.py {shown}`")
+    assert md.read_text().startswith(f"Command: `{threads}python -m bench {shown}`")
     assert json.loads((tmp_path / "gap.json").read_text())["rows"] == rows
     ref, ar, idlm_row, *diffusion = rows
     assert ref["family"] == "data" and len(diffusion) == 4
@@ -330,7 +330,7 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
 
 def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
     monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
-    rows = bench.main(["concurrency", f"--idlm={ckpts}/idlm", f"--bdlm={ckpts}/bdlm", "--concurrency=1,3",
+    rows = bench.__main__.main(["concurrency", f"--idlm={ckpts}/idlm", f"--bdlm={ckpts}/bdlm", "--concurrency=1,3",
                        "--prompt_len=8", "--max_new_tokens=8", "--ar"])
     table = capsys.readouterr().out
     assert len(rows) == 8 and table.count("\n| ") == 9  # the header, 2 x 4 settings
@@ -343,13 +343,13 @@ def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
 
 
 def test_bench_recipes_rows(ckpts, tmp_path, monkeypatch, capsys):
-    """bench.py recipes reads how each checkpoint was made from its train_state.json, and measures greedy
+    """python -m bench recipes reads how each checkpoint was made from its train_state.json, and measures greedy
     TPF with ISD (an AR model's untrained masks: still between 1 and N tokens per forward)."""
     monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
     conv = tmp_path / "conv"
     train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=4", "--eval_interval=4",
                 "--eval_iters=2", f"--init_from={ckpts / 'ar'}", f"--out_dir={conv}", "--alpha=3"])
-    rows = bench.main(["recipes", f"--models={ckpts / 'ar'},{ckpts / 'idlm'},{conv}", "--prompts=2",
+    rows = bench.__main__.main(["recipes", f"--models={ckpts / 'ar'},{ckpts / 'idlm'},{conv}", "--prompts=2",
                        "--max_new_tokens=6"])
     ar, idlm, converted = rows
     assert (ar["ar_steps"], ar["idlm_steps"], idlm["ar_steps"], idlm["idlm_steps"]) == (30, 0, 0, 30)

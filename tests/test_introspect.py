@@ -1,4 +1,4 @@
-"""introspect.py: the introspective acceptance rate of every family, scored on every generated token,
+"""bench/introspect.py: the introspective acceptance rate of every family, scored on every generated token,
 against references built from the definition (tiny float64 models): each committed token's q
 rebuilt by plain forwards from the trace of what ISD kept, p by one plain causal forward per token."""
 import random
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import introspect
+from bench import introspect
 from isd import Request, decode
 from sampling import process_logits
 from reference import V23, tiny_model

@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import bench
 import checkpoint
 import data
 import options
 import pretrained
 import tokenizer as tok
 import train
+from bench.training import preset_model_config
 from model import Model, load_config
 from options import progress_line
 from reference import interrupt_rename
@@ -188,13 +188,13 @@ def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeyp
     assert (cfg["tokenizer"], cfg["vocab_size"], cfg["n_layer"], cfg["d_model"]) == ("smollm2", 300, 2, 64)
     with pytest.raises(train.UsageError, match="trained with --tokenizer=smollm2"):
         train.main([out, "--resume", "--tokenizer=bpe"])
-    assert bench.preset_model_config("smollm2") == load_config(stub)
+    assert preset_model_config("smollm2") == load_config(stub)
 
 
 def test_preset_model_config_is_the_model_a_run_builds(corpus, tmp_path):
     run(["--preset=tiny", f"--data={corpus}", f"--out_dir={tmp_path}/o", "--max_iters=1", "--eval_iters=1"])
-    assert bench.preset_model_config("tiny") == load_config(f"{tmp_path}/o")
-    gpu = bench.preset_model_config("gpu")
+    assert preset_model_config("tiny") == load_config(f"{tmp_path}/o")
+    gpu = preset_model_config("gpu")
     assert (gpu.vocab_size, gpu.mask_token_id, gpu.n_layer, gpu.max_seq_len) == (50258, 50257, 12, 1024)
 
 

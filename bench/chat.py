@@ -1,7 +1,7 @@
 """SmolLM2 chat replies decoded side by side: our AR, transformers' generate() and ISD / R-ISD, with the
-comparison (compare_decoders, decoder_table) that gpu_bench.py's stage 3 uses too.
+comparison (compare_decoders, decoder_table) that `python -m bench gpu`'s stage 3 uses too.
 
-    python bench.py smollm2 --isd=smollm2,out-rlora   # options: python bench.py smollm2 --help
+    python -m bench smollm2 --isd=smollm2,out-rlora   # options: python -m bench smollm2 --help
 """
 import os
 import time

@@ -1,5 +1,5 @@
 """The introspection gap, measured: AR, I-DLM and the masked-diffusion baselines side by side (the
-tables of docs/introspection.md). Run it as `python bench.py introspect` (options: `--help` there).
+tables of docs/introspection.md). Run it as `python -m bench introspect` (options: `--help` there).
 
 The metric, one function for every family (`introspective_acceptance`): each generated token x, drawn
 from a distribution q when it was generated, scores min(1, p(x) / q(x)), p being the same model's
@@ -71,7 +71,8 @@ def introspect_settings(a):
     for out_dir in a.models:
         family, block = dlm.checkpoint_family(out_dir)
         if family is None:
-            raise SystemExit(f"bench.py: error: {out_dir} is not a train.py checkpoint (no train_state.json)")
+            raise SystemExit(f"python -m bench introspect: error: {out_dir} is not a train.py checkpoint "
+                             "(no train_state.json)")
         name = os.path.basename(os.path.normpath(out_dir))
         row = dict(folder=out_dir, base=out_dir, family=family)
         if family in ("ar", "idlm"):
@@ -158,7 +159,8 @@ def load_models(settings, enc):
             else:  # a self-distilled adapter over its base
                 models[s["folder"]] = lora.load_model(s["folder"])[0]
             if tok.fingerprint(tok.load(s["base"])) != tok.fingerprint(enc):
-                raise SystemExit(f"bench.py: error: {s['base']} has another tokenizer than {settings[0]['base']}")
+                raise SystemExit(f"python -m bench introspect: error: {s['base']} has another tokenizer than "
+                                 f"{settings[0]['base']}")
     return models
 
 

@@ -1,7 +1,7 @@
-"""bench.py learn: a server learning its speculator from the traffic it serves (learn.py), one client.
+"""python -m bench learn: a server learning its speculator from the traffic it serves (learn.py), one client.
 
-    python bench.py learn                           # the default model on a shifted stream: First Folio spellings
-    python bench.py learn --model=smollm2 --requests=200    # SmolLM2 on chat prompts about topics distill.py never used
+    python -m bench learn                           # the default model on a shifted stream: First Folio spellings
+    python -m bench learn --model=smollm2 --requests=200    # SmolLM2 on chat prompts about topics distill.py never used
 
 One client sends a stream of prompts back to back to an in-process Scheduler (the server's decoding loop,
 without HTTP) and records every request's tokens, forwards and seconds. Each setting serves the same stream:
