@@ -75,6 +75,8 @@ def parse_args(argv, doc):
     a = p.parse_args(argv)
     if a.stride < 1:
         p.error(f"--stride must be >= 1, got {a.stride}")
+    if a.max_new_tokens < 1:
+        p.error(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
     if a.temperature < 0:
         p.error(f"--temperature must be >= 0, got {a.temperature}")
     return p, a

@@ -15,7 +15,7 @@ predict is what the model itself would write there, not what the corpus says. Th
      makes sampled drafts pass most often. It is read from the x0 half of the same forward;
   3. a gated LoRA adapter (lora.py) is trained on the xt half; the base stays frozen, so the clean
      stream, and with it everything ISD outputs, is exactly the base model's.
-The adapter is written to `<out_dir>/distilled/`; sample.py, serve.py and bench.py load it by default.
+The adapter is written to `<out_dir>/distilled/`; sample.py, serve.py and the benchmarks (bench/) load it by default.
 """
 import argparse
 import os

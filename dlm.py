@@ -1,5 +1,5 @@
 """The masked-diffusion LM baseline: its loss, its decoder, and how it reads a text left to right
-(for the introspective acceptance rate of introspect.py).
+(for the introspective acceptance rate of bench/introspect.py).
 
     python train.py --objective=dlm --out_dir=out-dlm     # MDLM / LLaDA recipe
     python train.py --objective=bdlm --out_dir=out-bdlm   # SDAR / BD3-LM block recipe
@@ -264,7 +264,7 @@ def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# reading a text left to right: the p of the introspective acceptance rate (introspect.py)
+# reading a text left to right: the p of the introspective acceptance rate (bench/introspect.py)
 
 @torch.no_grad()
 def left_to_right_logits(model, family, ids, start, block=4):

@@ -307,7 +307,11 @@ def read_train_state(out_dir, framework):
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no optimizer.safetensors (not a training run); drop --resume")
     with safe_open(path, "np") as f:
-        state = json.loads(f.metadata()["state"])
+        meta = f.metadata() or {}
+    if "state" not in meta:
+        raise UsageError(f"--resume: {path} holds no train state (an older train.py wrote it); "
+                         f"start from its weights with --init_from={out_dir} instead")
+    state = json.loads(meta["state"])
     if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
         raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
                          f"with that trainer, or start from its weights with --init_from")

@@ -2,7 +2,8 @@
 batch, each exactly as it would alone.
 
     sched = Scheduler(model, enc, stride=4, max_batch=16).start()
-    job = sched.submit(enc.encode_ordinary("ROMEO:"), SamplingParams(50, temperature=0.8, seed=1, stop_ids=sched.stop_ids))
+    params = SamplingParams(50, temperature=0.8, seed=1, stop_ids=sched.stop_ids)  # decoding.SamplingParams
+    job = sched.submit(enc.encode_ordinary("ROMEO:"), params)
     print(job.result())  # or give submit a listener to receive the text as it is committed
     sched.stop()
 

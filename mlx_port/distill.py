@@ -15,7 +15,7 @@ predict is what the model itself would write there, not what the corpus says. Th
   3. a gated LoRA adapter (mlx_port/lora.py) is trained on the xt half; the base stays frozen, so the
      clean stream, and with it everything ISD outputs, is exactly the base model's.
 The adapter is written to `<out_dir>/distilled/` in lora.py's format: PyTorch's sample.py, serve.py and
-bench.py load it as they load distill.py's. Same options, prompts, targets, loss, AdamW and one-cycle
+bench/ load it as they load distill.py's. Same options, prompts, targets, loss, AdamW and one-cycle
 schedule as distill.py; the batches are drawn from MLX's random stream. Not here: --replies (SmolLM2's
 chat replies: python distill.py --replies=FILE).
 """

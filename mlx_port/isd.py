@@ -215,7 +215,7 @@ def drawn_from(p, q, j, rejected, temperature):
     from: q_1..q_j of the accepted drafts, then normalize((p_{j+1} - q_{j+1})+) for the correction of a
     rejected d_{j+1} (p_{j+1} where that is all zero, as kernels.verify draws it), or p_{j+1} for the
     clean token when all j drafts passed. p (N, V), q (K, V): filtered logits (q None on a cold start).
-    These are the q of the introspective acceptance (introspect.py), which scores each committed token."""
+    These are the q of the introspective acceptance (bench/introspect.py), which scores each committed token."""
     last = probs(p[j], temperature)  # p_{j+1}: the only p a committed token was drawn from
     if rejected:
         excess = mx.maximum(last - probs(q[j], temperature), 0)

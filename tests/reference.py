@@ -198,7 +198,9 @@ def isd_samples(model, prompt, n, stride, n_samples, temperature, top_k=None, to
     """`n_samples` continuations from batched ISD, one seed per row; also the summed stats."""
     counts, tot = Counter(), Counter()
     for start in range(0, n_samples, batch):
-        reqs = [Request(list(prompt), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed0 + s), logit_bias=bias)
+        reqs = [Request(list(prompt),
+                        SamplingParams(n, temperature, top_k, top_p, seed0 + s),
+                        logit_bias=bias)
                 for s in range(start, min(n_samples, start + batch))]
         decode(model, reqs, stride, narrow)
         for r in reqs:

@@ -316,7 +316,8 @@ def test_rollouts_both_are_greedy_then_sampled():
     cfg = distill.DistillConfig(n_rollouts=40, prompt_len=3, seq_len=12, seed=5, temperature=1.0)
     assert (cfg.rollouts, cfg.supervision) == ("both", "mixed")  # the default recipe
     rows, _ = distill.rollouts(model, train_ids, cfg, log=None)
-    greedy = [rows[r, 3:].tolist() == isd.ar_generate(model, rows[r, :3].tolist(), SamplingParams(9, temperature=0)) for r in range(40)]
+    greedy = [rows[r, 3:].tolist() == isd.ar_generate(model, rows[r, :3].tolist(),
+                                                      SamplingParams(9, temperature=0)) for r in range(40)]
     assert all(greedy[:20]) and sum(greedy[20:]) < 10  # the first half greedy, the second sampled
 
 
@@ -433,6 +434,7 @@ def test_train_writes_a_distilled_adapter_whose_base_is_the_checkpoint(trained):
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if k.startswith("B."))  # trained
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_train_distill_usage_errors(tmp_path):
     (tmp_path / "c.txt").write_text(CORPUS)
     for args, needle in [(["--distill_iters=-1"], "--distill_iters must be >= 0"),
@@ -546,6 +548,7 @@ def test_a_distill_save_interrupted_anywhere_never_leaves_a_mix(trained, tmp_pat
 
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_sample_cli_names_the_folder_it_decodes_with(trained):
     out, _ = trained
     got = {}

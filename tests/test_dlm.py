@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import bench
+import bench.__main__
 import data
 import dlm
 import train
@@ -106,7 +106,9 @@ def test_decoder_fills_every_position_never_mask(family, prompt_len, steps, thre
     model = tiny_model(seed=3, **V23)
     prompt = rand_tokens(torch.Generator().manual_seed(prompt_len), (prompt_len,), V).tolist()
     n, block = 11, 4
-    out, q, _, st = dlm.dlm_generate(model, family, prompt, SamplingParams(n, temperature=temperature, seed=7), block=block, steps=steps, threshold=threshold)
+    out, q, _, st = dlm.dlm_generate(model, family, prompt,
+                                     SamplingParams(n, temperature=temperature, seed=7),
+                                     block=block, steps=steps, threshold=threshold)
     assert len(out) == n and model.cfg.mask_token_id not in out and all(0 <= t < V for t in out)
     assert st.tokens == n and torch.isfinite(q.gather(1, torch.tensor(out)[:, None])).all()
     # blocks are aligned to position 0; the first one may be cut by the prompt
@@ -137,7 +139,9 @@ def canvases_of(model, family, prompt, n, block, steps, threshold, temperature, 
     inputs, forward = [], model.forward
     model.forward = lambda idx, *args, **kw: forward(inputs.append(idx[0].clone()) or idx, *args, **kw)
     try:
-        res = dlm.dlm_generate(model, family, prompt, SamplingParams(n, temperature=temperature, seed=seed), block=block, steps=steps, threshold=threshold)
+        res = dlm.dlm_generate(model, family, prompt,
+                               SamplingParams(n, temperature=temperature, seed=seed),
+                               block=block, steps=steps, threshold=threshold)
     finally:
         del model.forward
     return res, inputs[1:] + [torch.tensor(prompt + res[0])]
@@ -283,6 +287,7 @@ def test_dlm_cli_json(ckpts):
     assert len(got["tokens"]) == 9 and 300 not in got["tokens"] and got["stats"]["tpf"] > 1
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_wrong_family_is_a_one_line_error(ckpts):
     r = cli("dlm.py", f"--out_dir={ckpts}/idlm")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sample.py" in r.stderr, r.stderr
@@ -295,13 +300,14 @@ def test_wrong_family_is_a_one_line_error(ckpts):
         train.check_options(train.parse_args(["--objective=dlm", "--lora=4", "--init_from=x"])[0], set())
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
     plot, md = tmp_path / "gap.png", tmp_path / "gap.md"
     argv = ["introspect", "--models=" + ",".join(str(ckpts / m) for m in ("ar", "idlm", "dlm", "bdlm")),
             "--n=2", "--prompt_len=8", "--max_new_tokens=6", "--dlm_steps=4,1", "--json", "--no_progress",
             f"--plot={plot}", f"--markdown={md}"]
-    bench.main(argv)
+    bench.__main__.main(argv)
     rows = json.loads(capsys.readouterr().out)
     keys = {"model", "val_loss", "judge_ppl", "introspective_acceptance", "draft_acceptance", "parallel_acceptance",
             "tokens_per_forward", "tokens_per_s"}
@@ -309,7 +315,7 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
     # --markdown: what was printed, under the command; the rows as JSON beside it
     shown = " ".join(a for a in argv if not a.startswith("--markdown"))
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    assert md.read_text().startswith(f"Command: `{threads}python bench.py {shown}`")
+    assert md.read_text().startswith(f"Command: `{threads}python -m bench {shown}`")
     assert json.loads((tmp_path / "gap.json").read_text())["rows"] == rows
     ref, ar, idlm_row, *diffusion = rows
     assert ref["family"] == "data" and len(diffusion) == 4
@@ -329,9 +335,10 @@ def test_bench_introspect_rows(ckpts, tmp_path, monkeypatch, capsys):
     assert all(r["judge_ppl"] > 1 and r["judge_ppl"] < 1e6 for r in rows)
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
     monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
-    rows = bench.main(["concurrency", f"--idlm={ckpts}/idlm", f"--bdlm={ckpts}/bdlm", "--concurrency=1,3",
+    rows = bench.__main__.main(["concurrency", f"--idlm={ckpts}/idlm", f"--bdlm={ckpts}/bdlm", "--concurrency=1,3",
                        "--prompt_len=8", "--max_new_tokens=8", "--ar"])
     table = capsys.readouterr().out
     assert len(rows) == 8 and table.count("\n| ") == 9  # the header, 2 x 4 settings
@@ -344,13 +351,13 @@ def test_bench_concurrency_rows(ckpts, monkeypatch, capsys):
 
 
 def test_bench_recipes_rows(ckpts, tmp_path, monkeypatch, capsys):
-    """bench.py recipes reads how each checkpoint was made from its train_state.json, and measures greedy
+    """python -m bench recipes reads how each checkpoint was made from its train_state.json, and measures greedy
     TPF with ISD (an AR model's untrained masks: still between 1 and N tokens per forward)."""
     monkeypatch.setattr(data, "CACHE_DIR", str(ckpts / "cache"))
     conv = tmp_path / "conv"
     train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=4", "--eval_interval=4",
                 "--eval_iters=2", f"--init_from={ckpts / 'ar'}", f"--out_dir={conv}", "--alpha=3"])
-    rows = bench.main(["recipes", f"--models={ckpts / 'ar'},{ckpts / 'idlm'},{conv}", "--prompts=2",
+    rows = bench.__main__.main(["recipes", f"--models={ckpts / 'ar'},{ckpts / 'idlm'},{conv}", "--prompts=2",
                        "--max_new_tokens=6"])
     ar, idlm, converted = rows
     assert (ar["ar_steps"], ar["idlm_steps"], idlm["ar_steps"], idlm["idlm_steps"]) == (30, 0, 0, 30)

@@ -232,6 +232,7 @@ def test_gguf_matches_ours(exported, tmp_path, monkeypatch):
     assert max_diff(model, hf_load(str(tmp_path), gguf_file=export.GGUF_FILE), enc) > 1e-2
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 @torch.no_grad()
 def test_smollm2_export(tmp_path):
     """SmolLM2-135M-Instruct (pretrained.py) exported and loaded by transformers: logits, a greedy chat reply,

@@ -1,4 +1,4 @@
-"""introspect.py: the introspective acceptance rate of every family, scored on every generated token,
+"""bench/introspect.py: the introspective acceptance rate of every family, scored on every generated token,
 against references built from the definition (tiny float64 models): each committed token's q
 rebuilt by plain forwards from the trace of what ISD kept, p by one plain causal forward per token."""
 import random
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import introspect
+from bench import introspect
 from isd import Request, decode
 from sampling import process_logits
 from reference import V23, tiny_model
@@ -82,7 +82,9 @@ def reference_drawn_from(model, prompt, trace, stride, a):
 def test_isd_records_what_each_committed_token_was_drawn_from(a, stride, seed):
     model = tiny_model(seed=6, **V23)
     prompt = [1, 2, 3]
-    r = Request(prompt, SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed), trace=[], drawn_from=[])
+    r = Request(prompt,
+                SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed),
+                trace=[], drawn_from=[])
     decode(model, [r], stride)
     kinds = {k for step in r.trace for _, k in step}
     assert {"accepted", "clean"} <= kinds and (a.temperature == 0 or "correction" in kinds)

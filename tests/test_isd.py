@@ -40,7 +40,9 @@ from decoding import SamplingParams  # noqa: E402
 @torch.no_grad()
 def isd_traced(model, prompt, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, stop_ids=()):
     """isd_generate's (tokens, Stats), and the trace of every forward."""
-    r = Request(list(prompt), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=tuple(stop_ids)), trace=[])
+    r = Request(list(prompt),
+                SamplingParams(n, temperature, top_k, top_p, seed, stop_ids=tuple(stop_ids)),
+                trace=[])
     decode(model, [r], stride)
     return r.out, r.stats, r.trace
 
@@ -86,7 +88,8 @@ def test_greedy_isd_equals_bruteforce_and_ar():
                 if N > 1:
                     rounds.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r", "rounds_c")})
                 n = LENGTHS[(a + b) % 2]  # 7 or 13: a length ending inside a window
-                assert isd_generate(model, prompt, SamplingParams(n, temperature=0), stride=N)[0] == ref[:n], (seed, prompt, n, N)
+                assert isd_generate(model, prompt,
+                                    SamplingParams(n, temperature=0), stride=N)[0] == ref[:n], (seed, prompt, n, N)
                 # stop ids: a token whose FIRST occurrence in the reference is committed in the
                 # middle of an ISD step (not the step's last token), so the step's tail must be
                 # dropped; else the token the reference emits at position 5
@@ -110,10 +113,12 @@ def test_greedy_isd_equals_bruteforce_and_ar():
                 if b == 2:
                     # an unused stop id changes nothing; several stop ids: the first one met wins
                     unused = [t for t in range(V - 1) if t not in ref]
-                    assert isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=unused), stride=N)[0] == ref
+                    assert isd_generate(model, prompt,
+                                        SamplingParams(23, temperature=0, stop_ids=unused), stride=N)[0] == ref
                     two = [ref[9], ref[3]]
                     first = min(ref.index(t) for t in two)
-                    assert isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=two), stride=N)[0] == ref[:first + 1]
+                    assert isd_generate(model, prompt,
+                                        SamplingParams(23, temperature=0, stop_ids=two), stride=N)[0] == ref[:first + 1]
     # the comparisons exercised both fully accepted and rejected verify steps
     assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0, rounds
     assert mid_window_stops >= 5, mid_window_stops
@@ -141,9 +146,12 @@ def test_narrow_window_greedy_equals_bruteforce_and_cold_starts_after_rejections
         for prompt in ([3], [V - 2, 0], [1, 5, 2, 6, 0, 4, 2]):
             ref = brute_greedy(model, prompt, 23)
             for N in STRIDES:
-                assert isd_generate(model, prompt, SamplingParams(23, temperature=0), stride=N, narrow=True)[0] == ref, (seed, prompt, N)
+                assert isd_generate(model, prompt,
+                                    SamplingParams(23, temperature=0),
+                                    stride=N, narrow=True)[0] == ref, (seed, prompt, N)
                 stop = ref[9]
-                assert isd_generate(model, prompt, SamplingParams(23, temperature=0, stop_ids=[stop]), stride=N, narrow=True)[0] == \
+                assert isd_generate(model, prompt,
+                                    SamplingParams(23, temperature=0, stop_ids=[stop]), stride=N, narrow=True)[0] == \
                     ref[:ref.index(stop) + 1]
                 r = Request(list(prompt), SamplingParams(23, temperature=0.0), trace=[])
                 decode(model, [r], N, narrow=True)
@@ -380,7 +388,8 @@ def test_cache_after_rollback_equals_fresh_prefill():
     model = tiny_model(4, 16, std=0.2)
     stride = 4
     prompts = [[5], [1, 2, 3], [7, 7, 0, 1, 9, 4, 2], [3, 8]]
-    reqs = [Request(p, SamplingParams(18 + i, temperature=1.0, top_k=None, top_p=None, seed=100 + i)) for i, p in enumerate(prompts)]
+    reqs = [Request(p,
+                    SamplingParams(18 + i, temperature=1.0, seed=100 + i)) for i, p in enumerate(prompts)]
     max_len = max(len(p) + r.params.max_tokens for p, r in zip(prompts, reqs)) + isd.window_size(stride)
     B = len(reqs)
     cache = model.new_cache(B, max_len)
@@ -434,7 +443,9 @@ def test_batched_rows_equal_single_runs():
         free, _ = isd_generate(model, settings[4][0], SamplingParams(*settings[4][1:]), stride)
         stop = free[3]
         stops = [(), (), (), (), (stop,)]
-        singles = [isd_generate(model, p, SamplingParams(n, temperature=t, top_k=k, top_p=tp, seed=s, stop_ids=list(st)), stride=stride)
+        singles = [isd_generate(model, p,
+                                SamplingParams(n, temperature=t, top_k=k, top_p=tp, seed=s, stop_ids=list(st)),
+                                stride=stride)
                    for (p, n, t, k, tp, s), st in zip(settings, stops)]
         assert singles[4][0] == free[:free.index(stop) + 1]
         for order in (list(range(5)), [3, 0, 4, 2, 1]):
@@ -501,7 +512,8 @@ def test_mask_never_emitted():
     for stride in (1, 2, 3, 4):
         for temperature, top_k, top_p in ((1.0, None, None), (0.0, None, None), (2.0, None, None),
                                           (1.0, 1, None), (1.0, None, 0.3)):
-            reqs = [Request([1, 2], SamplingParams(12, temperature=temperature, top_k=top_k, top_p=top_p, seed=s)) for s in range(8)]
+            reqs = [Request([1, 2],
+                            SamplingParams(12, temperature=temperature, top_k=top_k, top_p=top_p, seed=s)) for s in range(8)]
             decode(model, reqs, stride)
             for r in reqs:
                 assert len(r.out) == 12 and mask_id not in r.out
@@ -732,7 +744,9 @@ def test_logprobs_are_the_models_own_whatever_isd_drafted(temperature, top_k, bi
     model = tiny_model(3, 12, 0.5)
     kinds = Counter()
     for N, narrow in ((1, False), (3, False), (4, False), (3, True)):
-        reqs = [Request([1, 2 + s], SamplingParams(14, temperature=temperature, top_k=top_k, top_p=None, seed=10 + s, stop_ids=(9,)), logit_bias=bias, logprobs=[], top_logprobs=3, trace=[]) for s in range(3)]
+        reqs = [Request([1, 2 + s],
+                        SamplingParams(14, temperature=temperature, top_k=top_k, top_p=None, seed=10 + s, stop_ids=(9,)),
+                        logit_bias=bias, logprobs=[], top_logprobs=3, trace=[]) for s in range(3)]
         decode(model, reqs, N, narrow)
         for r in reqs:
             assert_logprobs_equal(r.logprobs, ref_logprobs(model, r.prompt + r.out, len(r.prompt), 3))
@@ -770,7 +784,8 @@ def test_a_window_is_as_wide_as_its_widest_row_needs(monkeypatch):
             isd_step(model, cache, [0], [r], 4, narrow)
             assert widths[-1] == (steady if had else 4), (narrow, had, widths)
         assert steady in widths and 4 in widths
-    a, b = Request([1, 2, 3], SamplingParams(9, temperature=0.0)), Request([4, 5], SamplingParams(9, temperature=0.0))  # a with drafts, b cold: the batch is wide
+    a, b = Request([1, 2, 3],
+                   SamplingParams(9, temperature=0.0)), Request([4, 5], SamplingParams(9, temperature=0.0))  # a with drafts, b cold: the batch is wide
     cache = model.new_cache(2, 40)
     prefill(model, cache, [0], [a])
     isd_step(model, cache, [0], [a], 4)

@@ -144,6 +144,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_kernel_compiles_for_a_gpu(tmp_path):
     """The interpreter is lenient about types that the compiler rejects: compile the kernel for an
     H100 (sm_90: Triton IR -> PTX -> cubin with the ptxas that ships with Triton), no GPU needed."""

@@ -250,9 +250,11 @@ def test_greedy_outputs_stay_the_base_models_while_the_adapter_learns():
     jobs = []
     with sched:
         for wave in range(12):
-            batch = [sched.submit(enc.encode_ordinary(texts[(wave + i) % len(texts)]), SamplingParams(24 + 7 * i, temperature=0, stop_ids=sched.stop_ids))
+            batch = [sched.submit(enc.encode_ordinary(texts[(wave + i) % len(texts)]),
+                                  SamplingParams(24 + 7 * i, temperature=0, stop_ids=sched.stop_ids))
                      for i in range(3)]
-            batch.append(sched.submit(enc.encode_ordinary(texts[wave % len(texts)]), SamplingParams(16, temperature=1.0, seed=wave, stop_ids=sched.stop_ids)))
+            batch.append(sched.submit(enc.encode_ordinary(texts[wave % len(texts)]),
+                                      SamplingParams(16, temperature=1.0, seed=wave, stop_ids=sched.stop_ids)))
             for j in batch:
                 j.result(60)
             jobs += batch[:3]
@@ -361,7 +363,9 @@ def test_save_and_resume(tmp_path):
 
     loaded = check(learner)
     prompt = ids[0][:4]
-    assert isd_generate(loaded, prompt, SamplingParams(20, temperature=0), stride=3)[0] == ar_generate(Model.load(ckpt), prompt, SamplingParams(20, temperature=0))
+    assert isd_generate(loaded, prompt,
+                        SamplingParams(20, temperature=0),
+                        stride=3)[0] == ar_generate(Model.load(ckpt), prompt, SamplingParams(20, temperature=0))
     # a second save (more training) replaces the first whole, through checkpoint.staged
     learner2 = Learner(loaded, 3, LearnConfig(lr=0.05, warmup=1), save_dir=save_dir, base=ckpt)
     assert same_tensors(adapter_state(learner2.twin), adapter_state(learner.twin))  # it continues from the saved one
@@ -448,6 +452,7 @@ def test_learn_config_accepts_the_edges():
 # ----------------------------------------------------------------------------------------------
 # 7. serve.py --learn, end to end
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_serve_learn_end_to_end(tmp_path, capsys):
     import openai
     import serve

@@ -69,7 +69,9 @@ def test_greedy_risd_equals_base_ar():
                 assert out == ref, (seed, prompt, stride)
                 rounds.update({k: getattr(st, k) for k in ("rounds_v", "rounds_r")})
                 # the adapter really changes the drafts: ISD of the bare base differs in its statistics
-                rounds["differs"] += isd_generate(base, prompt, SamplingParams(20, temperature=0), stride=stride)[1].rounds_v != st.rounds_v
+                rounds["differs"] += isd_generate(base, prompt,
+                                                  SamplingParams(20, temperature=0),
+                                                  stride=stride)[1].rounds_v != st.rounds_v
     assert rounds["rounds_v"] > 0 and rounds["rounds_r"] > 0 and rounds["differs"] > 0, rounds
 
 
@@ -113,7 +115,9 @@ def test_train_lora_saves_only_the_adapter(tmp_path, monkeypatch):
     assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items() if not k.startswith("lora."))
     base = lora.load_model(f"{tmp_path}/base")[0]
     prompt = enc.encode_ordinary("HAMLET.\n")
-    assert isd_generate(model, prompt, SamplingParams(15, temperature=0), stride=4)[0] == ar_generate(base, prompt, SamplingParams(15, temperature=0))
+    assert isd_generate(model, prompt,
+                        SamplingParams(15, temperature=0),
+                        stride=4)[0] == ar_generate(base, prompt, SamplingParams(15, temperature=0))
     # a full model trained over the adapter's folder (--overwrite) leaves no stale adapter behind
     train.main(tiny + [f"--out_dir={out}", "--overwrite", "--max_iters=2"])
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["config.json", "model.safetensors", "optimizer.safetensors",

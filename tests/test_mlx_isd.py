@@ -99,12 +99,14 @@ def test_greedy_isd_matches_pytorch(pairs, adapted, with_adapter):
         for stride in (1, 2, 3, 4, 5, 6):
             for narrow in (False, True) if stride > 1 else (False,):
                 want, st = isd.isd_generate(t, prompt, SamplingParams(n, temperature=0), stride=stride, narrow=narrow)
-                got, st_mlx = mlx_isd.isd_generate(m, prompt, SamplingParams(n, temperature=0), stride=stride, narrow=narrow)
+                got, st_mlx = mlx_isd.isd_generate(m, prompt,
+                                                   SamplingParams(n, temperature=0), stride=stride, narrow=narrow)
                 where = (ctx, prompt, stride, narrow)
                 assert got == want, where
                 assert_same_stats(st_mlx, st, where)
                 rounds.update(v=st.rounds_v, r=st.rounds_r)
-        assert mlx_isd.ar_generate(m, prompt, SamplingParams(n, temperature=0)) == isd.ar_generate(t, prompt, SamplingParams(n, temperature=0))
+        assert mlx_isd.ar_generate(m, prompt,
+                                   SamplingParams(n, temperature=0)) == isd.ar_generate(t, prompt, SamplingParams(n, temperature=0))
     assert rounds["v"] > 0 and rounds["r"] > 0, rounds  # drafts were both accepted and rejected
     assert rounds["changed"] > 0 or not with_adapter, rounds
 
@@ -120,7 +122,9 @@ def test_greedy_batch_equals_solo_runs(pairs):
                 reqs = [mlx_isd.Request(list(p), SamplingParams(n, temperature=0, stop_ids=s)) for p, n, s in settings]
                 mlx_isd.decode(m, reqs, stride, narrow)
                 for r, (p, n, s) in zip(reqs, settings):
-                    want, st = isd.isd_generate(t, p, SamplingParams(n, temperature=0, stop_ids=s), stride=stride, narrow=narrow)
+                    want, st = isd.isd_generate(t, p,
+                                                SamplingParams(n, temperature=0, stop_ids=s),
+                                                stride=stride, narrow=narrow)
                     assert r.out == want, (ctx, p, stride, narrow)
                     assert_same_stats(r.stats, st, (ctx, p, stride, narrow))
 
@@ -163,7 +167,8 @@ def mlx_samples(model, n, stride, n_samples, temperature, top_k=None, top_p=None
     """`n_samples` continuations of SAMPLE_PROMPT from batched MLX ISD, one seed per row; summed stats."""
     counts, tot = Counter(), Counter()
     for start in range(0, n_samples, batch):
-        reqs = [mlx_isd.Request(list(SAMPLE_PROMPT), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed0 + s))
+        reqs = [mlx_isd.Request(list(SAMPLE_PROMPT),
+                                SamplingParams(n, temperature, top_k, top_p, seed0 + s))
                 for s in range(start, min(n_samples, start + batch))]
         mlx_isd.decode(model, reqs, stride, narrow)
         for r in reqs:
@@ -188,7 +193,8 @@ def test_mlx_isd_samples_the_exact_ar_distribution(sampling_pair, temperature, t
 
 def test_mlx_ar_samples_the_exact_ar_distribution(sampling_pair):
     t, m = sampling_pair
-    counts = Counter(tuple(mlx_isd.ar_generate(m, SAMPLE_PROMPT, SamplingParams(2, temperature=1.0, seed=s))) for s in range(400))
+    counts = Counter(tuple(mlx_isd.ar_generate(m, SAMPLE_PROMPT,
+                                               SamplingParams(2, temperature=1.0, seed=s))) for s in range(400))
     assert chi2_pvalue(counts, law(t, 2, 1.0)) > P_MIN
 
 
@@ -273,8 +279,12 @@ def test_same_seed_same_tokens_alone_or_in_a_batch(pairs):
         ([3, 1], 14, 1.0, None, None, 14),
     ]
     for stride in (2, 4):
-        singles = [mlx_isd.isd_generate(m, p, SamplingParams(n, temperature=tmp, top_k=k, top_p=tp, seed=s), stride=stride) for p, n, tmp, k, tp, s in settings]
-        again = [mlx_isd.isd_generate(m, p, SamplingParams(n, temperature=tmp, top_k=k, top_p=tp, seed=s), stride=stride)[0] for p, n, tmp, k, tp, s in settings]
+        singles = [mlx_isd.isd_generate(m, p,
+                                        SamplingParams(n, temperature=tmp, top_k=k, top_p=tp, seed=s),
+                                        stride=stride) for p, n, tmp, k, tp, s in settings]
+        again = [mlx_isd.isd_generate(m, p,
+                                      SamplingParams(n, temperature=tmp, top_k=k, top_p=tp, seed=s),
+                                      stride=stride)[0] for p, n, tmp, k, tp, s in settings]
         assert again == [out for out, _ in singles]
         for order in (list(range(5)), [3, 0, 4, 2, 1]):
             reqs = [mlx_isd.Request(list(settings[i][0]), SamplingParams(*settings[i][1:])) for i in order]
@@ -286,9 +296,12 @@ def test_same_seed_same_tokens_alone_or_in_a_batch(pairs):
                     assert getattr(r.stats, k) == getattr(st, k), (stride, i, k)
                 assert r.stats.acceptance_sum == pytest.approx(st.acceptance_sum, abs=1e-6)
     # different seeds, or none (a fresh key each time), give different samples
-    runs = [tuple(mlx_isd.isd_generate(m, [1, 2, 3], SamplingParams(30, temperature=1.5, seed=s), stride=3)[0]) for s in (1, 2, None, None)]
+    runs = [tuple(mlx_isd.isd_generate(m, [1, 2, 3],
+                                       SamplingParams(30, temperature=1.5, seed=s),
+                                       stride=3)[0]) for s in (1, 2, None, None)]
     assert len(set(runs)) == 4
-    assert mlx_isd.ar_generate(m, [5], SamplingParams(20, temperature=1.0, seed=3)) == mlx_isd.ar_generate(m, [5], SamplingParams(20, temperature=1.0, seed=3))
+    assert mlx_isd.ar_generate(m, [5],
+                               SamplingParams(20, temperature=1.0, seed=3)) == mlx_isd.ar_generate(m, [5], SamplingParams(20, temperature=1.0, seed=3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +321,7 @@ def run(*cmd):
     return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_command_line_matches_pytorch_and_runs_without_torch(ckpt, tmp_path):
     args = [f"--out_dir={ckpt}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=16", "--stride=3"]
     want = run("sample.py", *args, "--json")

@@ -184,6 +184,7 @@ def test_mlx_resume_is_exact_and_frameworks_do_not_mix(start, tmp_path, monkeypa
         mlx_train.main(TINY + ["--device=cuda", f"--out_dir={tmp_path}/x"])
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_sample_command_line_matches_pytorch(start):
     init = start[2]
     args = [f"--out_dir={init}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=12", "--stride=3", "--json"]

@@ -135,6 +135,7 @@ def test_risd_on_smollm2_is_lossless(ours):
     assert st.forwards < 12 or st.rounds_r > 0  # drafts were verified, not only cold starts
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_server_chat_on_smollm2(ours, hf_tokenizer):
     """serve.py on SmolLM2: /v1/chat/completions uses the ChatML template (ids checked against
     transformers' apply_chat_template) and stops at <|im_end|>; at temperature 0 the reply equals

@@ -51,6 +51,7 @@ def test_json_greedy_equals_ar_and_html_trace(ckpt, tmp_path):
     assert page.startswith("<!doctype html>") and page.count("<tr>") == got["stats"]["forwards"] + 1
 
 
+@pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_cli_errors(ckpt, tmp_path):
     for args, needle in [([f"--out_dir={tmp_path}/none"], "run python train.py first"),
                          ([f"--out_dir={ckpt}", "--prompt="], "prompt is empty"),

@@ -28,7 +28,9 @@ def me():
 
 
 def solo(model, enc, ids, n, stride, temperature=1.0, top_k=None, top_p=None, seed=None, narrow=False):
-    return isd_generate(model, ids, SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=[enc.eot_token]), stride=stride, narrow=narrow)[0]
+    return isd_generate(model, ids,
+                        SamplingParams(n, temperature, top_k, top_p, seed, stop_ids=[enc.eot_token]),
+                        stride=stride, narrow=narrow)[0]
 
 
 def shown(enc, out):
@@ -70,7 +72,8 @@ def test_batched_requests_equal_solo_runs(me, stride, narrow):
 
 def run_streamed(sched, ids, n, stop=(), **sampling):
     deltas = []
-    job = sched.submit(ids, SamplingParams(n, stop_ids=sched.stop_ids, **sampling), stop, lambda d, r: deltas.append((d, r)))
+    job = sched.submit(ids,
+                       SamplingParams(n, stop_ids=sched.stop_ids, **sampling), stop, lambda d, r: deltas.append((d, r)))
     job.result(60)
     assert [r for _, r in deltas[:-1]] == [None] * (len(deltas) - 1) and deltas[-1][1] == job.finish_reason
     return job, "".join(d for d, _ in deltas)
@@ -194,7 +197,8 @@ def test_past_the_context_and_a_reused_slot(me):
     stride = 3
     prompts = [enc.encode_ordinary("ROMEO.\nBut soft"), enc.encode_ordinary("JULIET.\n")]
     with Scheduler(model, enc, stride=stride, max_batch=1, prefill_budget=8) as s:
-        jobs = [s.submit(p, SamplingParams(60, temperature=0.0, stop_ids=s.stop_ids)) for p in prompts]  # one slot: the second reuses it
+        jobs = [s.submit(p,
+                         SamplingParams(60, temperature=0.0, stop_ids=s.stop_ids)) for p in prompts]  # one slot: the second reuses it
         outs = [j.result(timeout=120) for j in jobs]
         assert s.cache.max_len < 60  # so the slot had to drop tokens that left the context
     for p, out in zip(prompts, outs):
@@ -233,7 +237,8 @@ def test_the_policy_picks_what_commits_the_most_per_second(me):
     s = Scheduler(model, enc, stride=4, max_batch=8)
     s.step_time = {("ar", 1): 1.0, ("ar", 8): 2.0, ("wide", 1): 1.5, ("wide", 8): 8.0, ("narrow", 1): 1.5,
                    ("narrow", 8): 4.0}
-    sure, unsure = isd.Request([1], SamplingParams(5, temperature=0.0)), isd.Request([1], SamplingParams(5, temperature=1.0))
+    sure, unsure = isd.Request([1],
+                               SamplingParams(5, temperature=0.0)), isd.Request([1], SamplingParams(5, temperature=1.0))
     sure.stats.drafts_verified, sure.stats.acceptance_sum = 1000, 990.0
     unsure.stats.drafts_verified, unsure.stats.acceptance_sum = 1000, 50.0
     assert s.choose_mode([sure]) == "wide"  # 3.9 tokens for 1.5 s vs 1 token for 1 s
@@ -258,7 +263,8 @@ def test_the_adaptive_scheduler_is_exact_and_counts_its_modes(me, monkeypatch):
     prompts = [enc.encode_ordinary(p) or [enc.eot_token] for p, *_ in SETTINGS]
     with Scheduler(model, enc, stride=3, max_batch=3, prefill_budget=7) as s:
         monkeypatch.setattr(s, "choose_mode", lambda reqs: next(order))
-        jobs = [s.submit(ids, SamplingParams(n, temperature=0, stop_ids=s.stop_ids)) for ids, (_, n, *_) in zip(prompts, SETTINGS)]
+        jobs = [s.submit(ids,
+                         SamplingParams(n, temperature=0, stop_ids=s.stop_ids)) for ids, (_, n, *_) in zip(prompts, SETTINGS)]
         for j in jobs:
             j.result(60)
         m = s.metrics()
@@ -279,16 +285,22 @@ def test_logprobs_logit_bias_ignore_eos_and_latencies(me):
     model, enc = me
     ids, eot = enc.encode_ordinary("But soft"), enc.eot_token
     with Scheduler(model, enc, stride=3, max_batch=3) as s:
-        jobs = [s.submit(ids, SamplingParams(30, temperature=0, stop_ids=s.stop_ids), logprobs=2), s.submit(ids, SamplingParams(30, temperature=1.0, seed=3, stop_ids=s.stop_ids), logprobs=0)]
+        jobs = [s.submit(ids,
+                         SamplingParams(30, temperature=0, stop_ids=s.stop_ids),
+                         logprobs=2), s.submit(ids, SamplingParams(30, temperature=1.0, seed=3, stop_ids=s.stop_ids), logprobs=0)]
         for j in jobs:
             j.result(60)
         free = jobs[0]
         assert free.req.out == solo(model, enc, ids, 30, 3, 0.0)  # recording changes nothing
         stop = free.text[10:13]
-        cut = s.submit(ids, SamplingParams(30, temperature=0, stop_ids=s.stop_ids), stop=[stop], logprobs=1)  # a stop string cuts a step
-        forced = s.submit(ids, SamplingParams(5, temperature=0, stop_ids=s.stop_ids), logit_bias={eot: 100.0})  # EOS at once
+        cut = s.submit(ids,
+                       SamplingParams(30, temperature=0, stop_ids=s.stop_ids),
+                       stop=[stop], logprobs=1)  # a stop string cuts a step
+        forced = s.submit(ids,
+                          SamplingParams(5, temperature=0, stop_ids=s.stop_ids), logit_bias={eot: 100.0})  # EOS at once
         ignored = s.submit(ids, SamplingParams(12, temperature=0, stop_ids=()), logit_bias={eot: 100.0})
-        banned = s.submit(ids, SamplingParams(30, temperature=0, stop_ids=s.stop_ids), logit_bias={free.req.out[0]: -100.0})
+        banned = s.submit(ids,
+                          SamplingParams(30, temperature=0, stop_ids=s.stop_ids), logit_bias={free.req.out[0]: -100.0})
         jobs += [cut, forced, ignored, banned]
         for j in jobs[2:]:
             j.result(60)

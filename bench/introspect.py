@@ -1,5 +1,5 @@
 """The introspection gap, measured: AR, I-DLM and the masked-diffusion baselines side by side (the
-tables of docs/introspection.md). Run it as `python bench.py introspect` (options: `--help` there).
+tables of docs/introspection.md). Run it as `python -m bench introspect` (options: `--help` there).
 
 The metric, one function for every family (`introspective_acceptance`): each generated token x, drawn
 from a distribution q when it was generated, scores min(1, p(x) / q(x)), p being the same model's
@@ -72,7 +72,8 @@ def introspect_settings(a):
     for out_dir in a.models:
         family, block = dlm.checkpoint_family(out_dir)
         if family is None:
-            raise SystemExit(f"bench.py: error: {out_dir} is not a train.py checkpoint (no train_state.json)")
+            raise SystemExit(f"python -m bench introspect: error: {out_dir} is not a train.py checkpoint "
+                             "(no train_state.json)")
         name = os.path.basename(os.path.normpath(out_dir))
         row = dict(folder=out_dir, base=out_dir, family=family)
         if family in ("ar", "idlm"):
@@ -100,15 +101,20 @@ def generate(model, family, prompt, a, seed, opts):
     models by low-confidence remasking (bdlm over a KV cache: dlm.bdlm_decode, the same tokens as
     dlm_generate's)."""
     if family in ("ar", "idlm"):
-        r = Request(list(prompt), SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed), drawn_from=[])
+        r = Request(list(prompt),
+                    SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed),
+                    drawn_from=[])
         decode(model, [r], opts["stride"])
         return r.out, torch.stack(r.drawn_from), None, r.stats
     if family == "bdlm":  # over a KV cache of the committed blocks
-        r = Request(list(prompt), SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed))
+        r = Request(list(prompt),
+                    SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed))
         (q, parallel), = dlm.bdlm_decode(model, family, [r], opts["block"], opts["steps"], opts.get("threshold"))
         out, st = r.out, r.stats
     else:
-        out, q, parallel, st = dlm.dlm_generate(model, family, prompt, SamplingParams(a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=seed), block=opts["block"], steps=opts["steps"], threshold=opts.get("threshold"))
+        out, q, parallel, st = dlm.dlm_generate(model, family, prompt,
+                                                SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, seed),
+                                                block=opts["block"], steps=opts["steps"], threshold=opts.get("threshold"))
     return out, probs(q, a.temperature), parallel, st
 
 
@@ -158,7 +164,8 @@ def load_models(settings, enc):
             else:  # a self-distilled adapter over its base
                 models[s["folder"]] = lora.load_model(s["folder"])[0]
             if tok.fingerprint(tok.load(s["base"])) != tok.fingerprint(enc):
-                raise SystemExit(f"bench.py: error: {s['base']} has another tokenizer than {settings[0]['base']}")
+                raise SystemExit(f"python -m bench introspect: error: {s['base']} has another tokenizer than "
+                                 f"{settings[0]['base']}")
     return models
 
 

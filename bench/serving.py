@@ -2,8 +2,8 @@
 for the servers of SERVERS side by side (they take turns, so that drift hits all of them alike); and
 static batches of C held-out prompts decoded together, I-DLM against block diffusion, per C.
 
-    python bench.py serve --out_dir=out --plot=figures/serve.png   # options: python bench.py serve --help
-    python bench.py concurrency --idlm=out --bdlm=out-bdlm           # python bench.py concurrency --help
+    python -m bench serve --out_dir=out --plot=figures/serve.png   # options: python -m bench serve --help
+    python -m bench concurrency --idlm=out --bdlm=out-bdlm           # python -m bench concurrency --help
 """
 import asyncio
 import json
@@ -20,12 +20,13 @@ import checkpoint
 import data
 import dlm
 import lora
-import introspect
 import pretrained
 import tokenizer as tok
+from bench import introspect
 from isd import Request, Stats, decode
+from decoding import SamplingParams
 
-# the requests' prompts (request i gets PROMPTS[i % 4]); bench.py step decodes the same
+# the requests' prompts (request i gets PROMPTS[i % 4]); python -m bench step decodes the same
 PROMPTS = ["ROMEO:\n", "KING HENRY.\nOnce more unto the breach", "First Citizen.\n", "HAMLET.\nTo be, or not to be"]
 
 SERVERS = [  # label, serve.py options (serve.py loads out_dir/distilled by default; --base: the base model)
@@ -51,7 +52,7 @@ def start_server(out_dir, options, threads):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", "--no_access_log", *options],
-                            cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)  # the repository
     url = f"http://127.0.0.1:{port}"
     while proc.poll() is None:
         try:
@@ -190,7 +191,7 @@ def concurrency_settings(a):
     idlm, enc = lora.load_model(folder, device=a.device)
     bdlm, benc, family, block = dlm.load(a.bdlm, device=a.device)
     if tok.fingerprint(benc) != tok.fingerprint(enc):
-        raise SystemExit(f"bench.py: error: {a.bdlm} has another tokenizer than {a.idlm}")
+        raise SystemExit(f"python -m bench concurrency: error: {a.bdlm} has another tokenizer than {a.idlm}")
     settings = [(f"I-DLM, ISD N={a.stride}", lambda rs: decode(idlm, rs, a.stride))]
     settings += [(f"bdlm, {steps} steps/block", lambda rs, s=steps: dlm.bdlm_decode(bdlm, family, rs, block, s))
                  for steps in a.dlm_steps]
@@ -215,7 +216,7 @@ def bench_concurrency(a):
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
 
     def run(dec, C, n):
-        reqs = [Request(p, n, seed=a.seed + i, **kw) for i, p in enumerate(prompts[:C])]
+        reqs = [Request(p, SamplingParams(n, seed=a.seed + i, **kw)) for i, p in enumerate(prompts[:C])]
         t0 = time.perf_counter()
         dec(reqs)
         return reqs, time.perf_counter() - t0

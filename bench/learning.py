@@ -1,8 +1,8 @@
-"""bench.py learn: a server learning its speculator from the traffic it serves (learn.py), one client.
+"""python -m bench learn: a server learning its speculator from the traffic it serves (learn.py), one client.
 
-    python bench.py learn                           # the default model on a shifted stream: First Folio spellings
-    python bench.py learn --stream=pydoc            # the same on Python's documentation: further from the plays
-    python bench.py learn --model=smollm2 --requests=200    # SmolLM2 on chat prompts about topics distill.py never used
+    python -m bench learn                           # the default model on a shifted stream: First Folio spellings
+    python -m bench learn --stream=pydoc            # the same on Python's documentation: further from the plays
+    python -m bench learn --model=smollm2 --requests=200    # SmolLM2 on chat prompts about topics distill.py never used
 
 One client sends a stream of prompts back to back to an in-process Scheduler (the server's decoding loop,
 without HTTP) and records every request's tokens, forwards and seconds. Each setting serves the same stream:
@@ -28,6 +28,7 @@ import lora
 import pretrained
 import tokenizer as tok
 from scheduler import Scheduler
+from decoding import SamplingParams
 
 # chat topics for SmolLM2's stream: none of them is in distill.TOPICS (its offline replies)
 NEW_TOPICS = ["the stock market", "knitting", "black holes", "the French Revolution", "tea ceremonies", "origami",
@@ -76,7 +77,7 @@ def serve_stream(model, enc, prompts, max_tokens, stride, learner=None, desc="",
             if stop():
                 break
             t0 = time.perf_counter()
-            job = sched.submit(p, max_tokens, temperature=0.0)
+            job = sched.submit(p, SamplingParams(max_tokens, temperature=0.0, stop_ids=sched.stop_ids))
             job.result()
             st = job.req.stats
             rows.append((st.tokens, st.forwards, time.perf_counter() - t0, list(job.req.out)))
@@ -116,7 +117,7 @@ def bench_learn(a):
     prompts = (chat_prompts(enc, a.requests, a.seed) if chat else
                text_prompts(enc, stream_text(a.stream), a.requests, a.prompt_len, a.seed))
     t0 = time.time()
-    reqs = [isd.Request(p, a.max_tokens, 0.0, stop_ids=tok.stop_ids(enc)) for p in prompts]
+    reqs = [isd.Request(p, SamplingParams(a.max_tokens, temperature=0.0, stop_ids=tok.stop_ids(enc))) for p in prompts]
     for at in range(0, len(reqs), 64):
         isd.decode(base, reqs[at:at + 64], stride=1)  # the reference: the base model's greedy AR text
     reference = [r.out for r in reqs]
