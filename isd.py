@@ -28,7 +28,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     out: list = field(default_factory=list)  # committed new tokens
     drafts: list = field(default_factory=list)  # d_1..d_K, proposed by the last forward's masks
-    q: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from (not yet divided by the
+    q_logits: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from (not yet divided by the
     # temperature: sample and kernels.verify apply it)
     prefilled: int = 0  # prompt tokens already in the cache
     done: bool = False
@@ -171,7 +171,7 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     # 1. window (drafts proposed at a larger stride than this step's: the first N-1 are kept, each still
     #    drawn from its own q; none of them is committed yet, so dropping the rest changes nothing else)
     for r in requests:
-        r.drafts, r.q = r.drafts[:N - 1], (r.q[:N - 1] if r.drafts[:N - 1] else None)
+        r.drafts, r.q_logits = r.drafts[:N - 1], (r.q_logits[:N - 1] if r.drafts[:N - 1] else None)
     W = max(window_size(N, narrow, len(r.drafts)) for r in requests)  # cold rows alone: N tokens, not N*N
     layouts = [window_layout(N, len(r.drafts), narrow, W) for r in requests]
     ids = torch.tensor([[r.pending, *r.drafts] + [mask_id] * (W - 1 - len(r.drafts)) for r in requests], device=dev)
@@ -179,40 +179,40 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     hidden = model(ids, pos=pos, mask=mask, cache=cache, rows=rows, hidden_only=True)
 
     # 2. p at positions 0..N-1 (with K = 0 drafts, positions 1..N-1 are group 0's masks: never read as p)
-    p = filtered(model, hidden[:, :N], requests)
+    p_logits = filtered(model, hidden[:, :N], requests)
 
     # 3. verify: per request (j accepted, the correction drawn from (p - q)+ or None, min(1, p/q) of the
     #    drafts reached)
-    verdicts = verify_drafts(requests, p)
+    verdicts = verify_drafts(requests, p_logits)
     accepted = [j for j, _, _ in verdicts]
 
     # 4. commit; the next drafts come from group j (the masks after pending, d_1..d_j); the narrow
     #    window has group K only, so after a rejection there are none (a cold start follows)
     groups = [len(r.drafts) if narrow else j for r, j in zip(requests, accepted)]
-    q = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), g, narrow)] for i, (r, g)
+    q_logits = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), g, narrow)] for i, (r, g)
                                      in enumerate(zip(requests, groups))]), requests)
     committed = []
     for i, r in enumerate(requests):
-        K, drafts, q_drafts = len(r.drafts), r.drafts, r.q
+        K, drafts, drafts_q_logits = len(r.drafts), r.drafts, r.q_logits
         j, correction, ratios = verdicts[i]
         r.stats.drafts_verified += len(ratios)
         r.stats.acceptance_sum += sum(ratios)
         if correction is not None:  # d_{j+1} was rejected: its correction, then fresh drafts
             new, kinds = drafts[:j] + [correction], ["accepted"] * j + ["correction"]
-            r.drafts = sample(q[i], r.params.temperature, r.gen).tolist() if not narrow else []
+            r.drafts = sample(q_logits[i], r.params.temperature, r.gen).tolist() if not narrow else []
             r.stats.rounds_r += 1
         else:  # all K drafts passed (or K = 0): the clean token from p after d_K (row K), and the
             # next drafts from q, in one draw from the request's stream
-            clean, *r.drafts = sample(torch.cat([p[i][K:K + 1], q[i]]), r.params.temperature, r.gen).tolist()
+            clean, *r.drafts = sample(torch.cat([p_logits[i][K:K + 1], q_logits[i]]), r.params.temperature, r.gen).tolist()
             new, kinds = drafts + [clean], ["accepted"] * K + ["clean"]
             r.stats.rounds_v += K > 0
             r.stats.rounds_c += K == 0
-        r.q = q[i] if r.drafts else None
+        r.q_logits = q_logits[i] if r.drafts else None
         new = r.commit(new)
         if r.trace is not None:  # what this forward committed, then the drafts verification threw away
             r.trace.append(list(zip(new, kinds)) + [(d, "rejected") for d in drafts[j:]])
         if r.drawn_from is not None:
-            r.drawn_from.extend(drawn_from(p[i], q_drafts, j, correction is not None, r.params.temperature)[:len(new)])
+            r.drawn_from.extend(drawn_from(p_logits[i], drafts_q_logits, j, correction is not None, r.params.temperature)[:len(new)])
         if r.logprobs is not None:  # committed token c was predicted at clean position c
             r.logprobs.extend(token_logprobs(model.head(hidden[i, :len(new)]), new, mask_id, r.top_logprobs))
         committed.append(new)
@@ -223,17 +223,17 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     return committed
 
 
-def drawn_from(p, q, j, rejected, temperature):
+def drawn_from(p_logits, q_logits, j, rejected, temperature):
     """The distributions (j+1, V), as probabilities, that the j+1 tokens a forward commits were drawn
     from: q_1..q_j of the accepted drafts, then normalize((p_{j+1} - q_{j+1})+) for the correction of a
     rejected d_{j+1} (p_{j+1} where that is all zero, as kernels.verify draws it), or p_{j+1} for the
-    clean token when all j drafts passed. p (N, V), q (K, V): filtered logits (q None on a cold start).
+    clean token when all j drafts passed. p_logits (N, V), q_logits (K, V): filtered (q_logits None on a cold start).
     These are the q of the introspective acceptance (bench/introspect.py), which scores each committed token."""
-    last = probs(p[j], temperature)  # p_{j+1}: the only p a committed token was drawn from
+    last = probs(p_logits[j], temperature)  # p_{j+1}: the only p a committed token was drawn from
     if rejected:
-        excess = (last - probs(q[j], temperature)).clamp(min=0)
+        excess = (last - probs(q_logits[j], temperature)).clamp(min=0)
         last = excess / excess.sum() if excess.sum() > 0 else last
-    return [*probs(q[:j], temperature), last] if j else [last]
+    return [*probs(q_logits[:j], temperature), last] if j else [last]
 
 
 def filtered(model, hidden, requests):
@@ -294,7 +294,7 @@ def verify_drafts(requests, p_logits):
             continue
         rs = [requests[i] for i in members]
         p = torch.cat([p_logits[i][:len(r.drafts)] for i, r in zip(members, rs)])
-        q = torch.cat([r.q for r in rs])
+        q = torch.cat([r.q_logits for r in rs])
         d = torch.tensor([t for r in rs for t in r.drafts], device=p.device)
         if temperature > 0:  # the random numbers are inputs of verify, drawn from each request's own stream
             u = torch.cat([torch.rand(len(r.drafts), generator=r.gen, dtype=p.dtype) for r in rs]).to(p.device)
@@ -356,6 +356,6 @@ def ar_generate(model, prompt_ids, params):
     prefill(model, cache, [0], [r])
     while not r.done:
         logits = model(torch.tensor([[r.pending]], device=cache.lengths.device), cache=cache)[0, -1]
-        p = process_logits(logits, model.cfg.mask_token_id, *params.filter_key)
-        r.commit([int(sample(p, params.temperature, r.gen))])
+        p_logits = process_logits(logits, model.cfg.mask_token_id, *params.filter_key)
+        r.commit([int(sample(p_logits, params.temperature, r.gen))])
     return r.out

@@ -115,7 +115,7 @@ def captured_step(model, req, stride, n_drafts=None):
         return out
 
     if n_drafts is not None:
-        req.drafts, req.q = req.drafts[:n_drafts], (req.q[:n_drafts] if req.q is not None else None)
+        req.drafts, req.q_logits = req.drafts[:n_drafts], (req.q_logits[:n_drafts] if req.q_logits is not None else None)
     committed, drafts = req.prompt + req.out, list(req.drafts)
     model.forward = spy
     try:

@@ -327,8 +327,8 @@ def test_sampling_stays_exact_when_adapters_are_swapped_between_steps():
 
     def wrong_q(reqs):
         for r in reqs:
-            if r.q is not None:
-                r.q = r.q + 2 * torch.randn(r.q.shape, generator=g, dtype=r.q.dtype)
+            if r.q_logits is not None:
+                r.q_logits = r.q_logits + 2 * torch.randn(r.q_logits.shape, generator=g, dtype=r.q_logits.dtype)
 
     counts, tot = samples_with_swaps(with_random_adapter(sampling_model(), seed=9), learner, SAMPLE_PROMPT, n, stride,
                                      N_SAMPLES, temperature, seed0=22, after_swap=wrong_q)
