@@ -80,7 +80,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoraConfig:
     """A gated LoRA adapter's config, adapter.json (lora.py and mlx_port/lora.py build the adapter)."""
     rank: int = 8
-    alpha: float = 16.0  # the scale s is alpha / rank
+    lora_alpha: float = 16.0  # the scale s is lora_alpha / rank (not train.py's --alpha, the clean loss's weight)
     base: str = "smollm2"  # the frozen model: a pretrained name, or a checkpoint folder (relative: to the adapter's)
     targets: tuple = TARGETS
 

@@ -117,7 +117,7 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
 
 def save(model, out_dir):
     """Write the adapter to out_dir/distilled/ as a checkpoint of its own (checkpoint.staged): an
-    interrupted save leaves the earlier adapter there whole."""
+    interrupted save leaves the earlier adapter or the new one, never a mix of the two."""
     folder = os.path.join(out_dir, checkpoint.DISTILLED)
     with checkpoint.staged(folder) as stage:
         lora.save_adapter(model.lora, stage)

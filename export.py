@@ -121,7 +121,7 @@ def adapter_files(model, dtype=torch.float32):
                 tensors[f"base_model.model.model.{name}.{part}.weight"] = p.detach().to(dtype).contiguous().cpu()
     meta = {"format": "gated LoRA of idlm's lora.py: y = W x + scale * lora_B @ lora_A @ x at the positions whose "
                       "input token id is gate_token_id (MASK), y = W x everywhere else; never merge it into W",
-            "gate_token_id": model.cfg.mask_token_id, "r": a.cfg.rank, "lora_alpha": a.cfg.alpha, "scale": a.scale,
+            "gate_token_id": model.cfg.mask_token_id, "r": a.cfg.rank, "lora_alpha": a.cfg.lora_alpha, "scale": a.scale,
             "target_modules": list(a.cfg.targets), "base": ".."}
     return tensors, meta
 

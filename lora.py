@@ -1,6 +1,6 @@
 """R-ISD (docs/method.md section 4): gated LoRA adapters that turn a frozen AR model into a lossless drafter.
 
-    y = W x + s * B(gate * A x),   gate = 1 at MASK input positions, 0 everywhere else, s = alpha / rank
+    y = W x + s * B(gate * A x),   gate = 1 at MASK input positions, 0 everywhere else, s = lora_alpha / rank
 
 Every clean position (prompt, pending token, drafts) runs the base weights only, and in ISD clean
 positions never attend to MASKs, so p is exactly the base model's distribution and ISD's output is
@@ -33,7 +33,7 @@ class GatedLoRA(nn.Module):
 
     def __init__(self, model, cfg: LoraConfig):
         super().__init__()
-        self.cfg, self.scale, self.mask_id = cfg, cfg.alpha / cfg.rank, model.cfg.mask_token_id
+        self.cfg, self.scale, self.mask_id = cfg, cfg.lora_alpha / cfg.rank, model.cfg.mask_token_id
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for name, m in model.named_modules():
             if name.rsplit(".", 1)[-1] in cfg.targets:

@@ -245,7 +245,7 @@ def test_weighted_and_mixed_distill_loss_match_the_slow_reference():
     """weights= (learn.py's rejected tokens weighed up): sum(w * l) / sum(w) over the targets, for hard, soft
     and mixed targets (hard_rows), in float64; weights on non-targets (the prompt, the first token) count for
     nothing; all-ones weights give the plain mean; other weights really move the value."""
-    model = lora.add_adapter(tiny_model(seed=12, vocab=12), lora.LoraConfig(rank=2, alpha=2, base=".."))
+    model = lora.add_adapter(tiny_model(seed=12, vocab=12), lora.LoraConfig(rank=2, lora_alpha=2, base=".."))
     with torch.no_grad():  # a trained adapter: the masks' logits are not the base model's
         for p in model.lora.B.values():
             p.normal_(0, 0.3)
@@ -296,7 +296,7 @@ def test_weighted_and_mixed_distill_loss_match_the_slow_reference():
 
 
 def test_distill_loss_has_gradients_only_through_the_masks():
-    model = lora.add_adapter(tiny_model(seed=2), lora.LoraConfig(rank=2, alpha=2, base=".."))
+    model = lora.add_adapter(tiny_model(seed=2), lora.LoraConfig(rank=2, lora_alpha=2, base=".."))
     with torch.no_grad():
         for p in model.lora.B.values():
             p.normal_(0, 0.1)
@@ -470,7 +470,7 @@ def test_save_writes_relative_base_and_replaces_atomically(trained, tmp_path):
     out, _ = trained
     shutil.copytree(out, tmp_path / "ck")
     ck = str(tmp_path / "ck")
-    model = lora.add_adapter(Model.load(ck), lora.LoraConfig(rank=2, alpha=2, base=".."))
+    model = lora.add_adapter(Model.load(ck), lora.LoraConfig(rank=2, lora_alpha=2, base=".."))
     with torch.no_grad():
         for p in model.lora.B.values():
             p.fill_(0.25)
@@ -509,7 +509,7 @@ def test_a_distill_save_interrupted_anywhere_never_leaves_a_mix(trained, tmp_pat
     out, _ = trained
 
     def adapter(rank, value):
-        model = lora.add_adapter(Model.load(str(out)), lora.LoraConfig(rank=rank, alpha=2, base=".."))
+        model = lora.add_adapter(Model.load(str(out)), lora.LoraConfig(rank=rank, lora_alpha=2, base=".."))
         with torch.no_grad():
             for p in model.lora.B.values():
                 p.fill_(value)

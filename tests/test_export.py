@@ -48,7 +48,7 @@ def make_checkpoint(folder):
             p.copy_(1.0 + 0.3 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.3)
     model.save(folder)
     tok.save(enc, folder, context=cfg.max_seq_len)
-    model = lora.add_adapter(model, lora.LoraConfig(rank=2, alpha=4.0, base=".."))
+    model = lora.add_adapter(model, lora.LoraConfig(rank=2, lora_alpha=4.0, base=".."))
     with torch.no_grad():
         for p in model.lora.parameters():
             p.normal_(0.0, 0.5)

@@ -48,7 +48,7 @@ TOL = 1e-9
 
 def with_random_adapter(base, rank=2, seed=0, std=0.4):
     """`base` with a gated adapter whose A and B are random (B != 0: it changes the masks' logits)."""
-    model = lora.add_adapter(base, lora.LoraConfig(rank=rank, alpha=rank, base=".."))
+    model = lora.add_adapter(base, lora.LoraConfig(rank=rank, lora_alpha=rank, base=".."))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.lora.parameters():

@@ -26,7 +26,7 @@ from decoding import SamplingParams  # noqa: E402
 def with_random_adapter(base, rank=4, seed=0, std=0.5):
     """A copy of `base` with a gated adapter whose A and B are both random and large (a trained
     adapter has B != 0; zero B would change nothing and test nothing)."""
-    model = lora.add_adapter(copy.deepcopy(base), lora.LoraConfig(rank=rank, alpha=rank))
+    model = lora.add_adapter(copy.deepcopy(base), lora.LoraConfig(rank=rank, lora_alpha=rank))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.lora.parameters():

@@ -64,7 +64,7 @@ def adapted(pairs, tmp_path_factory):
     out = {}
     for ctx, (t, _) in pairs.items():
         d = tmp_path_factory.mktemp(f"adapted{ctx}")
-        pt = lora.add_adapter(copy.deepcopy(t), lora.LoraConfig(rank=4, alpha=8.0, base=".."))
+        pt = lora.add_adapter(copy.deepcopy(t), lora.LoraConfig(rank=4, lora_alpha=8.0, base=".."))
         with torch.no_grad():
             for p in pt.lora.B.values():
                 p.normal_(0.0, 0.3)

@@ -61,7 +61,7 @@ def pair(tmp_path_factory):
     base = torch_model()
     base.save(d)
     tok.save(small_tokenizer(), d)
-    adapted = with_random_adapter(TorchModel.load(d).eval(), lora.LoraConfig(rank=4, alpha=8.0, base=".."))
+    adapted = with_random_adapter(TorchModel.load(d).eval(), lora.LoraConfig(rank=4, lora_alpha=8.0, base=".."))
     lora.save_adapter(adapted.lora, os.path.join(d, "distilled"))
     model, _ = mlx_lora.load_model(os.path.join(d, "distilled"), "cpu")
     return base, adapted, mm.Model.load(d), model, d
@@ -182,7 +182,7 @@ def test_pytorch_adapter_loads_in_mlx_bit_exact(pair, tmp_path):
 
 def test_mlx_adapter_loads_in_pytorch(pair):
     *_, d = pair
-    m = mlx_lora.add_adapter(mm.Model.load(d), mlx_lora.LoraConfig(rank=3, alpha=6.0, base="..",
+    m = mlx_lora.add_adapter(mm.Model.load(d), mlx_lora.LoraConfig(rank=3, lora_alpha=6.0, base="..",
                                                                   targets=("q_proj", "v_proj", "down_proj")))
     m.lora.update({"B": {k: 0.5 * mx.random.normal(v.shape) for k, v in m.lora.B.items()}})
     folder = os.path.join(d, "from_mlx")
@@ -223,7 +223,7 @@ def test_load_model_names_and_refusals(tmp_path, monkeypatch):
 def test_distill_loss_matches_pytorch(mask_token_id, tmp_path):
     t = torch_model(seed=11, vocab=12, mask_token_id=mask_token_id)
     t.save(tmp_path)
-    with_random_adapter(t, lora.LoraConfig(rank=2, alpha=4.0, base=".."), seed=1, std=0.3)
+    with_random_adapter(t, lora.LoraConfig(rank=2, lora_alpha=4.0, base=".."), seed=1, std=0.3)
     tok.save(small_tokenizer(), tmp_path)
     lora.save_adapter(t.lora, tmp_path / "a")
     m, _ = mlx_lora.load_model(str(tmp_path / "a"))
