@@ -55,6 +55,7 @@ def test_config(ours):
     assert torch.allclose(emb[-1], emb[:-1].mean(0), atol=1e-6)  # the new MASK row
 
 
+@pytest.mark.slow  # SmolLM2 against transformers (loads both): CI runs it, -m 'not slow' skips it
 @torch.no_grad()
 def test_logits_match_transformers(ours, hf_model):
     model, enc = ours
@@ -66,6 +67,7 @@ def test_logits_match_transformers(ours, hf_model):
         assert (a - b).abs().max() < 1e-3, text
 
 
+@pytest.mark.slow  # SmolLM2 against transformers (loads both): CI runs it, -m 'not slow' skips it
 def test_greedy_continuation_matches_transformers(ours, hf_model):
     model, enc = ours
     ids = enc.encode_ordinary("Once upon a time, in a small village by the sea,")
@@ -74,6 +76,7 @@ def test_greedy_continuation_matches_transformers(ours, hf_model):
     assert ar_generate(model, ids, SamplingParams(20, temperature=0)) == ref
 
 
+@pytest.mark.slow  # SmolLM2 and transformers' tokenizer: CI runs it, -m 'not slow' skips it
 def test_chat_template_and_answer(ours, hf_tokenizer):
     model, enc = ours
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -88,6 +91,7 @@ def test_chat_template_and_answer(ours, hf_tokenizer):
     assert "Paris" in enc.decode(out)
 
 
+@pytest.mark.slow  # SmolLM2 and transformers' tokenizer: CI runs it, -m 'not slow' skips it
 def test_tokenizer_matches_transformers(ours, hf_tokenizer):
     """Same ids as Hugging Face's tokenizer built from the same GGUF metadata. transformers gives a
     GGUF with pre-tokenizer "smollm" the plain GPT-2 split; SmolLM2's own tokenizer.json (and
@@ -117,6 +121,7 @@ def test_tokenizer_matches_transformers(ours, hf_tokenizer):
     assert tok.stop_ids(enc) == [0, 2]
 
 
+@pytest.mark.slow  # SmolLM2, 135M parameters: CI runs it, -m 'not slow' skips it
 def test_risd_on_smollm2_is_lossless(ours):
     """Greedy ISD on SmolLM2 + a random non-zero gated adapter == greedy AR of SmolLM2 itself."""
     import copy

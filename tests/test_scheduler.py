@@ -209,6 +209,7 @@ def test_past_the_context_and_a_reused_slot(me):
 # ----------------------------------------------------------------------------------------------
 # the decoding policy: which window each step uses
 
+@pytest.mark.slow  # a long simulation: CI runs it, -m 'not slow' skips it
 def test_expected_tokens_per_forward_against_a_simulation():
     """expected_tpf's closed forms against the process itself, simulated: K = N-1 drafts, each accepted
     with probability alpha until the first rejection; the narrow window has no drafts after a rejection."""

@@ -216,6 +216,7 @@ def test_progress_line_eta():
     assert progress_line(7, cfg, [9.0, 5.0, 4.0], 1e-3, 35, 59.4).endswith("| 35.0 tok/s | ETA 0m59s")
 
 
+@pytest.mark.slow  # two processes under torchrun: CI runs it, -m 'not slow' skips it
 def test_ddp_matches_single_process(corpus, tmp_path):
     """The same options on 1 and 2 processes: the same global batch (grad_accum is split among the
     processes), so the same losses and evaluations."""
@@ -308,6 +309,7 @@ def cli(args, tmp_path):
     return r.returncode, r.stderr.strip()
 
 
+@pytest.mark.slow  # a subprocess per bad command line: CI runs it, -m 'not slow' skips it
 def test_cli_errors_are_one_line(tmp_path):
     code, err = cli(["--data=/nonexistent", f"--out_dir={tmp_path}/o"], tmp_path)
     assert code == 2 and len(err.splitlines()) == 1 and "no such file" in err, err
