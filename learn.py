@@ -148,7 +148,7 @@ class Learner:
             self.save()
 
     # ------------------------------------------------------------------------------------------
-    # the scheduler's side (its thread): finished requests in, new weights out between steps
+    # the scheduler's side (the thread that steps it): finished requests in, new weights out between steps
 
     def observe(self, req):
         """A finished request (with its trace) becomes an example; requests with a logit_bias do not (their

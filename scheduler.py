@@ -1,14 +1,16 @@
 """Stationary-batch scheduling (docs/method.md section 6): many requests decode together in one resident
-batch, each exactly as it would alone.
+batch, each exactly as it would alone. Tokens only, and synchronous: the caller steps it (serve.Engine
+runs it in a thread and turns tokens into text; a benchmark or a test can drive it directly).
 
-    sched = Scheduler(model, enc, stride=4, max_batch=16).start()
-    params = SamplingParams(50, temperature=0.8, seed=1, stop_ids=sched.stop_ids)  # decoding.SamplingParams
-    job = sched.submit(enc.encode_ordinary("ROMEO:"), params)
-    print(job.result())  # or give submit a listener to receive the text as it is committed
-    sched.stop()
+    sched = Scheduler(model, stride=4, max_batch=16)
+    params = SamplingParams(50, temperature=0.8, seed=1, stop_ids=tok.stop_ids(enc))  # decoding.SamplingParams
+    row = sched.add(sched.request(enc.encode_ordinary("ROMEO:"), params))
+    while sched.busy:
+        sched.step()
+    print(enc.decode(row.req.out), row.finish_reason)
 
-One KV cache of `max_batch` rows (slots) stays allocated. Each step of the background thread:
-  1. moves new requests from a thread-safe inbox to a FIFO queue and drops cancelled requests;
+One KV cache of `max_batch` rows (slots) stays allocated. Each step():
+  1. drops cancelled requests (cancel()) from the FIFO queue and the slots (add() queues between steps);
   2. gives free slots to queued requests and prefills their prompts, at most `prefill_budget`
      prompt tokens per step in all (a long prompt takes several steps, running rows keep stepping);
   3. chooses how this step decodes (choose_mode): the wide ISD window (W = N*N tokens per row), the
@@ -17,25 +19,21 @@ One KV cache of `max_batch` rows (slots) stays allocated. Each step of the backg
      always the wide, or --narrow, window);
   4. runs ONE forward for every row whose prompt is in: isd.isd_step in that mode, each row with its own
      cache length, rollback, settings and random stream;
-  5. turns the committed tokens into text, cuts it at the first stop string, streams it out, and
-     frees the slot of every finished request (EOS, a stop string, max_tokens, or cancel()).
+  5. hands each row's committed tokens to the caller (on_commit, which may end the row: serve.py's stop
+     strings), frees the slot of every finished request (a stop id, max_tokens, finish() or cancel())
+     and returns what each row committed.
 Requests join and leave only between steps. Every mode is exact (each committed token follows the model's
 own AR distribution), so greedy text is the model's greedy text whatever the mode; a seeded sampled
 request gives the same text whatever else runs only under --policy=fixed and without a learner, since
 the adaptive policy changes the window with the load, and a learner (learn.py) the drafts' q with time,
 and with them which random numbers make the text.
 """
-import codecs
-import queue
-import threading
 import time
-import traceback
 from collections import deque
 
 import torch
 
 import isd
-import tokenizer as tok
 from decoding import SamplingParams, SettingError
 
 REASONS = ("stop", "length", "cancelled", "error")
@@ -64,23 +62,17 @@ class Histogram:
         self.count += times
 
 
-class Job:
-    """One request in the scheduler: the isd.Request that decodes it, its text and its stream."""
+class Row:
+    """One request in the scheduler: the isd.Request that decodes it, its slot and its timestamps."""
 
-    def __init__(self, req, stop, listener):
+    def __init__(self, req):
         self.req = req
-        self.stop = list(stop)
-        self.listener = listener  # listener(text_delta, finish_reason or None), on the scheduler thread
-        self.text = ""  # the output so far, cut at the first stop string; EOS is not shown
-        self.sent = 0  # characters of text already handed to the listener
-        self.finish_reason = None  # one of REASONS once finished
-        self.cancelled = False
-        self.finished = threading.Event()
         self.slot = None
         self.ready = False  # prompt prefilled: the row decodes
+        self.cancelled = False
+        self.finish_reason = None  # one of REASONS once finished
         self.submitted = time.perf_counter()
         self.first_token_at = self.last_token_at = self.finished_at = None  # perf_counter() times
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back split characters
 
     @property
     def prompt_tokens(self):
@@ -89,17 +81,6 @@ class Job:
     @property
     def completion_tokens(self):
         return len(self.req.out)
-
-    def result(self, timeout=None):
-        """Wait until the request has finished; its text."""
-        if not self.finished.wait(timeout):
-            raise TimeoutError(f"request not finished after {timeout} s")
-        return self.text
-
-
-def held_back(text, stops):
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 MODES = ("wide", "narrow", "ar")  # a step's window: N*N tokens per row, 2N-1, or 1 (isd_step at stride 1)
@@ -122,86 +103,68 @@ def expected_tpf(mode, alpha, stride):
 
 
 class Scheduler:
-    def __init__(self, model, enc, stride=4, max_batch=16, prefill_budget=256, narrow=False, policy="adaptive",
+    def __init__(self, model, stride=4, max_batch=16, prefill_budget=256, narrow=False, policy="adaptive",
                  learner=None):
         for name, v in (("stride", stride), ("max_batch", max_batch), ("prefill_budget", prefill_budget)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if policy not in ("adaptive", "fixed"):
             raise ValueError(f"policy must be adaptive or fixed, got {policy!r}")
-        self.model, self.enc, self.stride, self.narrow = model.eval(), enc, stride, narrow
+        self.model, self.stride, self.narrow = model.eval(), stride, narrow
         self.policy = "fixed" if stride == 1 else policy  # stride 1 is AR: nothing to choose
         self.step_time = {}  # (mode, rows) -> seconds of an isd_step, measured (calibrate, then a running mean)
         self.alpha = 0.5  # running acceptance of all drafts: the prior of a request with few of its own
         self.last_step = {}  # mode -> the step it last ran (a mode left unused for EXPLORE steps runs again)
         self.probe = None  # an explored ISD mode, for the step that verifies its drafts
-        self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
         self.prefill_budget = prefill_budget
         self.learner = learner  # learn.Learner: finished requests go to it, its new adapters come in between steps
         # a row holds the context plus one window; older tokens leave the cache (KVCache.make_room)
         self.cache = model.new_cache(max_batch, model.cfg.max_seq_len + isd.window_size(stride) + prefill_budget)
         self.slots = [None] * max_batch
-        self.queue = deque()  # FIFO of jobs waiting for a slot
-        self.prefilling = []  # jobs in a slot whose prompt is not all in the cache, oldest first
-        self.inbox = queue.Queue()  # submit() -> scheduler thread
-        self.closed = False
+        self.queue = deque()  # FIFO of rows waiting for a slot
+        self.prefilling = []  # rows in a slot whose prompt is not all in the cache, oldest first
         self.counters = dict.fromkeys(["prompt_tokens", "prefill_tokens", "completion_tokens", "steps",
                                        "row_forwards", "drafts_verified", "acceptance_sum", "step_seconds"]
                                       + [f"requests_{r}" for r in REASONS] + [f"steps_{m}" for m in MODES], 0)
         self.histograms = {name: Histogram(bounds) for name, bounds in LATENCIES.items()}
-        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
-    def start(self):
-        if self.learner is not None:
-            self.learner.start()
-        self.thread.start()
-        return self
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def submit(self, prompt, params, stop=(), listener=None, logit_bias=None, logprobs=None):
-        """Queue a request (prompt: token ids, sampled as `params` says: decoding.SamplingParams; with
-        stop_ids=self.stop_ids it ends at the end of text) and return its Job. A bad setting raises SettingError
-        here, never in the scheduler thread. stop: strings that end the text; logit_bias: {token id: value}
-        added to the logits; logprobs: None, or k to record each committed token's log p and top k
-        (isd.Request.logprobs)."""
-        if self.closed:
-            raise RuntimeError("the scheduler is shutting down")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise SettingError("stop", "stop strings must be non-empty strings")
+    def request(self, prompt, params, logit_bias=None, logprobs=None):
+        """A Row for a request (prompt: token ids, sampled as `params` says: decoding.SamplingParams; with
+        stop_ids=tok.stop_ids(enc) it ends at the end of text), not yet queued: it touches nothing, so a
+        bad setting raises SettingError in the caller's thread. logit_bias: {token id: value} added to the
+        logits; logprobs: None, or k to record each committed token's log p and top k (isd.Request.logprobs)."""
         for param, ids in (("prompt", prompt), ("logit_bias", logit_bias or ())):
             bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size or t == self.model.cfg.mask_token_id]
             if bad:
                 raise SettingError(param, f"{param}: {bad[0]} is not a token id of the model")
-        req = isd.Request(list(prompt), params, logit_bias=dict(logit_bias or {}) or None,
-                          logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0,
-                          trace=None if self.learner is None else [])
-        job = Job(req, stop, listener)
-        self.inbox.put(job)
-        return job
+        return Row(isd.Request(list(prompt), params, logit_bias=dict(logit_bias or {}) or None,
+                               logprobs=None if logprobs is None else [], top_logprobs=logprobs or 0,
+                               trace=None if self.learner is None else []))
 
-    def cancel(self, job):
-        """Finish `job` at the next step boundary and free its slot (a no-op once it has finished)."""
-        job.cancelled = True  # the loop is busy while the job is queued or running: no wake-up needed
+    def add(self, row):
+        """Queue a row (from request()); it gets a slot at a step when one is free. Returns it."""
+        self.queue.append(row)
+        return row
 
-    def stop(self):
-        """Stop admitting, cancel whatever is queued or running, and end the thread."""
-        self.closed = True
-        self.inbox.put(None)
-        if self.thread.is_alive():
-            self.thread.join()
-        if self.learner is not None:
-            self.learner.stop()
+    def cancel(self, row):
+        """Finish `row` at the next step boundary and free its slot (a no-op once it has finished). A flag
+        only: safe from any thread."""
+        row.cancelled = True
+
+    @property
+    def busy(self):
+        """A row is queued or in a slot: step() has work."""
+        return bool(self.queue) or any(r is not None for r in self.slots)
+
+    def rows(self):
+        """Every unfinished row: queued, then in the slots."""
+        return list(self.queue) + [r for r in self.slots if r is not None]
 
     def metrics(self):
         """Counters and gauges for /metrics (read from any thread)."""
         c = dict(self.counters)
-        c["queue_length"] = len(self.queue) + self.inbox.qsize()
-        c["busy_slots"] = sum(j is not None for j in self.slots)
+        c["queue_length"] = len(self.queue)
+        c["busy_slots"] = sum(r is not None for r in self.slots)
         c["slots"] = len(self.slots)
         c["tokens_per_forward"] = c["completion_tokens"] / max(1, c["row_forwards"])
         c["acceptance_rate"] = c["acceptance_sum"] / max(1, c["drafts_verified"])
@@ -273,96 +236,67 @@ class Scheduler:
         self.cache.reset(list(range(B)))
 
     # ------------------------------------------------------------------------------------------
-    # the scheduler thread
-
-    def _loop(self):
-        if self.policy == "adaptive" and not self.step_time:  # before the first request, not during it
-            self.calibrate()
-        while True:
-            if not self.closed and not self.queue and not any(self.slots):
-                job = self.inbox.get()  # idle: sleep until something arrives
-                if job is not None:
-                    self.queue.append(job)
-            if self.closed:
-                self._take_inbox()
-                for job in list(self.queue) + [j for j in self.slots if j is not None]:
-                    self._finish(job, "cancelled")
-                self.queue.clear()
-                return
-            try:
-                self.step()
-            except Exception:  # a bug must not take the server down: fail the running requests
-                traceback.print_exc()
-                for job in self.slots:
-                    if job is not None:
-                        self._finish(job, "error")
-
-    def _take_inbox(self):
-        while True:
-            try:
-                job = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                self.queue.append(job)
+    # one step
 
     @torch.no_grad()
-    def step(self):
-        """One step: admit, prefill under the budget, one ISD forward for the ready rows, output."""
+    def step(self, on_commit=None):
+        """One step: drop cancelled rows, admit, prefill under the budget, one ISD forward for the ready rows,
+        finish. on_commit(row, new tokens) sees each row's commit before the scheduler checks it for a stop id
+        or max_tokens; it may end the row (finish(row, "stop", keep=k)). Returns [(row, new tokens)] of every
+        row that committed or finished in this step (finish_reason set once finished)."""
         if self.policy == "adaptive" and not self.step_time:  # the first step, before any row is in use
             self.calibrate()
         t0 = time.perf_counter()
         if self.learner is not None:
             self.learner.swap(self.model)  # between steps: drafts of the old adapter stay exact (see learn.py)
-        self._admit()
+        out = self._admit()
         self._prefill()
-        ready = [j for j in self.slots if j is not None and j.ready]
+        ready = [r for r in self.slots if r is not None and r.ready]
         if ready:
-            for job, new in zip(ready, self._forward(ready)):
-                self._output(job, new)
+            for row, new in zip(ready, self._forward(ready)):
+                self._output(row, new, on_commit)
+                out.append((row, new))
         self.counters["step_seconds"] += time.perf_counter() - t0
+        return out
 
     def _admit(self):
-        """New requests join the queue, cancelled ones leave, free slots go to the queue's oldest."""
-        self._take_inbox()
-        for job in [j for j in self.queue if j.cancelled]:
-            self.queue.remove(job)
-            self._finish(job, "cancelled")
-        for job in self.slots:
-            if job is not None and job.cancelled:
-                self._finish(job, "cancelled")
-        for i, job in enumerate(self.slots):
-            if job is None and self.queue:
-                job = self.slots[i] = self.queue.popleft()
-                job.slot = i
+        """Cancelled rows leave, free slots go to the queue's oldest; [(row, [])] of the cancelled."""
+        gone = [r for r in self.rows() if r.cancelled]
+        for row in gone:
+            self.finish(row, "cancelled")
+        for i, row in enumerate(self.slots):
+            if row is None and self.queue:
+                row = self.slots[i] = self.queue.popleft()
+                row.slot = i
                 self.cache.reset([i])  # forget the slot's previous request
-                self.prefilling.append(job)
-                self.counters["prompt_tokens"] += job.prompt_tokens
+                self.prefilling.append(row)
+                self.counters["prompt_tokens"] += row.prompt_tokens
+        return [(r, []) for r in gone]
 
     def _prefill(self):
-        """Prompts into the cache, oldest admission first, at most prefill_budget tokens in all; a job
+        """Prompts into the cache, oldest admission first, at most prefill_budget tokens in all; a row
         whose prompt is in (all but its last token, which the first forward reads) is ready."""
         budget = self.prefill_budget
-        for job in list(self.prefilling):
-            left = job.prompt_tokens - 1 - job.req.prefilled
+        for row in list(self.prefilling):
+            left = row.prompt_tokens - 1 - row.req.prefilled
             n = min(left, budget)
             if n > 0:
-                isd.prefill(self.model, self.cache, [job.slot], [job.req], chunk=n)
+                isd.prefill(self.model, self.cache, [row.slot], [row.req], chunk=n)
                 budget -= n
                 self.counters["prefill_tokens"] += n
             if n == left:
-                job.ready = True
-                self.prefilling.remove(job)
+                row.ready = True
+                self.prefilling.remove(row)
 
     def _forward(self, ready):
         """ONE forward for all ready rows (isd.isd_step) in the mode choose_mode picks; the tokens each row
         committed. The step's time and acceptance update what the policy knows."""
-        reqs = [j.req for j in ready]
+        reqs = [r.req for r in ready]
         mode = self.choose_mode(reqs)
         stride, narrow = (1, False) if mode == "ar" else (self.stride, mode == "narrow")
         before = [(r.stats.drafts_verified, r.stats.acceptance_sum) for r in reqs]
         t0 = time.perf_counter()
-        committed = isd.isd_step(self.model, self.cache, [j.slot for j in ready], reqs, stride, narrow)
+        committed = isd.isd_step(self.model, self.cache, [r.slot for r in ready], reqs, stride, narrow)
         self.measured(mode, len(ready), time.perf_counter() - t0)
         drafts = sum(r.stats.drafts_verified - d for r, (d, _) in zip(reqs, before))
         if drafts:
@@ -374,66 +308,54 @@ class Scheduler:
         self.counters["row_forwards"] += len(ready)
         return committed
 
-    def _output(self, job, new):
-        """Append the committed tokens to the text; finish at EOS, a stop string or max_tokens."""
-        req = job.req
+    def _output(self, row, new, on_commit):
+        """Count the committed tokens, let the caller see them, finish at a stop id or max_tokens."""
+        req = row.req
         self.counters["completion_tokens"] += len(new)
-        self._timestamps(job, len(new))
-        ids = [t for t in new if t not in self.stop_ids]  # never text, also when they do not stop (ignore_eos)
-        job.text += job._utf8.decode(self.enc.decode_bytes(ids), final=req.done)
-        hits = [i for i in (job.text.find(s) for s in job.stop) if i >= 0]
-        if hits:
-            job.text = job.text[:min(hits)]
-            # usage counts the tokens up to the one that completed the stop string, not the rest of the step
-            k = next((k for k in range(len(req.out) - len(new) + 1, len(req.out)) if any(
-                s in self.enc.decode([t for t in req.out[:k] if t not in self.stop_ids], errors="replace")
-                for s in job.stop)), len(req.out))
-            self.counters["completion_tokens"] -= len(req.out) - k
-            del req.out[k:]
-            if req.logprobs is not None:
-                del req.logprobs[k:]
-            self._finish(job, "stop")
-        elif req.done:
-            self._finish(job, "stop" if req.out[-1] in req.params.stop_ids else "length")
-        else:
-            self._send(job, len(job.text) - held_back(job.text, job.stop))
+        self._timestamps(row, len(new))
+        if on_commit is not None:
+            on_commit(row, new)
+        if row.finish_reason is None and req.done:
+            self.finish(row, "stop" if req.out[-1] in req.params.stop_ids else "length")
 
-    def _timestamps(self, job, n):
+    def _timestamps(self, row, n):
         """The latencies of a step that committed n tokens: the time to the first token (the first step),
         or the time since the previous commit, shared by the n tokens (observed n times)."""
         now = time.perf_counter()
-        if job.first_token_at is None:
-            job.first_token_at = now
-            self.histograms["time_to_first_token_seconds"].observe(now - job.submitted)
+        if row.first_token_at is None:
+            row.first_token_at = now
+            self.histograms["time_to_first_token_seconds"].observe(now - row.submitted)
         else:
-            self.histograms["inter_token_latency_seconds"].observe((now - job.last_token_at) / n, n)
-        job.last_token_at = now
+            self.histograms["inter_token_latency_seconds"].observe((now - row.last_token_at) / n, n)
+        row.last_token_at = now
 
-    def _send(self, job, upto):
-        delta = job.text[job.sent:upto]
-        job.sent = max(job.sent, upto)
-        if job.listener is not None and (delta or job.finish_reason):
-            try:
-                job.listener(delta, job.finish_reason)
-            except Exception:  # e.g. the client's event loop is gone
-                job.cancelled = True
-
-    def _finish(self, job, reason):
-        job.finish_reason = reason
-        if job.slot is not None:
-            self.slots[job.slot] = None
-            job.slot = None
-        if job in self.prefilling:
-            self.prefilling.remove(job)
-        st = job.req.stats
-        job.finished_at = time.perf_counter()
-        st.wall_s = job.finished_at - job.submitted
+    def finish(self, row, reason, keep=None):
+        """End `row` now (between steps, or from on_commit) with `reason` (REASONS) and free its slot.
+        keep: end its output at its first `keep` tokens, e.g. at the token that completed a stop string (the
+        usage counts the tokens up to it, not the rest of the step). A no-op once it has finished."""
+        if row.finish_reason is not None:
+            return
+        req = row.req
+        if keep is not None:
+            self.counters["completion_tokens"] -= len(req.out) - keep
+            del req.out[keep:]
+            if req.logprobs is not None:
+                del req.logprobs[keep:]
+        row.finish_reason = reason
+        if row in self.queue:
+            self.queue.remove(row)
+        if row.slot is not None:
+            self.slots[row.slot] = None
+            row.slot = None
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+        st = req.stats
+        row.finished_at = time.perf_counter()
+        st.wall_s = row.finished_at - row.submitted
         if reason in ("stop", "length"):
             self.histograms["e2e_request_latency_seconds"].observe(st.wall_s)
             if self.learner is not None:
-                self.learner.observe(job.req)
+                self.learner.observe(req)
         self.counters[f"requests_{reason}"] += 1
         self.counters["drafts_verified"] += st.drafts_verified
         self.counters["acceptance_sum"] += st.acceptance_sum
-        self._send(job, len(job.text) if reason in ("stop", "length") else job.sent)
-        job.finished.set()

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP server over the stationary-batch scheduler (scheduler.py).
+"""An OpenAI-compatible HTTP server over the stationary-batch scheduler (scheduler.py, run in a thread with
+its tokens turned into text by Engine).
 
     python serve.py --out_dir=out --stride=4 --max_batch=16 --host=127.0.0.1 --port=8000 [--api_key=KEY]
 
@@ -36,8 +37,10 @@ import os
 import re
 import signal
 import sys
+import queue
 import threading
 import time
+import traceback
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -209,7 +212,180 @@ def validation_message(err):
 
 
 # ----------------------------------------------------------------------------------------------
-# the endpoints: module-level handlers; the app's state holds the scheduler, tokenizer and model name
+# the engine: the scheduler (tokens, synchronous) in a thread of its own, and its tokens as text
+
+class Job:
+    """One request of the Engine: the scheduler's Row that decodes it, its text and its stream."""
+
+    def __init__(self, row, stop, listener):
+        self.row, self.req = row, row.req
+        self.stop = list(stop)
+        self.listener = listener  # listener(text_delta, finish_reason or None), on the engine's thread
+        self.text = ""  # the output so far, cut at the first stop string; EOS is not shown
+        self.sent = 0  # characters of text already handed to the listener
+        self.finished = threading.Event()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back split characters
+
+    @property
+    def finish_reason(self):  # one of scheduler.REASONS once finished
+        return self.row.finish_reason
+
+    @property
+    def prompt_tokens(self):
+        return self.row.prompt_tokens
+
+    @property
+    def completion_tokens(self):
+        return self.row.completion_tokens
+
+    def result(self, timeout=None):
+        """Wait until the request has finished; its text."""
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"request not finished after {timeout} s")
+        return self.text
+
+
+def held_back(text, stops):
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class Engine:
+    """The server's decoding loop: a thread steps the Scheduler while it has work, sleeps on an inbox
+    otherwise (submit() is called from any thread, the scheduler from this one only), and turns each step's
+    tokens into text: incremental UTF-8, cut at the first stop string, streamed to each job's listener.
+
+        engine = Engine(Scheduler(model, stride=4, max_batch=16), enc).start()
+        job = engine.submit(enc.encode_ordinary("ROMEO:"), SamplingParams(50, stop_ids=engine.stop_ids))
+        print(job.result())  # or give submit a listener to receive the text as it is committed
+        engine.stop()
+    """
+
+    def __init__(self, sched, enc):
+        self.sched, self.enc = sched, enc
+        self.stop_ids = tuple(tok.stop_ids(enc))  # end of text, and <|im_end|> for a chat model
+        self.inbox = queue.Queue()  # submit() -> the engine's thread
+        self.jobs = {}  # row -> job, of the rows in the scheduler (the engine's thread only)
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+
+    def start(self):
+        if self.sched.learner is not None:
+            self.sched.learner.start()
+        self.thread.start()
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def submit(self, prompt, params, stop=(), listener=None, logit_bias=None, logprobs=None):
+        """Queue a request (Scheduler.request says what prompt, params, logit_bias and logprobs are) and return
+        its Job. A bad setting raises SettingError here, never in the engine's thread. stop: strings that
+        end the text."""
+        if self.closed:
+            raise RuntimeError("the scheduler is shutting down")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SettingError("stop", "stop strings must be non-empty strings")
+        job = Job(self.sched.request(prompt, params, logit_bias, logprobs), stop, listener)
+        self.inbox.put(job)
+        return job
+
+    def cancel(self, job):
+        """Finish `job` at the next step boundary (a no-op once it has finished)."""
+        self.sched.cancel(job.row)  # the loop is busy while the job is queued or running: no wake-up needed
+
+    def stop(self):
+        """Stop admitting, cancel whatever is queued or running, and end the thread."""
+        self.closed = True
+        self.inbox.put(None)
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.sched.learner is not None:
+            self.sched.learner.stop()
+
+    def metrics(self):
+        """The scheduler's counters and gauges, the inbox counted in the queue (read from any thread)."""
+        m = self.sched.metrics()
+        m["queue_length"] += self.inbox.qsize()
+        return m
+
+    def _loop(self):
+        s = self.sched
+        if s.policy == "adaptive" and not s.step_time:  # before the first request, not during it
+            s.calibrate()
+        while True:
+            if not self.closed and not s.busy:
+                job = self.inbox.get()  # idle: sleep until something arrives
+                if job is not None:
+                    self._add(job)
+            self._take_inbox()
+            if self.closed:
+                self._end(s.rows(), "cancelled")
+                return
+            try:
+                for row, _ in s.step(self._commit):
+                    job = self.jobs[row]
+                    if row.finish_reason is None:
+                        self._send(job, len(job.text) - held_back(job.text, job.stop))
+                    else:
+                        self._finished(job)
+            except Exception:  # a bug must not take the server down: fail the running requests
+                traceback.print_exc()
+                self._end([r for r in list(self.jobs) if r.slot is not None or r.finish_reason], "error")
+
+    def _add(self, job):
+        self.jobs[job.row] = job
+        self.sched.add(job.row)
+
+    def _take_inbox(self):
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._add(job)
+
+    def _commit(self, row, new):
+        """The scheduler's on_commit: the committed tokens into the text; at the first stop string, cut it
+        and end the row at the token that completed it."""
+        job, req = self.jobs[row], row.req
+        ids = [t for t in new if t not in self.stop_ids]  # never text, also when they do not stop (ignore_eos)
+        job.text += job._utf8.decode(self.enc.decode_bytes(ids), final=req.done)
+        hits = [i for i in (job.text.find(s) for s in job.stop) if i >= 0]
+        if hits:
+            job.text = job.text[:min(hits)]
+            k = next((k for k in range(len(req.out) - len(new) + 1, len(req.out)) if any(
+                s in self.enc.decode([t for t in req.out[:k] if t not in self.stop_ids], errors="replace")
+                for s in job.stop)), len(req.out))
+            self.sched.finish(row, "stop", keep=k)
+
+    def _end(self, rows, reason):
+        for row in rows:
+            self.sched.finish(row, reason)
+            self._finished(self.jobs[row])
+
+    def _send(self, job, upto):
+        delta = job.text[job.sent:upto]
+        job.sent = max(job.sent, upto)
+        if job.listener is not None and (delta or job.finish_reason):
+            try:
+                job.listener(delta, job.finish_reason)
+            except Exception:  # e.g. the client's event loop is gone
+                self.cancel(job)
+
+    def _finished(self, job):
+        """The rest of a finished job's text (none if it did not end well) to its listener; wake result()."""
+        del self.jobs[job.row]
+        self._send(job, len(job.text) if job.finish_reason in ("stop", "length") else job.sent)
+        job.finished.set()
+
+
+# ----------------------------------------------------------------------------------------------
+# the endpoints: module-level handlers; the app's state holds the engine, tokenizer and model name
 
 async def health():
     return {"status": "ok"}
@@ -232,9 +408,10 @@ async def model(model_id: str, request: Request):
 
 
 async def metrics(request: Request):
-    sched = request.app.state.sched
-    learned = sched.learner.metrics() if sched.learner is not None else None
-    return PlainTextResponse(metrics_text(sched.metrics(), sched.histograms, learned),
+    engine = request.app.state.engine
+    learner = engine.sched.learner
+    learned = learner.metrics() if learner is not None else None
+    return PlainTextResponse(metrics_text(engine.metrics(), engine.sched.histograms, learned),
                              media_type="text/plain; version=0.0.4")
 
 
@@ -267,11 +444,11 @@ def completion_prompts(s, prompt):
 
 def tokens_text(s, ids, param):
     """The text of token ids sent by a client, each a token of the tokenizer (MASK is not); else ApiError."""
-    mask = s.sched.model.cfg.mask_token_id
+    mask = s.engine.sched.model.cfg.mask_token_id
     bad = [t for t in ids if not 0 <= t < s.enc.n_vocab or t == mask or not token_bytes(s.enc, t)]
     if bad:
         raise ApiError(400, f"'{param}': {bad[0]} is not a token id of the model", param)
-    return s.enc.decode_bytes([t for t in ids if t not in s.sched.stop_ids]).decode("utf-8", "replace")
+    return s.enc.decode_bytes([t for t in ids if t not in s.engine.stop_ids]).decode("utf-8", "replace")
 
 
 async def chat(body: ChatRequest, request: Request):
@@ -356,7 +533,7 @@ def logit_bias(s, bias):
 
 def max_tokens_for(s, ids, max_tokens, chat, echo):
     """The max_tokens to run a prompt with (0: echo only), or ApiError if this server cannot run it."""
-    context = s.sched.model.cfg.max_seq_len
+    context = s.engine.sched.model.cfg.max_seq_len
     if len(ids) >= context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {context}",
                        "messages" if chat else "prompt", "context_length_exceeded")
@@ -371,7 +548,7 @@ def max_tokens_for(s, ids, max_tokens, chat, echo):
 
 
 class Choice:
-    """One choice of a response: its scheduler job (None when it only echoes its prompt), the prompt text
+    """One choice of a response: its Engine job (None when it only echoes its prompt), the prompt text
     it echoes ("" without echo), and the text offset of each committed token, for logprobs."""
 
     def __init__(self, index, ids, echo, job):
@@ -415,22 +592,22 @@ async def generate(request, body, prompts, max_tokens, stops, chat, logprobs):
                 if length:  # 0: echo only
                     params = SamplingParams(length, 1.0 if body.temperature is None else body.temperature, body.top_k,
                                             body.top_p, None if body.seed is None else body.seed + i,
-                                            () if body.ignore_eos else s.sched.stop_ids)
-                    c.job = s.sched.submit(ids, params, stops, listener(s, c, loop, events, body.stream, logprobs),
+                                            () if body.ignore_eos else s.engine.stop_ids)
+                    c.job = s.engine.submit(ids, params, stops, listener(s, c, loop, events, body.stream, logprobs),
                                            bias, logprobs)
                     c.submitted.set()
                 choices.append(c)
     except SettingError as e:
-        cancel(s.sched, choices)
+        cancel(s.engine, choices)
         raise ApiError(400, str(e), e.param)
     except RuntimeError as e:  # shutting down
-        cancel(s.sched, choices)
+        cancel(s.engine, choices)
         raise ApiError(503, str(e))
     if echo and logprobs is not None:  # one plain forward of each prompt, off the event loop
         scored = {}
         for c in choices:
             if id(c.ids) not in scored:
-                scored[id(c.ids)] = await asyncio.to_thread(isd.prompt_logprobs, s.sched.model, c.ids, logprobs)
+                scored[id(c.ids)] = await asyncio.to_thread(isd.prompt_logprobs, s.engine.sched.model, c.ids, logprobs)
             c.prompt_logprobs = scored[id(c.ids)]
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": s.model_name}
@@ -439,12 +616,12 @@ async def generate(request, body, prompts, max_tokens, stops, chat, logprobs):
         include_usage = "every" if options.continuous_usage_stats else bool(options.include_usage)
         return StreamingResponse(stream_chunks(s, choices, events, head, chat, include_usage, logprobs),
                                  media_type="text/event-stream")
-    await wait(request, s.sched, choices, events)
+    await wait(request, s.engine, choices, events)
     return final_body(s, choices, head, chat, logprobs)
 
 
 def listener(s, c, loop, events, stream, logprobs):
-    """The scheduler's listener of choice c (called on the scheduler thread, while the request's tokens
+    """The engine's listener of choice c (called on the engine's thread, while the request's tokens
     hold still): a streamed choice gets its text deltas with the logprobs of the tokens they start."""
     def listen(delta, reason):
         if not stream:  # a non-streamed request only needs the end
@@ -453,8 +630,8 @@ def listener(s, c, loop, events, stream, logprobs):
             return
         items = None
         if logprobs is not None:
-            c.submitted.wait()  # the scheduler may commit tokens before submit() has returned the job
-            c.track(s.enc, s.sched.stop_ids)
+            c.submitted.wait()  # the engine may commit tokens before submit() has returned the job
+            c.track(s.enc, s.engine.stop_ids)
             upto = len(c.out) if reason else bisect.bisect_left(c.offsets, c.job.sent, hi=len(c.out))
             items = token_items(c, range(c.logprobs_sent, upto))
             c.logprobs_sent = upto
@@ -462,10 +639,10 @@ def listener(s, c, loop, events, stream, logprobs):
     return listen
 
 
-def cancel(sched, choices):
+def cancel(engine, choices):
     for c in choices:
         if c.job is not None and c.job.finish_reason is None:
-            sched.cancel(c.job)
+            engine.cancel(c.job)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +659,7 @@ def prompt_items(s, c):
     offsets, chars, utf8 = [], 0, codecs.getincrementaldecoder("utf-8")("replace")
     for t in c.ids:
         offsets.append(chars)
-        if t not in s.sched.stop_ids:
+        if t not in s.engine.stop_ids:
             chars += len(utf8.decode(s.enc.decode_bytes([t])))
     return [(c.ids[0], None, None, 0)] + [(t, lp, top, o) for t, (lp, top), o in
                                            zip(c.ids[1:], c.prompt_logprobs, offsets[1:])]
@@ -584,10 +761,10 @@ async def stream_chunks(s, choices, events, head, chat, include_usage, logprobs)
                 yield event(head, chat, [], usage=usage(choices))
         yield "data: [DONE]\n\n"
     finally:  # also when the client went away mid-stream
-        cancel(s.sched, choices)
+        cancel(s.engine, choices)
 
 
-async def wait(request, sched, choices, events):
+async def wait(request, engine, choices, events):
     """Until every choice has finished; cancel them all if the client goes away."""
     jobs = [c.job for c in choices if c.job is not None]
     try:
@@ -600,9 +777,9 @@ async def wait(request, sched, choices, events):
                 if all(j.finished.is_set() for j in jobs):
                     return
                 if await request.is_disconnected():
-                    cancel(sched, choices)
+                    cancel(engine, choices)
     finally:
-        cancel(sched, choices)
+        cancel(engine, choices)
 
 
 def final_body(s, choices, head, chat, logprobs):
@@ -615,7 +792,7 @@ def final_body(s, choices, head, chat, logprobs):
         text = c.job.text if c.job else ""
         lp = None
         if logprobs is not None:
-            c.track(s.enc, s.sched.stop_ids)
+            c.track(s.enc, s.engine.stop_ids)
             items = (prompt_items(s, c) if c.prompt_logprobs is not None else []) + \
                 (token_items(c, range(len(c.out))) if c.job else [])
             lp = logprobs_of(s, chat, items)
@@ -687,15 +864,15 @@ class Gate:
                       f"{1000 * (time.perf_counter() - t0):.1f}ms{tokens}", file=sys.stderr, flush=True)
 
 
-def make_app(sched, enc, model_name, api_key=None, access_log=True):
-    """The FastAPI app serving `sched` (started; stopped when the app shuts down), behind Gate."""
+def make_app(engine, enc, model_name, api_key=None, access_log=True):
+    """The FastAPI app serving `engine` (started; stopped when the app shuts down), behind Gate."""
     @asynccontextmanager
     async def lifespan(app):
         yield
-        sched.stop()  # after uvicorn's graceful shutdown: cancel what is still running
+        engine.stop()  # after uvicorn's graceful shutdown: cancel what is still running
 
     app = FastAPI(title="idlm", lifespan=lifespan)
-    app.state.sched, app.state.enc, app.state.model_name, app.state.created = sched, enc, model_name, int(time.time())
+    app.state.engine, app.state.enc, app.state.model_name, app.state.created = engine, enc, model_name, int(time.time())
     for kind, handler in ((ApiError, api_error), (RequestValidationError, invalid_body), (HTTPException, http_error),
                           (Exception, internal_error)):
         app.add_exception_handler(kind, handler)
@@ -709,7 +886,7 @@ def make_app(sched, enc, model_name, api_key=None, access_log=True):
     return app
 
 
-METRICS = [  # name, type, help, key in Scheduler.metrics()
+METRICS = [  # name, type, help, key in Engine.metrics()
     ("idlm_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", "prompt_tokens"),
     ("idlm_prefill_tokens_total", "counter", "Prompt tokens put into the KV cache (budgeted per step).", "prefill_tokens"),
     ("idlm_completion_tokens_total", "counter", "Tokens committed by decoding.", "completion_tokens"),
@@ -815,12 +992,13 @@ def main(argv=None):
         if a.learn:
             torch.set_num_threads(max(1, threads // 2))
             learner = learn.Learner(model, a.stride, learner_cfg, a.learn_save, base)
-        sched = Scheduler(model, enc, a.stride, a.max_batch, a.prefill_budget, a.narrow, a.policy, learner)
+        sched = Scheduler(model, a.stride, a.max_batch, a.prefill_budget, a.narrow, a.policy, learner)
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     name = a.init_from or os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
-    app = make_app(sched.start(), enc, name, a.api_key, not a.no_access_log)
+    engine = Engine(sched, enc).start()
+    app = make_app(engine, enc, name, a.api_key, not a.no_access_log)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                                            timeout_graceful_shutdown=a.shutdown_timeout))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: ignore it then
@@ -831,7 +1009,7 @@ def main(argv=None):
           f"{', API key required' if a.api_key else ''}{', learning its speculator' if a.learn else ''}) on http://{a.host}:{a.port}/v1",
           file=sys.stderr, flush=True)
     server.run()
-    sched.stop()
+    engine.stop()
     print("server stopped", file=sys.stderr, flush=True)
 
 

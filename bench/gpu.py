@@ -28,7 +28,6 @@ takes longer than the whole dry run).
 import dataclasses
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
@@ -224,29 +223,25 @@ def stage_smollm2(z, share, ctx):
     return {"base": base, "recipe": info, "decoders": rows, "markdown": md}
 
 
-def serve_point(sched, prompts, concurrency, n_requests, max_tokens):
+def serve_point(sched, prompts, stop_ids, concurrency, n_requests, max_tokens):
     """`concurrency` clients, each submitting its next request as soon as its last one finishes, until
     n_requests are done (greedy). Returns {"tokens", "seconds", "tok_s", "tpf"}."""
-    finished = queue.Queue()
-    jobs = []
+    rows = []
 
     def submit():
-        jobs.append(sched.submit(prompts[len(jobs) % len(prompts)],
-                                 SamplingParams(max_tokens, temperature=0, stop_ids=sched.stop_ids),
-                                 listener=lambda delta, reason: reason and finished.put(reason)))
+        rows.append(sched.add(sched.request(prompts[len(rows) % len(prompts)],
+                                            SamplingParams(max_tokens, temperature=0, stop_ids=stop_ids))))
     before = sched.metrics()
     t0 = time.perf_counter()
     for _ in range(min(concurrency, n_requests)):
         submit()
-    for _ in range(n_requests):
-        reason = finished.get(timeout=600)
-        if reason == "error":
-            raise RuntimeError("the scheduler failed a request (its traceback is above)")
-        if len(jobs) < n_requests:
-            submit()
+    while sched.busy:  # stepped here, no thread: a finished request's client sends its next before the next step
+        for row, _ in sched.step():
+            if row.finish_reason is not None and len(rows) < n_requests:
+                submit()
     seconds = time.perf_counter() - t0
     after = sched.metrics()
-    tokens = sum(j.completion_tokens for j in jobs)
+    tokens = sum(r.completion_tokens for r in rows)
     forwards = after["row_forwards"] - before["row_forwards"]
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "tpf": (after["completion_tokens"] - before["completion_tokens"]) / max(1, forwards)}
@@ -258,21 +253,18 @@ def stage_serve(z, share, ctx):
     model, enc = lora.load_model(source, z["device"])
     prompts = [tok.chat_ids(enc, [{"role": "user", "content": p}]) for p in HELD_OUT]
     points = []
-    scheds = {s: Scheduler(model, enc, stride=s, max_batch=max(z["concurrency"])).start() for s in (4, 1)}
-    try:
-        for s in scheds.values():  # warm-up
-            serve_point(s, prompts, 1, 1, 2)
-        for c in z["concurrency"]:
-            for stride, s in scheds.items():  # the strides take turns, so that a stop leaves both alike
-                if share.stop(f"concurrency {c}"):
-                    break
-                r = serve_point(s, prompts, c, max(2 * c, z["min_requests"]), z["serve_tokens"])
-                points.append({"stride": stride, "concurrency": c, **r})
-                print(f"  stride {stride} | concurrency {c:3d} | {r['tokens']} tokens in {r['seconds']:.1f} s | "
-                      f"{r['tok_s']:.0f} tok/s | TPF {r['tpf']:.2f}", flush=True)
-    finally:
-        for s in scheds.values():
-            s.stop()
+    scheds = {s: Scheduler(model, stride=s, max_batch=max(z["concurrency"])) for s in (4, 1)}
+    stop_ids = tok.stop_ids(enc)
+    for s in scheds.values():  # warm-up
+        serve_point(s, prompts, stop_ids, 1, 1, 2)
+    for c in z["concurrency"]:
+        for stride, s in scheds.items():  # the strides take turns, so that a stop leaves both alike
+            if share.stop(f"concurrency {c}"):
+                break
+            r = serve_point(s, prompts, stop_ids, c, max(2 * c, z["min_requests"]), z["serve_tokens"])
+            points.append({"stride": stride, "concurrency": c, **r})
+            print(f"  stride {stride} | concurrency {c:3d} | {r['tokens']} tokens in {r['seconds']:.1f} s | "
+                  f"{r['tok_s']:.0f} tok/s | TPF {r['tpf']:.2f}", flush=True)
     by = {(p["stride"], p["concurrency"]): p for p in points}
     rows = []
     for c in z["concurrency"]:

@@ -5,7 +5,8 @@
     python -m bench learn --model=smollm2 --requests=200    # SmolLM2 on chat prompts about topics distill.py never used
 
 One client sends a stream of prompts back to back to an in-process Scheduler (the server's decoding loop,
-without HTTP) and records every request's tokens, forwards and seconds. Each setting serves the same stream:
+stepped here without its thread or HTTP) and records every request's tokens, forwards and seconds. Each
+setting serves the same stream:
   no adapter        the base model's own MASK row drafts (the untrained speculator);
   offline           the self-distilled adapter (distill.py; out/distilled), frozen;
   offline + online  the same adapter, trained on the stream as it is served (learn.py);
@@ -72,19 +73,26 @@ def serve_stream(model, enc, prompts, max_tokens, stride, learner=None, desc="",
     """Serve the prompts one after the other (one client, greedy) until stop() says so; per request (tokens,
     forwards, seconds, output ids), plus the learner's counters at the end."""
     rows = []
-    with Scheduler(model, enc, stride, max_batch=1, policy=policy, learner=learner) as sched:
+    sched = Scheduler(model, stride, max_batch=1, policy=policy, learner=learner)  # one client: no thread needed
+    if learner is not None:
+        learner.start()  # it trains in its own thread; the scheduler swaps its adapters in between steps
+    try:
         for i, p in enumerate(prompts):
             if stop():
                 break
             t0 = time.perf_counter()
-            job = sched.submit(p, SamplingParams(max_tokens, temperature=0.0, stop_ids=sched.stop_ids))
-            job.result()
-            st = job.req.stats
-            rows.append((st.tokens, st.forwards, time.perf_counter() - t0, list(job.req.out)))
+            row = sched.add(sched.request(p, SamplingParams(max_tokens, temperature=0.0, stop_ids=tok.stop_ids(enc))))
+            while sched.busy:
+                sched.step()
+            st = row.req.stats
+            rows.append((st.tokens, st.forwards, time.perf_counter() - t0, list(row.req.out)))
             if (i + 1) % 50 == 0:
                 window = rows[-50:]
                 print(f"  {desc}: {i + 1}/{len(prompts)} requests, TPF {tpf(window):.2f}, "
                       f"{sum(r[0] for r in window) / sum(r[2] for r in window):.0f} tok/s", flush=True)
+    finally:
+        if learner is not None:
+            learner.stop()
     return rows, (learner.metrics() if learner else {})
 
 

@@ -237,9 +237,9 @@ def test_greedy_outputs_stay_the_base_models_while_the_adapter_learns():
     assert model.lora is not None and all(float(b.detach().abs().max()) == 0 for b in model.lora.B.values())
     busy_swaps = []
     real_swap = learner.swap
-    sched = Scheduler(model, enc, stride=3, max_batch=3, prefill_budget=16, policy="fixed", learner=learner)
+    sched = Scheduler(model, stride=3, max_batch=3, prefill_budget=16, policy="fixed", learner=learner)
 
-    def spy(m):  # called by the scheduler thread between two steps
+    def spy(m):  # called by the scheduler between two steps
         swapped = real_swap(m)
         if swapped:
             busy_swaps.append(sum(j is not None and len(j.req.out) > 0 for j in sched.slots))
@@ -248,21 +248,25 @@ def test_greedy_outputs_stay_the_base_models_while_the_adapter_learns():
     learner.swap = spy
     texts = ["ROMEO.\n", "But soft, what", "JULIET.\nCafé", "What light", "naïve —", "\n\nJULIET"]
     jobs = []
-    with sched:
+    stop_ids = tok.stop_ids(enc)
+    learner.start()  # the learner's thread trains while this one steps the scheduler
+    try:
         for wave in range(12):
-            batch = [sched.submit(enc.encode_ordinary(texts[(wave + i) % len(texts)]),
-                                  SamplingParams(24 + 7 * i, temperature=0, stop_ids=sched.stop_ids))
+            batch = [sched.add(sched.request(enc.encode_ordinary(texts[(wave + i) % len(texts)]),
+                                             SamplingParams(24 + 7 * i, temperature=0, stop_ids=stop_ids)))
                      for i in range(3)]
-            batch.append(sched.submit(enc.encode_ordinary(texts[wave % len(texts)]),
-                                      SamplingParams(16, temperature=1.0, seed=wave, stop_ids=sched.stop_ids)))
-            for j in batch:
-                j.result(60)
+            batch.append(sched.add(sched.request(enc.encode_ordinary(texts[wave % len(texts)]),
+                                                 SamplingParams(16, temperature=1.0, seed=wave, stop_ids=stop_ids))))
+            while sched.busy:
+                sched.step()
             jobs += batch[:3]
             if wave == 0:  # let the learner start before the next wave
                 wait_for(lambda: learner.counters["steps"] >= 2, what="the learner's first steps")
             if wave >= 2 and sum(n > 0 for n in busy_swaps) >= 5:
                 break
         m = learner.metrics()
+    finally:
+        learner.stop()
     assert sum(n > 0 for n in busy_swaps) >= 5, busy_swaps  # adapters changed under running requests
     assert m["swaps"] == len(busy_swaps) > 0 and m["examples"] == 4 * (wave + 1) and m["steps"] > 2
     assert any(float(b.detach().abs().max()) > 0 for b in model.lora.B.values())  # the serving adapter moved

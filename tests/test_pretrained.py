@@ -154,8 +154,8 @@ def test_server_chat_on_smollm2(ours, hf_tokenizer):
     ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     want = ar_generate(model, ids, SamplingParams(30, temperature=0, stop_ids=tok.stop_ids(enc)))
     assert want[-1] == enc.encode_single_token("<|im_end|>")
-    sched = Scheduler(model, enc, stride=3, max_batch=2).start()
-    with TestClient(serve.make_app(sched, enc, "smollm2")) as client:
+    engine = serve.Engine(Scheduler(model, stride=3, max_batch=2), enc).start()
+    with TestClient(serve.make_app(engine, enc, "smollm2")) as client:
         r = client.post("/v1/chat/completions", json={"model": "smollm2", "messages": messages,
                                                        "max_tokens": 30, "temperature": 0})
         assert r.status_code == 200, r.text
