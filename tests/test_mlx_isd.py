@@ -83,7 +83,7 @@ def assert_same_stats(got, want, where):
     assert got.acceptance_sum == want.acceptance_sum, where  # 0s and 1s at temperature 0
 
 
-@pytest.mark.parametrize("with_adapter", [False, True])
+@pytest.mark.parametrize("with_adapter", [False, pytest.param(True, marks=pytest.mark.slow)])  # slow: CI runs it
 def test_greedy_isd_matches_pytorch(pairs, adapted, with_adapter):
     rounds = Counter()
     cases = [(64, [1, 2, 3], 30), (64, [7], 30), (64, [4, 4, 9, 0, 12, 5], 30),
