@@ -23,12 +23,14 @@ from collections import Counter
 
 import httpx
 import torch
-from decoding import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from decoding import SamplingParams  # noqa: E402
+import data  # noqa: E402
 import tokenizer as tok  # noqa: E402
+import train  # noqa: E402
 from isd import Request, decode  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 
@@ -306,6 +308,20 @@ def interrupt_rename(monkeypatch, k):
             raise KeyboardInterrupt
         return rename(src, dst)
     monkeypatch.setattr(os, "replace", interrupted)
+
+
+def train_tiny(folder, runs):
+    """Tiny train.py runs on a small corpus written to folder/c.txt, the data cache in folder/cache: train.main
+    of the tiny preset (a 300-token BPE, rows of 32) with each argument list of `runs` after it."""
+    corpus = folder / "c.txt"
+    corpus.write_text("".join(f"ROMEO: line {i} of the play, said the king.\n" for i in range(400)))
+    old = data.CACHE_DIR
+    data.CACHE_DIR = str(folder / "cache")
+    try:
+        for args in runs:
+            train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", f"--data={corpus}", *args])
+    finally:
+        data.CACHE_DIR = old
 
 
 # ----------------------------------------------------------------------------------------------

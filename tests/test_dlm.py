@@ -12,9 +12,9 @@ import bench.__main__
 import data
 import dlm
 import train
-from isd import Request
-from reference import V23, rand_tokens, tiny_model
 from decoding import SamplingParams
+from isd import Request
+from reference import V23, rand_tokens, tiny_model, train_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = V23["vocab"]  # tiny_model(**V23)'s vocabulary; MASK = V - 1 = 22
@@ -255,16 +255,8 @@ def test_left_to_right_logits_match_reference(family):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("dlm")
-    corpus = d / "c.txt"
-    corpus.write_text("".join(f"ROMEO: line {i} of the play, said the king.\n" for i in range(400)))
-    old = data.CACHE_DIR
-    data.CACHE_DIR = str(d / "cache")
-    try:
-        for obj in ("dlm", "bdlm", "idlm", "ar"):
-            train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=30", "--eval_interval=10",
-                        "--eval_iters=2", f"--data={corpus}", f"--out_dir={d}/{obj}", f"--objective={obj}"])
-    finally:
-        data.CACHE_DIR = old
+    train_tiny(d, [["--max_iters=30", "--eval_interval=10", "--eval_iters=2", f"--out_dir={d}/{obj}",
+                    f"--objective={obj}"] for obj in ("dlm", "bdlm", "idlm", "ar")])
     return d
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bench import introspect
+from decoding import SamplingParams
 from isd import Request, decode
 from sampling import process_logits
 from reference import V23, tiny_model
-from decoding import SamplingParams
 
 V = V23["vocab"]  # tiny_model(**V23)'s vocabulary; MASK = V - 1 = 22
 MASK = V - 1

@@ -21,11 +21,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from decoding import SamplingParams
 
 mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from decoding import SamplingParams  # noqa: E402
 import isd  # noqa: E402
 import kernels  # noqa: E402
 import lora  # noqa: E402

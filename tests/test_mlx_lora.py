@@ -15,13 +15,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from decoding import SamplingParams
 
 mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 import distill  # noqa: E402
 import isd  # noqa: E402
 import lora  # noqa: E402

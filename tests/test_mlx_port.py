@@ -15,12 +15,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from decoding import SamplingParams
 
 mx = pytest.importorskip("mlx.core")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+from decoding import SamplingParams  # noqa: E402
 import isd  # noqa: E402
 import tokenizer as tok  # noqa: E402
 import train  # noqa: E402

@@ -7,13 +7,12 @@ import sys
 import pytest
 import torch
 
-import data
 import sample
 import tokenizer as tok
-import train
+from decoding import SamplingParams
 from isd import ar_generate
 from model import Model, ModelConfig
-from decoding import SamplingParams
+from reference import train_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,15 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    corpus = d / "c.txt"
-    corpus.write_text("".join(f"ROMEO: line {i} of the play, said the king.\n" for i in range(400)))
-    old = data.CACHE_DIR
-    data.CACHE_DIR = str(d / "cache")
-    try:
-        train.main(["--preset=tiny", "--vocab_size=300", "--seq_len=32", "--max_iters=5", f"--data={corpus}",
-                    f"--out_dir={d}/out"])
-    finally:
-        data.CACHE_DIR = old
+    train_tiny(d, [["--max_iters=5", f"--out_dir={d}/out"]])
     return str(d / "out")
 
 
