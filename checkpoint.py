@@ -113,8 +113,7 @@ def base_of(out_dir, base):
 
 def adapter_base(out_dir):
     """The base model of the adapter in out_dir, as its adapter.json names it (see base_of)."""
-    with open(os.path.join(out_dir, "adapter.json")) as f:
-        return base_of(out_dir, json.load(f)["base"])
+    return base_of(out_dir, adapter_config(out_dir).base)
 
 
 def pretrained_dir(cache_dir=None):

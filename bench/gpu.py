@@ -37,7 +37,6 @@ import traceback
 
 import torch
 
-import distill
 import kernels
 import learn
 import lora
@@ -51,7 +50,7 @@ from decoding import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHARES = {"kernel": 0.08, "train": 0.12, "smollm2": 0.42, "serve": 0.15, "learn": 0.18}  # of --budget; the rest: start-up
-# prompts for the self-distillation data: distill.py's 4 templates and these, x its 32 topics
+# prompts for the self-distillation data: pretrained.py's 4 templates and these, x its 32 topics
 EXTRA_TEMPLATES = ["Describe {} to a ten-year-old.", "What are common misconceptions about {}?",
                    "Write a short story that involves {}.", "What is the history of {}?"]
 HELD_OUT = chat.CHAT_PROMPTS + [  # topics and wordings not in the data
@@ -160,17 +159,17 @@ def tiny_chat_model(folder, n_layer=2):
 
 def r_isd_recipe(base, work, z, share):
     """Stage 3's adapter, self-distillation with hard greedy targets: the base model's own greedy chat
-    replies to the data prompts (distill.write_replies), then a gated-LoRA R-ISD adapter trained on
+    replies to the data prompts (pretrained.write_replies), then a gated-LoRA R-ISD adapter trained on
     them by train.py in a subprocess (so that it can be stopped at the share's end; the last checkpoint
     stays). Returns (adapter folder, or None when no checkpoint was reached; a dict of what happened)."""
     model, enc = lora.load_model(base, z["device"])
-    prompts = [t.format(x) for x in distill.TOPICS for t in distill.TEMPLATES + EXTRA_TEMPLATES][:z["n_replies"]]
+    prompts = [t.format(x) for x in pretrained.TOPICS for t in pretrained.TEMPLATES + EXTRA_TEMPLATES][:z["n_replies"]]
     data_path, out_dir = os.path.join(work, "replies.txt"), os.path.join(work, "rlora")
     if os.path.exists(data_path):  # write_replies appends; a reused --work_dir starts afresh
         os.remove(data_path)
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    distill.write_replies(model, enc, prompts, data_path, z["reply_tokens"], z["reply_batch"])
+    pretrained.write_replies(model, enc, prompts, data_path, z["reply_tokens"], z["reply_batch"])
     info = {"replies": len(prompts), "reply_seconds": time.perf_counter() - t0,
             "data_tokens": len(enc.encode_ordinary(open(data_path).read()))}
     del model

@@ -31,7 +31,7 @@ import tokenizer as tok
 from scheduler import Scheduler
 from decoding import SamplingParams
 
-# chat topics for SmolLM2's stream: none of them is in distill.TOPICS (its offline replies)
+# chat topics for SmolLM2's stream: none of them is in pretrained.TOPICS (its offline replies)
 NEW_TOPICS = ["the stock market", "knitting", "black holes", "the French Revolution", "tea ceremonies", "origami",
               "submarines", "jazz", "earthquakes", "bicycles", "penguins", "the printing press", "cheese making",
               "lighthouses", "tornadoes", "chess openings", "the Great Wall of China", "meditation", "coral reefs",

@@ -16,8 +16,7 @@ predict is what the model itself would write there, not what the corpus says. Th
      clean stream, and with it everything ISD outputs, is exactly the base model's.
 The adapter is written to `<out_dir>/distilled/` in lora.py's format: PyTorch's sample.py, serve.py and
 bench/ load it as they load distill.py's. Same options, prompts, targets, loss, AdamW and one-cycle
-schedule as distill.py; the batches are drawn from MLX's random stream. Not here: --replies (SmolLM2's
-chat replies: python distill.py --replies=FILE).
+schedule as distill.py; the batches are drawn from MLX's random stream.
 """
 import argparse
 import os
@@ -149,14 +148,11 @@ def main(argv=None):
     p.add_argument("--data", default=None,
                    help="the text its prompts come from (default: the checkpoint's training data, Shakespeare)")
     p.add_argument("--stride", type=int, default=None, help="N of the masks' blocks (default: the checkpoint's)")
-    p.add_argument("--replies", metavar="FILE", help="not in the MLX port: python distill.py --replies=FILE")
     p.add_argument("--device", default="auto", help="auto (MLX's default: the GPU on a Mac), cpu or gpu (default auto)")
     for k, v in asdict(d).items():
         if k != "seq_len":
             p.add_argument(f"--{k}", type=type(v), default=v, help=f"(default {v})")
     a = p.parse_args(argv)
-    if a.replies:
-        p.error("--replies (SmolLM2's chat replies) is PyTorch only: python distill.py --replies=FILE")
     if not os.path.isfile(os.path.join(a.out_dir, "config.json")):
         p.error(f"no checkpoint in {a.out_dir} (config.json missing): run python train.py first")
     try:

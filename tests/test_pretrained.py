@@ -91,6 +91,27 @@ def test_chat_template_and_answer(ours, hf_tokenizer):
     assert "Paris" in enc.decode(out)
 
 
+@pytest.mark.slow  # SmolLM2 against transformers (loads both): CI runs it, -m 'not slow' skips it
+def test_replies_are_transformers_greedy_chat_replies(tmp_path, monkeypatch, ours, hf_model, hf_tokenizer):
+    """pretrained.py --replies appends, per prompt, the reply transformers' greedy generate() gives to the
+    prompt in the chat template (stopping at <|im_end|>), then a blank line, to the file."""
+    monkeypatch.setattr(pretrained, "load_smollm2", lambda device="cpu": ours)
+    monkeypatch.setattr(pretrained, "write_replies", lambda *a, w=pretrained.write_replies: w(*a, max_new_tokens=12))
+    path = tmp_path / "smol.txt"
+    path.write_text("kept\n\n")
+    pretrained.main([f"--replies={path}", "--n_replies=2"])
+    expected = ["kept"]
+    for prompt in [t.format(pretrained.TOPICS[0]) for t in pretrained.TEMPLATES[:2]]:
+        ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                               add_generation_prompt=True, return_dict=False)
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        expected.append(hf_tokenizer.decode([t for t in out if t not in (0, 2)]).strip())
+    assert path.read_text() == "".join(e + "\n\n" for e in expected)
+    with pytest.raises(SystemExit):
+        pretrained.main([f"--replies={path}", "--n_replies=0"])
+
+
 @pytest.mark.slow  # SmolLM2 and transformers' tokenizer: CI runs it, -m 'not slow' skips it
 def test_tokenizer_matches_transformers(ours, hf_tokenizer):
     """Same ids as Hugging Face's tokenizer built from the same GGUF metadata. transformers gives a
