@@ -138,7 +138,7 @@ def check_decodable(source):
     objective = training_config(source).get("objective", "idlm")
     if objective not in ("idlm", "ar"):
         raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
-                         f"use python dlm.py --out_dir={source}")
+                         f"decode it with python sample.py --out_dir={source}")
 
 
 def training_config(out_dir):

@@ -201,7 +201,7 @@ def test_load_model_names_and_refusals(tmp_path, monkeypatch):
     # a diffusion baseline's checkpoint: refused, as by lora.load_model
     torch_model().save(tmp_path / "dlm")
     (tmp_path / "dlm" / "train_state.json").write_text(json.dumps({"config": {"objective": "dlm"}}))
-    with pytest.raises(ValueError, match="python dlm.py"):
+    with pytest.raises(ValueError, match="python sample.py --out_dir="):
         mlx_lora.load_model(str(tmp_path / "dlm"))
     # smollm2: pretrained.smollm2_dir's folder; not converted yet -> what to run
     cache = tmp_path / "cache"
