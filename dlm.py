@@ -3,7 +3,7 @@
 
     python train.py --objective=dlm --out_dir=out-dlm     # MDLM / LLaDA recipe
     python train.py --objective=bdlm --out_dir=out-bdlm   # SDAR / BD3-LM block recipe
-    python dlm.py --out_dir=out-dlm --prompt="ROMEO:" --steps=2 --json
+    python sample.py --out_dir=out-dlm --prompt="ROMEO:" --steps=2 --json   # decode with dlm_generate
 
 The I-DLM paper (arXiv 2604.11035) compares itself with ordinary diffusion LMs. Both baselines run on
 model.py's network, data and tokenizer; only the attention mask and the loss differ, and there is no
@@ -26,11 +26,7 @@ usually worse. With `threshold` (Fast-dLLM) a step keeps every token whose confi
 and recomputes the clean prefix at every step (the reference); `bdlm_decode` decodes a batch of
 requests over a KV cache (bdlm only: the plain dlm has nothing to cache), token for token the same.
 """
-import argparse
 import functools
-import json
-import os
-import sys
 import time
 
 import torch
@@ -39,7 +35,7 @@ import torch.nn.functional as F
 import checkpoint
 import isd
 import tokenizer as tok
-from decoding import SamplingParams, Stats
+from decoding import Stats
 from sampling import process_logits, sample
 from model import Model, idlm_mask
 
@@ -288,62 +284,12 @@ def left_to_right_logits(model, family, ids, start, block=4):
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints and the command line
-
-def checkpoint_family(out_dir):
-    """The objective a train.py checkpoint was trained with (ar, idlm, dlm, bdlm) and its block size;
-    (None, None) for a folder without train.py's train_state.json (a converted pretrained model)."""
-    cfg = checkpoint.training_config(out_dir)
-    return (cfg.get("objective", "idlm"), cfg.get("block_size")) if cfg else (None, None)
-
+# checkpoints
 
 def load(out_dir, device="cpu"):
-    """(model, tokenizer, family, block) of a diffusion-LM checkpoint; a one-line ValueError for
-    anything else (I-DLM and AR checkpoints are decoded by sample.py)."""
-    family, block = checkpoint_family(out_dir)
-    if family not in FAMILIES:
-        if not os.path.isfile(os.path.join(out_dir, "config.json")):
-            raise ValueError(f"no checkpoint in {out_dir}: train one with python train.py --objective=dlm")
-        raise ValueError(f"{out_dir} holds a model trained with objective={family or 'ar'}, not a diffusion LM "
-                         f"(objective=dlm/bdlm): decode it with python sample.py --out_dir={out_dir}")
-    return Model.load(out_dir, device=device).eval(), tok.load(out_dir), family, block or 4
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out-dlm", help="a checkpoint of train.py --objective=dlm or bdlm")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="length of the continuation (default 64)")
-    p.add_argument("--block", type=int, default=None, help="positions per block (default: the checkpoint's "
-                   "--block_size; a bdlm model must keep it)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per block: the speed/quality knob "
-                   "(default: one per position)")
-    p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM: keep every token more confident "
-                   "than this in each step (at least one); --steps is then unused")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
-    a = p.parse_args(argv)
-    model, enc, family, block = load(a.out_dir)
-    if family == "bdlm" and a.block not in (None, block):
-        raise ValueError(f"{a.out_dir} is a block DLM trained with blocks of {block}: --block must be {block}")
-    block = a.block or block
-    ids = enc.encode_ordinary(a.prompt)
-    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
-    out, _, _, st = dlm_generate(model, family, ids, params, block, a.steps or block, a.threshold)
-    if a.json:
-        print(json.dumps({"text": enc.decode(out), "tokens": out, "stats": st.as_dict()}))
-    else:
-        print(a.prompt + enc.decode(out))
-        print(f"{family} | block {block} | {st.tokens} tokens in {st.forwards} forwards | "
-              f"TPF {st.tpf:.2f} | {st.tokens_per_s:.1f} tok/s")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"dlm.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """(model, tokenizer, family, block) of a diffusion-LM checkpoint (train.py --objective=dlm or bdlm; block:
+    its --block_size); a one-line ValueError for any other folder."""
+    cfg = checkpoint.training_config(out_dir)
+    if cfg.get("objective") not in FAMILIES:
+        raise ValueError(f"{out_dir} holds no diffusion LM: train one with python train.py --objective=dlm (or bdlm)")
+    return Model.load(out_dir, device=device).eval(), tok.load(out_dir), cfg["objective"], cfg.get("block_size") or 4

@@ -70,8 +70,9 @@ def introspect_settings(a):
     AR checkpoint that row is R-ISD: the AR model's own text, drafted by the adapter's masks."""
     rows = []
     for out_dir in a.models:
-        family, block = dlm.checkpoint_family(out_dir)
-        if family is None:
+        cfg = checkpoint.training_config(out_dir)
+        family, block = cfg.get("objective", "idlm"), cfg.get("block_size") or 4
+        if not cfg:
             raise SystemExit(f"python -m bench introspect: error: {out_dir} is not a train.py checkpoint "
                              "(no train_state.json)")
         name = os.path.basename(os.path.normpath(out_dir))
@@ -85,7 +86,6 @@ def introspect_settings(a):
                 rows.append({**row, "label": f"{name} ({kind}, ISD N={a.stride}) distilled", "folder": distilled,
                              "family": "idlm", "opts": {"stride": a.stride}})
             continue
-        block = block or 4
         for steps in a.dlm_steps:
             rows.append({**row, "label": f"{name} ({family}, {steps} steps/block)", "opts": {"block": block, "steps": steps}})
         if a.threshold is not None:
@@ -200,7 +200,7 @@ def setting_rows(settings, runs, enc, ppl):
     rows = []
     for s, run in zip(settings, runs):
         evals = json.load(open(os.path.join(s["base"], "train_state.json")))["evals"][-1]
-        family = dlm.checkpoint_family(s["base"])[0]
+        family = checkpoint.training_config(s["base"]).get("objective", "idlm")
         acc, st = torch.cat(run["scores"]), run["stats"]
         parallel = torch.cat(run["parallel"]) if run["parallel"] else None
         rows.append({"model": s["label"], "family": family,

@@ -5,7 +5,7 @@
     python -m mlx_port.sample --out_dir=out-rlora --chat --prompt="..."   # a folder with an adapter: base + gated LoRA
 
 sample.py in MLX (diff them): the same command line (cli.py), the same output; --device is auto (MLX's
-default device: the GPU on a Mac), cpu or gpu.
+default device: the GPU on a Mac), cpu or gpu. No diffusion-LM baselines: cli.py refuses their checkpoints.
 """
 import mlx.core as mx
 

@@ -11,6 +11,7 @@ import torch
 import bench.__main__
 import data
 import dlm
+import sample
 import train
 from decoding import SamplingParams
 from isd import Request
@@ -264,30 +265,66 @@ def ckpts(tmp_path_factory):
 def test_train_lowers_the_bound(ckpts, obj):
     evals = json.load(open(ckpts / obj / "train_state.json"))["evals"]
     assert evals[-1][1] < evals[0][1] - 0.3  # the validation bound falls
-    assert dlm.checkpoint_family(str(ckpts / obj)) == (obj, 4)
+    assert dlm.load(str(ckpts / obj))[2:] == (obj, 4)
 
 
 def cli(script, *args):
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_dlm_cli_json(ckpts):
-    r = cli("dlm.py", f"--out_dir={ckpts}/bdlm", "--prompt=ROMEO:", "--max_new_tokens=9", "--steps=2", "--json",
+def test_sample_cli_json(ckpts):
+    r = cli("sample.py", f"--out_dir={ckpts}/bdlm", "--prompt=ROMEO:", "--max_new_tokens=9", "--steps=2", "--json",
             "--seed=1")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert len(got["tokens"]) == 9 and 300 not in got["tokens"] and got["stats"]["tpf"] > 1
 
 
+@pytest.mark.parametrize("obj", dlm.FAMILIES)
+def test_sample_decodes_a_diffusion_lm_with_dlm_generate(ckpts, obj, capsys, monkeypatch):
+    """sample.py hands a diffusion LM's checkpoint to dlm.dlm_generate: its tokens, seed for seed (at dlm.py's
+    default temperature 1), and its figures in the statistics line."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # decode_threads: leave the process's be
+    model, enc, family, block = dlm.load(str(ckpts / obj))
+    ids = enc.encode_ordinary("ROMEO:")
+    for opts, steps, threshold in (([], block, None), (["--steps=2"], 2, None), (["--threshold=0.3"], block, 0.3)):
+        sample.main([f"--out_dir={ckpts}/{obj}", "--prompt=ROMEO:", "--max_new_tokens=9", "--seed=1", *opts, "--json"])
+        got = json.loads(capsys.readouterr().out)
+        want, _, _, st = dlm.dlm_generate(model, family, ids, SamplingParams(9, 1.0, seed=1), block, steps, threshold)
+        assert got["tokens"] == want and got["text"] == enc.decode(want) and got["stats"]["forwards"] == st.forwards
+    sample.main([f"--out_dir={ckpts}/{obj}", "--prompt=ROMEO:", "--max_new_tokens=8", "--steps=1", "--temperature=0"])
+    text, stats = capsys.readouterr().out.splitlines()[-2:]
+    st = dlm.dlm_generate(model, family, ids, SamplingParams(8, 0), block, 1)[3]
+    assert st.tpf > 1 and stats.startswith(f"model {ckpts}/{obj} | {obj} | block 4 | 8 tokens in {st.forwards} "
+                                           f"forwards | TPF {st.tpf:.2f} | ")
+    assert stats.endswith(" tok/s") and "acceptance" not in stats and text.startswith("ROMEO:")
+
+
+def test_an_option_of_the_other_family_is_an_error(ckpts, capsys):
+    """ISD's options with a diffusion LM, a diffusion LM's with an I-DLM or AR checkpoint: a one-line error
+    naming the option, before anything loads; MLX (no diffusion decoder) refuses a diffusion LM."""
+    for obj, opt in (("idlm", "--steps=2"), ("ar", "--block=4"), ("idlm", "--threshold=0.5"), ("dlm", "--stride=4"),
+                     ("bdlm", "--narrow"), ("dlm", "--compare"), ("bdlm", "--visualize"), ("dlm", "--chat")):
+        with pytest.raises(SystemExit) as e:
+            sample.main([f"--out_dir={ckpts}/{obj}", opt])
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert e.value.code == 2 and f"error: {opt.split('=')[0]} is for " in err, err
+    with pytest.raises(SystemExit) as e:
+        sample.cli.main([f"--out_dir={ckpts}/dlm"], None, None, None)  # as python -m mlx_port.sample runs it
+    assert e.value.code == 2 and "only PyTorch decodes" in capsys.readouterr().err.splitlines()[-1]
+
+
 @pytest.mark.slow  # end to end (a subprocess, a whole command): CI runs it, -m 'not slow' skips it
 def test_wrong_family_is_a_one_line_error(ckpts):
-    r = cli("dlm.py", f"--out_dir={ckpts}/idlm")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sample.py" in r.stderr, r.stderr
-    r = cli("dlm.py", f"--out_dir={ckpts}/bdlm", "--block=3")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--block must be 4" in r.stderr, r.stderr
-    r = cli("sample.py", f"--out_dir={ckpts}/dlm")  # the error is the last line, after argparse's usage
+    r = cli("sample.py", f"--out_dir={ckpts}/idlm", "--steps=2")  # the error is the last line, after argparse's usage
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "masked-diffusion LM (objective=dlm)" in r.stderr.splitlines()[-1] and "dlm.py" in r.stderr.splitlines()[-1]
+    assert "--steps is for a diffusion LM" in r.stderr.splitlines()[-1] and "decoded by ISD" in r.stderr.splitlines()[-1]
+    r = cli("sample.py", f"--out_dir={ckpts}/bdlm", "--block=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--block must be 4" in r.stderr.splitlines()[-1], r.stderr
+    r = cli("sample.py", f"--out_dir={ckpts}/dlm", "--stride=2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--stride is for I-DLM and AR checkpoints" in r.stderr.splitlines()[-1]
+    assert "holds a diffusion LM (objective=dlm)" in r.stderr.splitlines()[-1]
     with pytest.raises(train.UsageError, match="--lora adapters act only at MASK"):
         train.check_options(train.parse_args(["--objective=dlm", "--lora=4", "--init_from=x"])[0], set())
 
