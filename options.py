@@ -65,6 +65,14 @@ class UsageError(ValueError):
     """Bad options or inputs: reported as one line, exit code 2."""
 
 
+def refuse(rules, error=UsageError):
+    """Raise `error` with the message of the first of the (bad, message) rules that holds: a list of checks
+    reads as a table."""
+    for bad, message in rules:
+        if bad:
+            raise error(message)
+
+
 def alpha_option(text):
     """--alpha: a number, or "auto"."""
     if text == "auto":
@@ -90,9 +98,8 @@ def parse_args(argv=None, doc=None):
            "baseline of dlm.py, whole-row / in blocks (default idlm)")
     a("--block_size", type=int, help="bdlm: tokens per block (default 4)")
     a("--stride", type=int, help="N, tokens per forward in ISD; the loss uses N-1 masks per block (default 4)")
-    a("--alpha", type=alpha_option,
-      help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() (paper 0.2; cpu preset 3; "
-           "from scratch, 1 measured best)")
+    a("--alpha", type=alpha_option, help="weight of the clean (AR) term: a number or 'auto' = (task/clean).detach() "
+                                         "(paper 0.2; cpu preset 3; from scratch, 1 measured best)")
     a("--data", help="a UTF-8 text file or a folder of .txt files (default: the Shakespeare plays)")
     a("--tokenizer", choices=["bpe", "gpt2"], help="bpe: trained on the train split; gpt2: the GPT-2 encoding")
     a("--vocab_size", type=int, help="BPE vocabulary size, end-of-text included (MASK is one more id)")
@@ -106,12 +113,12 @@ def parse_args(argv=None, doc=None):
     a("--lora_alpha", type=float, help="LoRA scale numerator: the adapter's output is scaled by alpha/rank (default 16)")
     a("--distill_iters", type=int, help="after training, self-distil the masks (distill.py: the model's own greedy "
                                         "and sampled continuations, a gated LoRA adapter in out_dir/distilled) for "
-                                        "this many steps; "
-                                        "0 = off (default: 1000 for the cpu preset, else 0)")
+                                        "this many steps; 0 = off (default: 1000 for the cpu preset, else 0)")
     a("--ar_iters", type=int, help="the paper's recipe: pretrain an AR model for this many of the --max_iters steps "
                                    "(in out_dir/ar), then convert it into an I-DLM with the introspective loss for the "
-                                   f"rest; 0 = train the I-DLM from scratch (default: {PRESETS['cpu']['ar_iters']} for the cpu preset, else 0; "
-                                   "only for an I-DLM from scratch: not with --init_from, --lora or another --objective)")
+                                   f"rest; 0 = train the I-DLM from scratch (default: {PRESETS['cpu']['ar_iters']} for the "
+                                   "cpu preset, else 0; only for an I-DLM from scratch: not with --init_from, --lora or "
+                                   "another --objective)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
     for k in MODEL_KEYS:
@@ -145,13 +152,12 @@ def scale_recipe(cfg, args):
     """A run of another length than its preset's (--max_iters) keeps the recipe's proportions: its AR part
     (--ar_iters) and its self-distillation (--distill_iters) scale with it, unless given; says so in one line.
     A quick try (--max_iters=30) takes seconds, not the preset's 1000 distillation steps."""
-    preset_iters = PRESETS[cfg["preset"]].get("max_iters")
-    if "max_iters" not in args or cfg["resume"] or not preset_iters or cfg["max_iters"] == preset_iters:
+    f, scaled = cfg["max_iters"] / PRESETS[cfg["preset"]]["max_iters"], []
+    if f == 1 or cfg["resume"]:  # a resumed run's recipe is its checkpoint's
         return
-    f, scaled = cfg["max_iters"] / preset_iters, []
-    for k, lo, hi in (("ar_iters", 0, cfg["max_iters"] - 1), ("distill_iters", 1, None)):
+    for k, lo, hi in (("ar_iters", 0, cfg["max_iters"] - 1), ("distill_iters", 1, math.inf)):
         if k not in args and cfg[k]:
-            cfg[k] = max(lo, min(round(cfg[k] * f), hi or cfg[k] * 10))
+            cfg[k] = max(lo, min(round(cfg[k] * f), hi))
             scaled.append(f"--{k}={cfg[k]}")
     if scaled:
         print(f"--max_iters={cfg['max_iters']} ({f:.3g}x the {cfg['preset']} preset's): the recipe scaled with it: "
@@ -159,39 +165,35 @@ def scale_recipe(cfg, args):
 
 
 def check_options(cfg, given):
-    if cfg["stride"] < 1:
-        raise UsageError(f"--stride must be >= 1, got {cfg['stride']}")
-    if cfg["objective"] == "idlm" and cfg["stride"] < 2:
-        raise UsageError("--stride=1 has no masks to train: use --objective=ar for plain AR")
-    if cfg["distill_iters"] < 0:
-        raise UsageError(f"--distill_iters must be >= 0, got {cfg['distill_iters']}")
-    if "distill_iters" in given and cfg["distill_iters"] and (cfg["lora"] or cfg["objective"] == "ar"):
-        raise UsageError("--distill_iters distils the masks of a full I-DLM: not with --lora or --objective=ar")
-    for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters", "log_interval"):
-        if cfg[k] < 1:
-            raise UsageError(f"--{k} must be >= 1, got {cfg[k]}")
-    if not cfg["resume"]:  # when resuming, the checkpoints say how they were made (recipe)
-        if cfg["ar_iters"] < 0 or cfg["ar_iters"] >= cfg["max_iters"]:
-            raise UsageError(f"--ar_iters must be in [0, --max_iters={cfg['max_iters']}), got {cfg['ar_iters']}")
-        if cfg["ar_iters"] and not idlm_from_scratch(cfg):
-            raise UsageError("--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm "
-                             "from scratch (not with --init_from or --lora)")
-    if cfg["resume"] and cfg["init_from"]:
-        raise UsageError("--resume continues --out_dir; it cannot be combined with --init_from")
-    if cfg["lora"] < 0:
-        raise UsageError(f"--lora must be >= 0, got {cfg['lora']}")
-    if cfg["lora"] and not (cfg["init_from"] or cfg["resume"]):
-        raise UsageError("--lora adapts a frozen model: give it with --init_from (e.g. --init_from=smollm2)")
-    if cfg["lora"] and cfg["init_from"] and os.path.abspath(cfg["init_from"]) == os.path.abspath(cfg["out_dir"]):
-        raise UsageError("--lora saves only the adapter, which refers to its base: --out_dir must not be --init_from")
-    if "lora_alpha" in given and not cfg["lora"]:
-        raise UsageError("--lora_alpha scales the adapter: give it with --lora=RANK")
-    if cfg["block_size"] < 1:
-        raise UsageError(f"--block_size must be >= 1, got {cfg['block_size']}")
-    if cfg["lora"] and cfg["objective"] != "idlm":
-        raise UsageError("--lora adapters act only at MASK positions: they need --objective=idlm")
-    if cfg["preset"] == "smollm2" and not (cfg["init_from"] or cfg["resume"]):
-        raise UsageError("--preset=smollm2 fine-tunes SmolLM2: add --init_from=smollm2")
+    """Refuse a bad combination of options in one line: the first row of this table that holds."""
+    c, lora, new = cfg, cfg["lora"], not cfg["resume"]  # a resumed run's recipe is its checkpoints'
+
+    def at_least(k, lo):
+        return c[k] < lo, f"--{k} must be >= {lo}, got {c[k]}"
+    refuse([
+        at_least("stride", 1),
+        (c["objective"] == "idlm" and c["stride"] < 2, "--stride=1 has no masks to train: use --objective=ar for plain AR"),
+        at_least("distill_iters", 0),
+        ("distill_iters" in given and c["distill_iters"] and (lora or c["objective"] == "ar"),
+         "--distill_iters distils the masks of a full I-DLM: not with --lora or --objective=ar"),
+        *(at_least(k, 1) for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters",
+                                   "log_interval")),
+        (new and not 0 <= c["ar_iters"] < c["max_iters"],
+         f"--ar_iters must be in [0, --max_iters={c['max_iters']}), got {c['ar_iters']}"),
+        (new and c["ar_iters"] and not idlm_from_scratch(c),
+         "--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm from scratch (not with "
+         "--init_from or --lora)"),
+        (c["resume"] and c["init_from"], "--resume continues --out_dir; it cannot be combined with --init_from"),
+        at_least("lora", 0),
+        (lora and not (c["init_from"] or c["resume"]),
+         "--lora adapts a frozen model: give it with --init_from (e.g. --init_from=smollm2)"),
+        (lora and c["init_from"] and os.path.abspath(c["init_from"]) == os.path.abspath(c["out_dir"]),
+         "--lora saves only the adapter, which refers to its base: --out_dir must not be --init_from"),
+        ("lora_alpha" in given and not lora, "--lora_alpha scales the adapter: give it with --lora=RANK"),
+        at_least("block_size", 1),
+        (lora and c["objective"] != "idlm", "--lora adapters act only at MASK positions: they need --objective=idlm"),
+        (c["preset"] == "smollm2" and not (c["init_from"] or c["resume"]),
+         "--preset=smollm2 fine-tunes SmolLM2: add --init_from=smollm2")])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,15 +220,11 @@ def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, fin
     first pct_start of the steps, then cosine down to that start / final_div_factor. A warm-up
     ending exactly at step 0 counts as done (torch divides by zero there: iters=20). Self-distillation's
     schedule, in both frameworks."""
-    initial = max_lr / div_factor
-    phases = [(float(pct_start * total_steps) - 1, initial, max_lr),  # (last step, lr there, lr at its start)
-              (total_steps - 1, max_lr, initial / final_div_factor)]
-    start = 0.0
-    for i, (end, lr_from, lr_to) in enumerate(phases):
-        if step <= end or i == len(phases) - 1:
-            pct = (step - start) / (end - start) if end != start else 1.0
-            return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
-        start = end
+    initial, warm_end = max_lr / div_factor, float(pct_start * total_steps) - 1  # the warm-up's last step
+    start, end, lr_from, lr_to = ((0.0, warm_end, initial, max_lr) if step <= warm_end else
+                                  (warm_end, total_steps - 1, max_lr, initial / final_div_factor))
+    pct = (step - start) / (end - start) if end != start else 1.0
+    return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
 @dataclass
@@ -248,21 +246,19 @@ class DistillConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        if self.rollouts not in ("greedy", "sampled", "both", "none"):
-            raise ValueError(f"rollouts must be greedy, sampled, both or none, got {self.rollouts!r}")
-        if self.supervision not in ("hard", "soft", "mixed"):
-            raise ValueError(f"supervision must be hard, soft or mixed, got {self.supervision!r}")
-        if (self.supervision == "mixed") != (self.rollouts == "both"):
-            raise ValueError("supervision=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both")
-        if self.rollouts == "none" and self.supervision == "hard":
-            raise ValueError("rollouts=none with supervision=hard is ordinary training: use supervision=soft")
-        if not 0 < self.prompt_len < self.seq_len:
-            raise ValueError(f"need 0 < prompt_len < seq_len, got {self.prompt_len} and {self.seq_len}")
-        for k in ("n_rollouts", "rank", "iters", "batch_size"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        refuse([(self.rollouts not in ("greedy", "sampled", "both", "none"),
+                 f"rollouts must be greedy, sampled, both or none, got {self.rollouts!r}"),
+                (self.supervision not in ("hard", "soft", "mixed"),
+                 f"supervision must be hard, soft or mixed, got {self.supervision!r}"),
+                ((self.supervision == "mixed") != (self.rollouts == "both"),
+                 "supervision=mixed (hard on greedy rollouts, soft on sampled ones) goes with rollouts=both"),
+                (self.rollouts == "none" and self.supervision == "hard",
+                 "rollouts=none with supervision=hard is ordinary training: use supervision=soft"),
+                (not 0 < self.prompt_len < self.seq_len,
+                 f"need 0 < prompt_len < seq_len, got {self.prompt_len} and {self.seq_len}"),
+                *((getattr(self, k) < 1, f"{k} must be >= 1, got {getattr(self, k)}")
+                  for k in ("n_rollouts", "rank", "iters", "batch_size")),
+                (self.temperature <= 0, f"temperature must be > 0, got {self.temperature}")], ValueError)
 
 
 def distill_config(cfg):
@@ -301,73 +297,83 @@ def micro_batches(ids, it, cfg, rank=0, world=1):
     return [data.get_batch(ids, offsets[i:i + bs], cfg["seq_len"]) for i in starts]
 
 
-def read_train_state(out_dir, framework):
-    """The train state --resume continues: the metadata of optimizer.safetensors (train.save_checkpoint)."""
-    path = os.path.join(out_dir, "optimizer.safetensors")
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume: {out_dir} has no optimizer.safetensors (not a training run); drop --resume")
-    with safe_open(path, "np") as f:
-        meta = f.metadata() or {}
-    if "state" not in meta:
-        raise UsageError(f"--resume: {path} holds no train state (an older train.py wrote it); "
-                         f"start from its weights with --init_from={out_dir} instead")
-    state = json.loads(meta["state"])
-    if state.get("framework", "pytorch") != framework:  # the optimizer state is the framework's own
-        raise UsageError(f"--resume: {out_dir} was trained with {state.get('framework', 'pytorch')}: resume it "
-                         f"with that trainer, or start from its weights with --init_from")
-    return state
-
-
-def checkpoint_folder(path, what):
-    """`path`, or the converted checkpoint folder of a pretrained name (smollm2; train.py converts it before
-    it starts); a UsageError if none."""
-    if path == PRETRAINED:
-        try:
-            path = checkpoint.converted_pretrained()
-        except ValueError as e:
-            raise UsageError(f"{what}={PRETRAINED}: {e}") from None
-    if not os.path.isdir(path):
-        raise UsageError(f"{what}={path}: no such folder")
-    return path
-
-
-def load_pretrained(path, what, load_weights):
-    """(model config, tokenizer, weights) from a checkpoint folder or a pretrained name (smollm2),
-    or a one-line UsageError. load_weights reads model.safetensors (the framework's own loader)."""
-    path = checkpoint_folder(path, what)
-    try:
-        mcfg = load_config(path)
-        enc = tok.load(path)
-        weights = load_weights(os.path.join(path, "model.safetensors"))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"{what}={path} is not a checkpoint of this project: {e}") from None
-    if mcfg.mask_token_id != enc.n_vocab or mcfg.vocab_size != enc.n_vocab + 1:
-        raise UsageError(f"{what}={path}: config.json does not match its tokenizer "
-                         f"({mcfg.vocab_size} ids vs {enc.n_vocab} + MASK)")
-    return mcfg, enc, weights
-
-
 # ----------------------------------------------------------------------------------------------
 # the start-up decision
 
+def recipe(cfg, given, framework, log=print):
+    """The runs that make the model asked for, as (options, options given) pairs. With --ar_iters=K
+    (the cpu preset's default) the paper's recipe: an AR model pretrained for K of the max_iters steps in
+    out_dir/ar, then converted with the introspective loss for the other max_iters - K steps in out_dir
+    (--init_from=out_dir/ar, a schedule of its own). With --resume, each run continues where it stopped
+    and a finished AR run is kept; once the conversion has begun, it is the one run. Without --ar_iters:
+    the one run asked for. A checkpoint already in a run's out_dir is replaced only with --overwrite:
+    refused here, before the first run starts."""
+    out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
+    runs = [cfg]
+    if K and not (cfg["resume"] and has_checkpoint(out_dir)):
+        ar_state = read_train_state(ar_dir, framework) if cfg["resume"] and has_checkpoint(ar_dir) else None
+        runs = [{**cfg, "max_iters": cfg["max_iters"] - K, "resume": False, "init_from": ar_dir}]
+        if ar_state is None or ar_state["iter"] < K:
+            runs.insert(0, {**cfg, "objective": "ar", "max_iters": K, "out_dir": ar_dir, "ar_iters": 0,
+                            "distill_iters": 0, "resume": ar_state is not None})
+    for run in runs[::-1]:  # out_dir's, then out_dir/ar's
+        if has_checkpoint(run["out_dir"]) and not (run["resume"] or run["overwrite"]):
+            raise UsageError(f"{run['out_dir']} already holds a checkpoint: add --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out_dir")
+    if K:
+        log(f"the paper's recipe: {K} steps of AR pretraining ({ar_dir}), then {cfg['max_iters'] - K} "
+            f"converting it into an I-DLM ({out_dir})")
+    return [(run, given) for run in runs]
+
+
+def start_from(cfg, given, framework, load_weights):
+    """Where a run starts: the run in out_dir (--resume), another checkpoint (--init_from) or scratch.
+    Returns (cfg, model config, tokenizer, weights, train state); all but cfg are None from scratch, the
+    state only when resuming. With --lora, the weights are the frozen base's (the adapter is the trainer's
+    business). With --init_from, cfg records the checkpoint's model shape and tokenizer (the run's), not
+    the preset's. load_weights reads a model.safetensors file with the framework's own loader."""
+    out_dir, state = cfg["out_dir"], None
+    if cfg["resume"]:
+        state = read_train_state(out_dir, framework)
+        cfg = resumed_config(state, cfg, given)
+        source, what = out_dir, "--resume"
+        if cfg["lora"]:  # the frozen base, under the adapter trained so far
+            try:
+                source, what = checkpoint.adapter_base(out_dir), "--resume: the adapter's base model"
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
+    elif cfg["init_from"]:
+        source, what = cfg["init_from"], "--init_from"
+    else:
+        return cfg, None, None, None, None
+    mcfg, enc, weights = load_pretrained(source, what, load_weights)
+    check_against(mcfg, enc, cfg, given)
+    if not cfg["resume"]:
+        cfg = {**cfg, **{k: getattr(mcfg, k) for k in MODEL_KEYS}, "tokenizer": enc.name, "vocab_size": enc.n_vocab}
+    return cfg, mcfg, enc, weights, state
+
+
 def resumed_config(state, cfg, given):
-    """The options of the run being resumed, with the ones given that may change (RESUMABLE)."""
+    """The options of the run being resumed, with the ones given that may change (RESUMABLE). A --max_iters
+    given counts the whole recipe: a conversion's own steps are those after its AR part (ar_iters)."""
     saved = state["config"]
     diff = [k for k in given - RESUMABLE if saved.get(k) != cfg[k]]
     if diff:
         raise UsageError(f"--resume: the checkpoint in {cfg['out_dir']} was trained with "
                          + ", ".join(f"--{k}={saved.get(k)}" for k in diff)
                          + "; drop those options or use another --out_dir")
-    return {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
+    resumed = {**saved, **{k: cfg[k] for k in given & RESUMABLE}}
+    if "max_iters" in given:
+        resumed["max_iters"] -= saved.get("ar_iters", 0)
+    return resumed
 
 
 def check_against(mcfg, enc, cfg, given):
     """Refuse options that contradict the checkpoint the run starts from (--init_from or --resume)."""
-    if cfg["init_from"] and not cfg["resume"]:
+    if not cfg["resume"]:  # --init_from; when resuming, resumed_config compared the model shape
         clash = [k for k in given & set(MODEL_KEYS) if getattr(mcfg, k) != cfg[k]]
         if clash:
-            raise UsageError(f"--init_from={cfg['init_from']} has "
-                             + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
+            raise UsageError(f"--init_from={cfg['init_from']} has " + ", ".join(f"{k}={getattr(mcfg, k)}" for k in clash)
                              + ": drop the model-shape options that contradict it")
         if cfg["seq_len"] > mcfg.max_seq_len:
             raise UsageError(f"--seq_len={cfg['seq_len']} exceeds the checkpoint's max_seq_len {mcfg.max_seq_len}")
@@ -383,38 +389,42 @@ def has_checkpoint(out_dir):
     return os.path.isfile(os.path.join(out_dir, "config.json")) or checkpoint.has_adapter(out_dir)
 
 
-def start_from(cfg, given, framework, load_weights):
-    """Where the run starts: the run in out_dir (--resume), another checkpoint (--init_from) or
-    scratch; a checkpoint already in out_dir is replaced only with --overwrite. Returns (cfg, model
-    config, tokenizer, weights, train state); all but cfg are None from scratch, the state only when
-    resuming. With --lora, the weights are the frozen base's (the adapter is the trainer's business).
-    With --init_from, cfg records the checkpoint's model shape and tokenizer (the run's), not the
-    preset's. load_weights reads a model.safetensors file with the framework's own loader."""
-    out_dir = cfg["out_dir"]
-    mcfg = enc = weights = state = None
-    has_ckpt = has_checkpoint(out_dir)
-    if cfg["resume"]:
-        if not has_ckpt:
-            raise UsageError(f"--resume: no checkpoint in {out_dir}; run without --resume first")
-        state = read_train_state(out_dir, framework)
-        cfg = resumed_config(state, cfg, given)
-        if cfg["lora"]:  # the frozen base, under the adapter trained so far
-            try:
-                base = checkpoint.adapter_base(out_dir)
-            except (OSError, ValueError, KeyError) as e:
-                raise UsageError(f"--resume: the adapter in {out_dir} cannot be read: {e}") from None
-            mcfg, enc, weights = load_pretrained(base, "--resume: the adapter's base model", load_weights)
-        else:
-            mcfg, enc, weights = load_pretrained(out_dir, "--resume", load_weights)
-        check_against(mcfg, enc, cfg, given)
-    elif has_ckpt and not cfg["overwrite"]:
-        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out_dir")
-    elif cfg["init_from"]:
-        mcfg, enc, weights = load_pretrained(cfg["init_from"], "--init_from", load_weights)
-        check_against(mcfg, enc, cfg, given)
-        cfg = {**cfg, **{k: getattr(mcfg, k) for k in MODEL_KEYS}, "tokenizer": enc.name, "vocab_size": enc.n_vocab}
-    return cfg, mcfg, enc, weights, state
+def read_train_state(out_dir, framework):
+    """The train state --resume continues: the metadata of optimizer.safetensors (train.save_checkpoint)."""
+    path = os.path.join(out_dir, "optimizer.safetensors")
+    refuse([(not has_checkpoint(out_dir), f"--resume: no checkpoint in {out_dir}; run without --resume first"),
+            (not os.path.isfile(path),
+             f"--resume: {out_dir} has no optimizer.safetensors (not a training run); drop --resume")])
+    with safe_open(path, "np") as f:
+        state = json.loads((f.metadata() or {}).get("state", "{}"))
+    made_with = state.get("framework", "pytorch")  # the optimizer state is the framework's own
+    refuse([(not state, f"--resume: {path} holds no train state (an older train.py wrote it); "
+                        f"start from its weights with --init_from={out_dir} instead"),
+            (made_with != framework, f"--resume: {out_dir} was trained with {made_with}: resume it "
+                                     f"with that trainer, or start from its weights with --init_from")])
+    return state
+
+
+def load_pretrained(path, what, load_weights):
+    """(model config, tokenizer, weights) of a checkpoint folder or a pretrained name (smollm2: the folder
+    train.py converts it into before it starts), or a one-line UsageError. load_weights reads
+    model.safetensors (the framework's own loader)."""
+    if path == PRETRAINED:
+        try:
+            path = checkpoint.converted_pretrained()
+        except ValueError as e:
+            raise UsageError(f"{what}={PRETRAINED}: {e}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"{what}={path}: no such folder")
+    try:
+        mcfg, enc = load_config(path), tok.load(path)
+        weights = load_weights(os.path.join(path, "model.safetensors"))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"{what}={path} is not a checkpoint of this project: {e}") from None
+    if mcfg.mask_token_id != enc.n_vocab or mcfg.vocab_size != enc.n_vocab + 1:
+        raise UsageError(f"{what}={path}: config.json does not match its tokenizer "
+                         f"({mcfg.vocab_size} ids vs {enc.n_vocab} + MASK)")
+    return mcfg, enc, weights
 
 
 def load_data(cfg, enc=None, log=print):
@@ -464,27 +474,3 @@ def log_progress(it, losses, lr, start, t0, t_last, cfg, log=print):
     eta = (now - t0) / (it + 1 - start) * (cfg["max_iters"] - it - 1)
     log(progress_line(it + 1, cfg, losses, lr, tps, eta), flush=True)
     return time.time()
-
-
-def recipe(cfg, given, framework):
-    """The runs that make the model asked for, as (options, options given) pairs. With --ar_iters=K
-    (the cpu preset's default) the paper's recipe: an AR model pretrained for K of the max_iters steps in
-    out_dir/ar, then converted with the introspective loss for the other max_iters - K steps in out_dir
-    (--init_from=out_dir/ar, a schedule of its own). With --resume, each run continues where it
-    stopped and a finished AR run is kept. Without --ar_iters: the one run asked for."""
-    out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
-    if cfg["resume"] and has_checkpoint(out_dir):  # the conversion (or a run from scratch) had begun: go on
-        K = read_train_state(out_dir, framework)["config"].get("ar_iters", 0)
-        return [({**cfg, "max_iters": cfg["max_iters"] - K}, given)]
-    if not K:
-        return [(cfg, given)]
-    if has_checkpoint(out_dir) and not (cfg["resume"] or cfg["overwrite"]):  # before the AR run, not after
-        raise UsageError(f"{out_dir} already holds a checkpoint: add --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out_dir")
-    runs = []
-    ar_state = read_train_state(ar_dir, framework) if cfg["resume"] and has_checkpoint(ar_dir) else None
-    if ar_state is None or ar_state["iter"] < K:
-        runs.append(({**cfg, "objective": "ar", "max_iters": K, "out_dir": ar_dir, "ar_iters": 0, "distill_iters": 0,
-                      "resume": ar_state is not None}, given))
-    runs.append(({**cfg, "max_iters": cfg["max_iters"] - K, "resume": False, "init_from": ar_dir}, given))
-    return runs

@@ -37,34 +37,30 @@ from model import Model, ar_loss, idlm_loss
 from options import (BETAS, UsageError, check_options, decays, distill_config, evaluates_at, load_data, log_progress,
                      lr_at, micro_batches, micro_steps, model_config, parse_args, recipe, run_line, start_from)
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
 
 def init_processes(cfg):
-    """(ddp, rank, world, device) of this process: the only one, or one of torchrun's (ddp), which join a
-    process group (nccl on CUDA, each on its own GPU; gloo elsewhere) once --grad_accum is known to split."""
+    """(rank, world, device) of this process: the only one, or one of torchrun's, which join a process
+    group (nccl on CUDA, each on its own GPU; gloo elsewhere) once --grad_accum is known to split.
+    --device=auto: cuda, then mps, then cpu."""
+    device = cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if "WORLD_SIZE" not in os.environ:
-        return False, 0, 1, pick_device(cfg["device"])
+        return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     micro_steps(cfg, world)
-    device = pick_device(cfg["device"])
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return True, rank, world, device
+    return rank, world, device
 
 
-def losses(model, x, cfg):
+def losses(model, x, cfg, generator=None):
     """(loss to optimise, task, clean); task is nan for the AR objective; for dlm / bdlm the loss is
-    the diffusion bound and clean is nan."""
+    the diffusion bound (t and the masks drawn with `generator`) and clean is nan."""
     if cfg["objective"] in dlm.FAMILIES:
-        bound = dlm.dlm_loss(model, x, cfg["block_size"] if cfg["objective"] == "bdlm" else None)
+        bound = dlm.dlm_loss(model, x, cfg["block_size"] if cfg["objective"] == "bdlm" else None, generator)
         return bound, bound, torch.full_like(bound, float("nan"))
     if cfg["objective"] == "ar":
         clean = ar_loss(model, x)
@@ -75,22 +71,17 @@ def losses(model, x, cfg):
 @torch.no_grad()
 def evaluate(model, val, cfg, device, rank=0, world=1):
     """Mean validation task and clean losses over a fixed set of eval_iters batches (the same every
-    time, whatever the number of processes); process `rank` scores every world-th batch."""
+    time, whatever the number of processes; dlm / bdlm: a fixed draw of t and masks too); process `rank`
+    scores every world-th batch."""
     model.eval()
     bs = cfg["batch_size"]
     offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * bs, seed=0)
     out = torch.zeros(2)
+    # an AR model is scored as an I-DLM too: idlm_loss's clean term IS the AR loss, one forward gives both
+    scored = {**cfg, "objective": "idlm"} if cfg["objective"] == "ar" and cfg["stride"] >= 2 else cfg
     for i in range(rank, cfg["eval_iters"], world):
         x = torch.from_numpy(data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"])).to(device)
-        if cfg["objective"] in dlm.FAMILIES:  # the diffusion bound, with a fixed draw of t and masks
-            task = dlm.dlm_loss(model, x, cfg["block_size"] if cfg["objective"] == "bdlm" else None,
-                                torch.Generator().manual_seed(i))
-            clean = torch.tensor(float("nan"))
-        elif cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
-            _, task, clean = idlm_loss(model, x, stride=cfg["stride"])
-        else:
-            task, clean = torch.tensor(float("nan")), ar_loss(model, x)
-        out += torch.stack([task.float().cpu(), clean.float().cpu()])
+        out += torch.stack(losses(model, x, scored, torch.Generator().manual_seed(i))[1:]).float().cpu()
     if world > 1:
         dist.all_reduce(out)
     model.train()
@@ -157,7 +148,7 @@ def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
 
 def restore(out_dir, model, opt, state):
     """--resume: the trained weights and the optimizer as optimizer.safetensors holds them (read_train_state
-    gave its train state)."""
+    gave its train state); returns the step, history and evaluations to go on from."""
     sd = {"state": {}, "param_groups": state["param_groups"]}
     weights = {}
     for key, v in load_file(os.path.join(out_dir, "optimizer.safetensors")).items():
@@ -168,31 +159,26 @@ def restore(out_dir, model, opt, state):
             sd["state"].setdefault(int(i), {})[name] = v
     trained(model).load_state_dict(weights)
     opt.load_state_dict(sd)
+    return state["iter"], state["history"], state["evals"]
 
 
-def adapter_of(cfg, state):
-    """--lora: the gated adapter to train, (LoraConfig, tensors or None): the one in out_dir when resuming,
-    else a new one on --init_from as resolved now; None without --lora."""
-    if not cfg["lora"]:
-        return None
-    if state is not None:
-        try:
-            return lora.load_adapter(cfg["out_dir"])
-        except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"--resume: the adapter in {cfg['out_dir']} cannot be read: {e}") from None
-    base = cfg["init_from"] if cfg["init_from"] == PRETRAINED else os.path.abspath(cfg["init_from"])
-    return lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base), None
-
-
-def build_model(cfg, mcfg, weights=None, adapter=None):
-    """The model to train, seeded: mcfg's, with the checkpoint's weights if any; with an adapter (R-ISD,
-    --lora) the base is frozen and only the gated adapter trains."""
+def build_model(cfg, mcfg, weights=None, resuming=False):
+    """The model to train, seeded: mcfg's, with the checkpoint's weights if any. With --lora (R-ISD) the
+    base is frozen and only a gated adapter trains: the one in out_dir when resuming, else a new one on
+    --init_from as resolved now."""
     torch.manual_seed(cfg["seed"])
     model = Model(mcfg)
     if weights is not None:
         model.load_state_dict(weights)
-    if adapter is not None:
+    if cfg["lora"] and resuming:
+        try:
+            adapter = lora.load_adapter(cfg["out_dir"])
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"--resume: the adapter in {cfg['out_dir']} cannot be read: {e}") from None
         lora.add_adapter(model, *adapter)
+    elif cfg["lora"]:
+        base = cfg["init_from"] if cfg["init_from"] == PRETRAINED else os.path.abspath(cfg["init_from"])
+        lora.add_adapter(model, lora.LoraConfig(cfg["lora"], cfg["lora_alpha"], base))
     return model
 
 
@@ -212,36 +198,28 @@ def sample(model, enc, cfg):
 def main(argv=None):
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
-    ddp, rank, world, device = init_processes(cfg)
+    rank, world, device = init_processes(cfg)
     if cfg["init_from"] == PRETRAINED:
         pretrained.smollm2_dir()  # converted once (the GGUF file is read with torch), before the run reads it
-    runs = recipe(cfg, given, "pytorch")
-    if cfg["ar_iters"] and rank == 0:
-        print(f"the paper's recipe: {cfg['ar_iters']} steps of AR pretraining ({os.path.join(cfg['out_dir'], 'ar')}), "
-              f"then {cfg['max_iters'] - cfg['ar_iters']} converting it into an I-DLM ({cfg['out_dir']})")
-    for run_cfg, run_given in runs:
-        train(run_cfg, run_given, rank, world, device, ddp)
-    if ddp:
+    log = print if rank == 0 else (lambda *a, **k: None)
+    for run_cfg, run_given in recipe(cfg, given, "pytorch", log):
+        train(run_cfg, run_given, rank, world, device, log)
+    if dist.is_initialized():
         dist.barrier()  # leave together: a process that tears gloo down while another still runs can abort
         dist.destroy_process_group()
 
 
-def train(cfg, given, rank=0, world=1, device="cpu", ddp=False):
-    """One training run: from the options to a checkpoint in out_dir (and its self-distilled adapter)."""
-    log = print if rank == 0 else (lambda *a, **k: None)
-
+def train(cfg, given, rank=0, world=1, device="cpu", log=print):
+    """One training run: from the options to a checkpoint in out_dir (and its self-distilled adapter);
+    `log` prints in the first process only."""
     # the start point: the run in out_dir (--resume), another checkpoint (--init_from) or scratch
     cfg, mcfg, enc, weights, state = start_from(cfg, given, "pytorch", load_file)
-    adapter = adapter_of(cfg, state)
     enc, train_ids, val_ids = load_data(cfg, enc, log)
-    model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights, adapter).to(device)
+    model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights, state is not None).to(device)
     opt = make_optimizer(model, cfg)
-    start, history, evals = 0, [], []
-    if state is not None:
-        restore(cfg["out_dir"], model, opt, state)
-        start, history, evals = state["iter"], state["history"], state["evals"]
+    start, history, evals = restore(cfg["out_dir"], model, opt, state) if state else (0, [], [])
     net = torch.compile(model) if cfg["compile"] else model
-    if ddp:
+    if dist.is_initialized():
         net = torch.nn.parallel.DistributedDataParallel(net)
     if cfg["lora"]:
         n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -272,8 +250,7 @@ def train(cfg, given, rank=0, world=1, device="cpu", ddp=False):
         print("sample:\n" + sample(model, enc, cfg))
         if cfg.get("distill_iters") and cfg["objective"] == "idlm" and not cfg["lora"]:
             log(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
-            dcfg = distill_config(cfg)
-            distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
+            distill.distill(cfg["out_dir"], distill_config(cfg), cfg["stride"], cfg["data"])
 
 
 if __name__ == "__main__":

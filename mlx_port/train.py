@@ -30,19 +30,16 @@ from decoding import SamplingParams
 from mlx_port.isd import ar_generate
 from mlx_port.model import Model, ar_loss, idlm_loss, pick_device
 from options import (BETAS, UsageError, check_options, decays, distill_config, evaluates_at, load_data, log_progress,
-                     lr_at, micro_batches, model_config, parse_args, recipe, run_line, start_from)
+                     lr_at, micro_batches, model_config, parse_args, recipe, refuse, run_line, start_from)
 
 
-def check_port_options(cfg, given):
+def check_port_options(cfg):
     """Refuse what the port does not do; make --device MLX's default device."""
-    if cfg["compile"]:
-        raise UsageError("--compile is torch.compile: the MLX port runs without it")
-    if cfg["objective"] not in ("idlm", "ar"):
-        raise UsageError(f"--objective={cfg['objective']}: the diffusion baselines train with train.py; "
-                         f"the MLX port trains idlm and ar")
-    if cfg["lora"]:
-        raise UsageError("--lora: gated LoRA (R-ISD) training of a pretrained model is in train.py; the MLX port "
-                         "trains whole models and self-distils their adapter (--distill_iters)")
+    refuse([(cfg["compile"], "--compile is torch.compile: the MLX port runs without it"),
+            (cfg["objective"] not in ("idlm", "ar"), f"--objective={cfg['objective']}: the diffusion baselines train "
+                                                     f"with train.py; the MLX port trains idlm and ar"),
+            (cfg["lora"], "--lora: gated LoRA (R-ISD) training of a pretrained model is in train.py; the MLX port "
+                          "trains whole models and self-distils their adapter (--distill_iters)")])
     try:
         mx.set_default_device(pick_device(cfg["device"]))
     except ValueError as e:
@@ -62,12 +59,11 @@ def evaluate(model, val, cfg):
     bs = cfg["batch_size"]
     offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * bs, seed=0)
     out = [0.0, 0.0]
+    # an AR model is scored as an I-DLM too: idlm_loss's clean term IS the AR loss, one forward gives both
+    scored = {**cfg, "objective": "idlm"} if cfg["objective"] == "ar" and cfg["stride"] >= 2 else cfg
     for i in range(cfg["eval_iters"]):
         x = mx.array(data.get_batch(val, offsets[i * bs:(i + 1) * bs], cfg["seq_len"]))
-        if cfg["stride"] >= 2:  # idlm_loss's clean term IS the AR loss: one forward gives both
-            _, task, clean = idlm_loss(model, x, stride=cfg["stride"])
-        else:
-            task, clean = mx.array(float("nan")), ar_loss(model, x)
+        _, task, clean = losses(model, x, scored)
         out = [out[0] + task.item(), out[1] + clean.item()]
     return [v / cfg["eval_iters"] for v in out]
 
@@ -122,11 +118,13 @@ def train_step(model, opt, loss_and_grad, batches, lr, cfg):
     return stats.tolist()
 
 
-def restore(out_dir, model, opt):
-    """--resume: the weights and the optimizer state as save_checkpoint left them in optimizer.safetensors."""
+def restore(out_dir, model, opt, state):
+    """--resume: the weights and the optimizer state as save_checkpoint left them in optimizer.safetensors;
+    returns the step, history and evaluations of the train state to go on from."""
     tensors = mx.load(os.path.join(out_dir, "optimizer.safetensors"))
     model.load_weights([(k[len("weights."):], v) for k, v in tensors.items() if k.startswith("weights.")])
     opt.state = tree_unflatten([(k, v) for k, v in tensors.items() if not k.startswith("weights.")])
+    return state["iter"], state["history"], state["evals"]
 
 
 def main(argv=None):
@@ -134,12 +132,8 @@ def main(argv=None):
     # cpu preset: AR pretraining, then the conversion)
     cfg, given = parse_args(argv, doc=__doc__)
     check_options(cfg, given)
-    check_port_options(cfg, given)
-    runs = recipe(cfg, given, "mlx")
-    if cfg["ar_iters"]:
-        print(f"the paper's recipe: {cfg['ar_iters']} steps of AR pretraining ({os.path.join(cfg['out_dir'], 'ar')}), "
-              f"then {cfg['max_iters'] - cfg['ar_iters']} converting it into an I-DLM ({cfg['out_dir']})")
-    for run_cfg, run_given in runs:
+    check_port_options(cfg)
+    for run_cfg, run_given in recipe(cfg, given, "mlx"):
         train(run_cfg, run_given)
 
 
@@ -150,10 +144,7 @@ def train(cfg, given):
     enc, train_ids, val_ids = load_data(cfg, enc, print)
     model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights)
     opt = make_optimizer(model, cfg)
-    start, history, evals = 0, [], []
-    if state is not None:
-        restore(cfg["out_dir"], model, opt)
-        start, history, evals = state["iter"], state["history"], state["evals"]
+    start, history, evals = restore(cfg["out_dir"], model, opt, state) if state else (0, [], [])
     loss_and_grad = nn.value_and_grad(model, lambda x: losses(model, x, cfg))  # gradient of the first output
     print(run_line(cfg, sum(p.size for _, p in tree_flatten(model.parameters())), model.cfg, len(train_ids),
                    f"MLX on {mx.default_device()}"))
@@ -182,8 +173,7 @@ def train(cfg, given):
     print("sample:\n" + enc.decode(out))
     if cfg.get("distill_iters") and cfg["objective"] == "idlm":
         print(f"self-distillation: the masks learn the model's own continuations ({cfg['distill_iters']} steps)")
-        dcfg = distill_config(cfg)
-        distill.distill(cfg["out_dir"], dcfg, cfg["stride"], cfg["data"])
+        distill.distill(cfg["out_dir"], distill_config(cfg), cfg["stride"], cfg["data"])
 
 
 if __name__ == "__main__":
