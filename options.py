@@ -178,7 +178,7 @@ def check_options(cfg, given):
          "--distill_iters distils the masks of a full I-DLM: not with --lora or --objective=ar"),
         *(at_least(k, 1) for k in ("batch_size", "grad_accum", "max_iters", "seq_len", "eval_interval", "eval_iters",
                                    "log_interval")),
-        (new and not 0 <= c["ar_iters"] < c["max_iters"],
+        ((new or "ar_iters" in given) and not 0 <= c["ar_iters"] < c["max_iters"],
          f"--ar_iters must be in [0, --max_iters={c['max_iters']}), got {c['ar_iters']}"),
         (new and c["ar_iters"] and not idlm_from_scratch(c),
          "--ar_iters pretrains AR, then converts it into an I-DLM: only for --objective=idlm from scratch (not with "
@@ -309,6 +309,8 @@ def recipe(cfg, given, framework, log=print):
     the one run asked for. A checkpoint already in a run's out_dir is replaced only with --overwrite:
     refused here, before the first run starts."""
     out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
+    refuse([(cfg["resume"] and not (has_checkpoint(out_dir) or K and has_checkpoint(ar_dir)),
+             f"--resume: no checkpoint in {out_dir}; run without --resume first")])
     runs = [cfg]
     if K and not (cfg["resume"] and has_checkpoint(out_dir)):
         ar_state = read_train_state(ar_dir, framework) if cfg["resume"] and has_checkpoint(ar_dir) else None

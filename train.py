@@ -204,8 +204,9 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     for run_cfg, run_given in recipe(cfg, given, "pytorch", log):
         train(run_cfg, run_given, rank, world, device, log)
+        if dist.is_initialized():  # wait for process 0's checkpoint: the next run (the conversion) reads it,
+            dist.barrier()  # and a process that tears gloo down while another still runs can abort
     if dist.is_initialized():
-        dist.barrier()  # leave together: a process that tears gloo down while another still runs can abort
         dist.destroy_process_group()
 
 
