@@ -223,7 +223,7 @@ def test_ddp_matches_single_process(corpus, tmp_path):
     starts from the AR checkpoint process 0 saved)."""
     common = TINY + [f"--data={corpus}", "--max_iters=4", "--ar_iters=1", "--eval_interval=3", "--eval_iters=3",
                      "--device=cpu", "--batch_size=2", "--grad_accum=2"]
-    single = run(common + [f"--out_dir={tmp_path}/one"])
+    train.main(common + [f"--out_dir={tmp_path}/one"])
     env = {**os.environ, "IDLM_CACHE": data.CACHE_DIR, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         "train.py", *common, f"--out_dir={tmp_path}/two"],
