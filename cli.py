@@ -50,15 +50,27 @@ def trace_html(trace, enc, prompt, st, stride):
             f"<table><tr><th>forward</th><th>tokens</th><th>committed</th></tr>{''.join(rows)}</table>")
 
 
+def add_model_options(p):
+    """--out_dir, --init_from, --base: the model to load (model_source), for sample.py and serve.py alike."""
+    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
+                                                    "adapter (its base model + the adapter) (default out)")
+    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
+    p.add_argument("--base", action="store_true", help="the base checkpoint without its self-distilled adapter "
+                   "(out_dir/distilled, loaded by default: the same tokens, more of them per forward)")
+
+
+def model_source(a):
+    """The folder (or pretrained name) that add_model_options' options name: with its self-distilled adapter
+    (distilled/) when there is one, unless --base."""
+    source = a.init_from or a.out_dir
+    return source if a.base else checkpoint.distilled_or_base(source)
+
+
 def parse_args(argv, doc):
     """(parser, options, family): the objective train.py gave the checkpoint (idlm for a pretrained model);
     an option of the other kind of checkpoint (ISD's, a diffusion LM's) is an error."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
-                                                    "adapter (its base model + the adapter) (default out)")
-    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
-    p.add_argument("--base", action="store_true", help="decode with the base checkpoint without its self-distilled "
-                   "adapter (out_dir/distilled, loaded by default: the same tokens, more of them per forward)")
+    add_model_options(p)
     p.add_argument("--chat", action="store_true", help="put --prompt as a user message in the chat template (ChatML)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--stride", type=int, default=None, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
@@ -116,7 +128,7 @@ def main(argv, decoder, load_model, doc, diffuse=None):
             enc, out, st, head = diffuse(a)
             stops = ()
         else:
-            source = source if a.base else checkpoint.distilled_or_base(source)  # the self-distilled adapter, if any
+            source = model_source(a)
             model, enc = load_model(source, a.device)
             if a.chat and not tok.has_chat_template(enc):
                 raise ValueError(f"--chat: the tokenizer {enc.name} has no chat template (no <|im_start|>)")

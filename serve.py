@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 import checkpoint
+import cli
 import isd
 import learn
 import lora
@@ -536,12 +537,9 @@ def base_model(a, source):
 
 
 def main(argv=None):
+    # the options
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="checkpoint folder written by train.py, or one with a LoRA "
-                                                    "adapter (its base model + the adapter) (default out)")
-    p.add_argument("--init_from", default=None, help="a pretrained model by name instead of --out_dir: smollm2")
-    p.add_argument("--base", action="store_true", help="serve the base checkpoint without its self-distilled adapter "
-                   "(out_dir/distilled, loaded by default: the same outputs, more tokens per forward)")
+    cli.add_model_options(p)
     p.add_argument("--stride", type=int, default=4, help="N: up to N tokens per forward; 1 = plain AR (default 4)")
     p.add_argument("--narrow", action="store_true", help="with --policy=fixed, the narrow window: 2N-1 tokens per row per "
                    "forward instead of N*N, a cold start after each rejection (cheaper forwards: see docs/serving.md)")
@@ -571,8 +569,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.learn_save or a.learn_share is not None) and not a.learn:
         p.error("--learn_save and --learn_share go with --learn")
+
+    # the model (with a learner if asked) and its scheduler
     try:
-        source = a.init_from or (a.out_dir if a.base else checkpoint.distilled_or_base(a.out_dir))
+        source = cli.model_source(a)
         base, share = base_model(a, source), learn.LearnConfig.share if a.learn_share is None else a.learn_share
         learner_cfg = learn.LearnConfig(share=share) if a.learn else None
         if a.learn_save and checkpoint.has_adapter(a.learn_save):  # a restart continues from the learned adapter
@@ -586,6 +586,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:  # one line, e.g. no checkpoint: run python train.py first
         print(f"serve.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+    # the engine's thread and the HTTP server
     name = a.init_from or os.path.basename(os.path.normpath(os.path.abspath(a.out_dir)))
     engine = Engine(sched, enc).start()
     app = make_app(engine, enc, name, a.api_key, not a.no_access_log)
