@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import data
-import lora
+import sample
 from bench.serving import PROMPTS, validation_prompts
 from isd import Request, Stats, ar_generate, cache_length, decode, isd_generate, isd_step, prefill
 from model import idlm_logits
@@ -97,11 +97,11 @@ def bench_decode(a):
     """Base vs self-distilled model on held-out validation prompts: ISD statistics per stride and
     temperature (and with the narrow window at --speed_stride), then batch-1 speed of ISD against the
     base model's AR (greedy, alternated)."""
-    base, enc = lora.load_model(a.out_dir)
+    base, enc = sample.load_model(a.out_dir, None)
     models = [("base", base)]
     folder = checkpoint.distilled_or_base(a.out_dir)
     if folder != a.out_dir:
-        models.append(("distilled", lora.load_model(folder)[0]))
+        models.append(("distilled", sample.load_model(folder, None)[0]))
     lookahead_accuracy(base, enc, a.out_dir)
     prompts = validation_prompts(a.out_dir, enc, a.prompts)
     print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} new tokens, seed {a.seed}; "
@@ -154,12 +154,12 @@ def bench_recipes(a):
         row = {"checkpoint": out_dir, "ar_steps": ar_steps, "idlm_steps": cfg["max_iters"] if cfg["objective"] == "idlm" else 0,
                "alpha": cfg["alpha"] if cfg["objective"] == "idlm" else None, "lr": cfg["lr"], "val_clean_loss": clean,
                "val_task_loss": task}
-        base, enc = lora.load_model(out_dir)
+        base, enc = sample.load_model(out_dir, None)
         prompts = validation_prompts(out_dir, enc, a.prompts)
         tpf = lambda model: decode_stats(model, prompts, a.max_new_tokens, a.stride, 0, a.seed).tpf  # noqa: E731
         distilled = checkpoint.distilled_or_base(out_dir)
         row["tpf"] = tpf(base)
-        row["tpf_distilled"] = tpf(lora.load_model(distilled)[0]) if distilled != out_dir else None
+        row["tpf_distilled"] = tpf(sample.load_model(distilled, None)[0]) if distilled != out_dir else None
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"| {out_dir} | {ar_steps} | {row['idlm_steps']} | {row['alpha'] if row['alpha'] is not None else '-'} "
@@ -173,11 +173,11 @@ def bench_temperature(a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    base, enc = lora.load_model(a.out_dir)
+    base, enc = sample.load_model(a.out_dir, None)
     models = [("base", base)]
     folder = checkpoint.distilled_or_base(a.out_dir)
     if folder != a.out_dir:
-        models.append(("distilled", lora.load_model(folder)[0]))
+        models.append(("distilled", sample.load_model(folder, None)[0]))
     prompts = validation_prompts(a.out_dir, enc, a.prompts)
     rows = []
     print(f"{a.out_dir}: {len(prompts)} validation prompts x {a.max_new_tokens} tokens, stride {a.stride}")
@@ -218,7 +218,7 @@ def bench_step(a):
     model's forward. Best of --repeats. The model is the distilled one where there is one (AR through
     it runs the base weights only)."""
     source = checkpoint.distilled_or_base(a.out_dir)
-    model, enc = lora.load_model(source)
+    model, enc = sample.load_model(source, None)
     forward, spent = model.forward, []
 
     def timed_forward(*args, **kw):
