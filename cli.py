@@ -28,8 +28,7 @@ def stats_line(st, head):
 
 
 def show_trace(trace, enc):
-    """Each forward on its own line: accepted drafts green, corrections red, clean tokens blue, then
-    the drafts verification rejected, struck through."""
+    """Each forward on its own line, coloured by kind (COLORS), the drafts verification rejected struck through."""
     for step, toks in enumerate(trace):
         parts = "".join(f"{COLORS[k][0]}{enc.decode([t])}\033[0m" for t, k in toks)
         print(f"{step:4d} {parts.replace(chr(10), '⏎')}")
@@ -113,11 +112,9 @@ def parse_args(argv, doc):
 
 
 def main(argv, decoder, load_model, doc, diffuse=None):
-    """The command line of `decoder` (the module isd or mlx_port.isd: its Request, decode, isd_generate
-    and ar_generate). `load_model(source, device)` gives (model, tokenizer) of a checkpoint folder (with a
-    gated LoRA adapter: its base + the adapter) or a pretrained name; `doc` heads --help. A diffusion LM's
-    checkpoint goes to `diffuse(options)`: (tokenizer, new tokens, Stats, the stats line's head) (sample.py's;
-    None: this framework has no diffusion decoder)."""
+    """The command line of `decoder` (the module isd or mlx_port.isd: its Request, decode, isd_generate, ar_generate)
+    with `load_model(source, device)`: (model, tokenizer); `doc` heads --help. A diffusion LM's checkpoint goes to
+    `diffuse(options)`, if given: (tokenizer, new tokens, Stats, the stats line's head)."""
     p, a, family = parse_args(argv, doc)
     source, stride = a.init_from or a.out_dir, a.stride or 4
     try:
@@ -141,7 +138,6 @@ def main(argv, decoder, load_model, doc, diffuse=None):
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
 
-    # show it
     text = enc.decode(out[:-1] if out and out[-1] in stops else out)  # the stop token is not text
     if a.json:
         print(json.dumps({"model": source, "text": text, "tokens": out, "stats": st.as_dict()}))

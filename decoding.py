@@ -51,11 +51,10 @@ class SettingError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """How a continuation is sampled: one value for every decoder (ISD, AR, the diffusion baselines), the
-    scheduler and the server. Up to max_tokens new tokens, ending at the first of stop_ids (kept as the last
-    token); each from the model's distribution at `temperature` (0 = greedy), cut to its top_k tokens and
-    then to the top_p of the mass; seed: the request's own random stream (None: a fresh one).
-    Bad values raise SettingError, which names the field."""
+    """How a continuation is sampled, by every decoder (ISD, AR, the diffusion baselines): up to max_tokens new tokens,
+    ending at the first of stop_ids (kept as the last token); each from the model's distribution at `temperature`
+    (0 = greedy), cut to its top_k tokens and then to the top_p of the mass; seed: the request's own random stream
+    (None: a fresh one). Bad values raise SettingError, which names the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = None
@@ -69,7 +68,7 @@ class SamplingParams:
             raise SettingError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise SettingError("temperature", f"temperature must be >= 0, got {self.temperature}")
-        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows
+        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:
             raise SettingError("temperature", f"temperature must be 0 (greedy) or a finite number >= "
                                               f"{MIN_TEMPERATURE:g}, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

@@ -59,15 +59,10 @@ def bdlm_mask(L, b, device=None):
 
 
 def dlm_loss(model, x0, block=None, generator=None):
-    """The masked-diffusion loss of rows x0 (B, L): mean over tokens of 1/t * CE at masked positions.
-
-    block=None: the MDLM / LLaDA baseline (one bidirectional row). block=b: the block variant on
-    [xt | x0] with `bdlm_mask`. One t ~ U(EPS, 1) per row; each token masked with probability t.
-    MASK is never a target, so its logit is left out of the softmax."""
-    core = getattr(model, "module", model)  # may be wrapped in DDP
-    mask_id = core.cfg.mask_token_id
-    B, L = x0.shape
-    dev = x0.device
+    """The masked-diffusion loss of rows x0 (B, L) (module docstring): block=None the dlm (one bidirectional row),
+    block=b the bdlm on [xt | x0] with `bdlm_mask`. MASK is never a target: its logit is left out of the softmax."""
+    mask_id = getattr(model, "module", model).cfg.mask_token_id  # the model may be wrapped in DDP
+    (B, L), dev = x0.shape, x0.device
     t = EPS + (1 - EPS) * torch.rand(B, 1, generator=generator).to(dev)
     masked = torch.rand(B, L, generator=generator).to(dev) < t
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
@@ -90,8 +85,7 @@ def denoise_logits(model, family, ids, lo, hi, block):
 
     dlm: one bidirectional forward over the whole canvas (no cache is possible).
     bdlm: [clean tokens before the block | the block], positions 0..end-1, attention `block_window`;
-    tokens after the block are not read. The clean prefix is recomputed at every step here (the
-    reference); `bdlm_decode` keeps it in a KV cache."""
+    tokens after the block are not read. The clean prefix is recomputed at every step (no cache)."""
     if family == "dlm":
         n = ids.shape[1]
         return model(ids, mask=torch.ones(n, n, dtype=torch.bool, device=ids.device))[:, lo:hi]
@@ -124,13 +118,11 @@ def block_schedule(n, steps):
 
 
 def unmask_step(proc, still, step, steps, threshold, temperature, gen):
-    """Step `step` of low-confidence remasking in a block of n = len(still) positions: every position
-    draws a token from its filtered logits proc (n, V) (all of them, so a request's random stream is
-    read alike by every decoder); of the still-masked ones (`still`, (n,) bool) the
-    block_schedule(n, steps)[step] most confident (highest probability of the drawn token) are kept,
-    or with `threshold` (Fast-dLLM) every one above it, at least the best. Returns (the kept positions,
-    their tokens, whether each was kept "in parallel": with another one, or while a position to its left
-    was still masked)."""
+    """Step `step` of low-confidence remasking in a block of n = len(still) positions: every position draws a token
+    from its filtered logits proc (n, V) (all of them, so a request's random stream is read alike by every decoder);
+    of the still-masked ones (`still`, (n,) bool) the block_schedule(n, steps)[step] most confident are kept, or
+    with `threshold` every one above it, at least the best. Returns (the kept positions, their tokens, whether each
+    was kept "in parallel": with another one, or while a position to its left was still masked)."""
     x = sample(proc, temperature, gen)
     conf = (proc / (temperature or 1.0)).softmax(-1).gather(-1, x[:, None])[:, 0]
     conf = conf.masked_fill(~still, -1.0)  # only masked positions compete
@@ -155,12 +147,10 @@ def check_settings(model, family, requests, block, steps, threshold):
 
 @torch.no_grad()
 def dlm_generate(model, family, prompt_ids, params, block=4, steps=4, threshold=None):
-    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in
-    training), one request sampled as `params` says (its stop_ids unused: the canvas is decoded whole),
-    no cache: the reference decoder. Returns (new ids, q, parallel, isd.Stats):
-    q (n, V) holds, for each new token, the filtered logits of the distribution it was drawn from in the
-    step that committed it (for the metric below), parallel (n,) whether it was committed in parallel
-    (unmask_step)."""
+    """Low-confidence remasking over blocks of `block` positions (aligned to position 0, as in training), one request
+    sampled as `params` says (its stop_ids unused: the canvas is decoded whole), no cache: the reference decoder.
+    Returns (new ids, q, parallel, Stats): q (n, V) the filtered logits each new token was drawn from in the step
+    that committed it, parallel (n,) whether it was committed in parallel (unmask_step)."""
     r = isd.Request(list(prompt_ids), params)
     check_settings(model, family, [r], block, steps, threshold)
     mask_id, P, n, temperature = model.cfg.mask_token_id, len(r.prompt), params.max_tokens, params.temperature
@@ -182,28 +172,24 @@ def dlm_generate(model, family, prompt_ids, params, block=4, steps=4, threshold=
             parallel[lo + pick - P] = par
             if not (ids[0, lo:hi] == mask_id).any():
                 break
-    wall = time.time() - t0
     out = ids[0, P:].tolist()
-    return out, q, parallel, Stats(forwards=forwards, tokens=len(out), wall_s=wall)
+    return out, q, parallel, Stats(forwards=forwards, tokens=len(out), wall_s=time.time() - t0)
 
 
 @torch.no_grad()
 def bdlm_decode(model, family, requests, block=4, steps=4, threshold=None):
     """dlm_generate for a batch of requests (isd.Request) over one KV cache: block diffusion only.
 
-    Each forward puts, per request, the window [clean tokens not yet cached | its current block]
-    through the model (model.window_positions_and_mask, attention `block_window`): the clean tokens
-    causally, as the x0 stream, the block's tokens (committed ones and MASKs) seeing the cache, those
-    clean tokens and the whole block, as bdlm_mask's noisy block; then the clean tokens stay in the
-    cache and the block is forgotten. So the prompt's clean blocks ride along the first forward and a
-    finished block rides along the next block's first forward: there is no other forward, and
-    r.stats.forwards counts every forward a request took part in (its denoising steps, as dlm_generate
-    counts them). Rows whose windows are shorter are padded; padding sees only itself.
+    Each forward puts, per request, the window [clean tokens not yet cached | its current block] through the model
+    (model.window_positions_and_mask, attention `block_window`): the clean tokens causally, as the x0 stream, the
+    block's tokens (committed ones and MASKs) seeing the cache, those clean tokens and the whole block, as bdlm_mask's
+    noisy block; then the clean tokens stay in the cache and the block is forgotten. So the prompt's clean blocks ride
+    along the first forward and a finished block rides along the next block's first forward: there is no other forward,
+    and r.stats.forwards counts a request's denoising steps, as dlm_generate does. Shorter windows are padded.
 
-    Each request draws from its own stream r.gen exactly as dlm_generate does, so it gets exactly the
-    tokens dlm_generate gives it alone with the same seed. Fills r.out (cut at a stop id once every
-    token up to it is unmasked, as Request.commit does) and r.stats; returns, per request, (q,
-    parallel) of its new tokens, as dlm_generate does."""
+    Each request reads its own stream r.gen as dlm_generate does, so it gets exactly the tokens dlm_generate gives it
+    alone with the same seed. Fills r.out (cut at a stop id once every token up to it is unmasked, as Request.commit
+    does) and r.stats; returns, per request, (q, parallel) of its new tokens."""
     check_settings(model, family, requests, block, steps, threshold)
     if family != "bdlm":
         raise ValueError(f"bdlm_decode decodes the block diffusion LM (bdlm), not {family!r}: dlm attends both "

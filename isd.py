@@ -28,23 +28,19 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     out: list = field(default_factory=list)  # committed new tokens
     drafts: list = field(default_factory=list)  # d_1..d_K, proposed by the last forward's masks
-    q_logits: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from (not yet divided by the
-    # temperature: sample and kernels.verify apply it)
+    q_logits: torch.Tensor = None  # (K, V) the filtered logits the drafts were sampled from (before the temperature)
     prefilled: int = 0  # prompt tokens already in the cache
     done: bool = False
-    # per forward: [(token, kind)]; kind: "accepted" (a draft that passed), "correction" (drawn from
-    # (p-q)+ for the first rejected draft), "clean" (drawn from p), "rejected" (a draft thrown away,
-    # not committed); None = off
+    # per forward: [(token, kind)], kind "accepted" (a draft that passed), "correction" (drawn from (p-q)+ for the
+    # first rejected draft), "clean" (drawn from p) or "rejected" (a draft thrown away, not committed); None = off
     trace: list = None
-    # per committed token, the distribution (V,) it was drawn from, as probabilities: an accepted draft's
-    # q, a correction's normalize((p - q)+), a clean token's p (see drawn_from); None = off
+    # per committed token, the distribution (V,) it was drawn from, as probabilities (drawn_from); None = off
     drawn_from: list = None
     # {token id: value} added to the logits of p and q alike before filtering, so the committed tokens
     # follow the biased AR distribution exactly; None = no bias
     logit_bias: dict = None
-    # per committed token, (log p(token), [(id, log p)] of the top_logprobs likeliest ids): p is the model's
-    # own next-token distribution at the token's position, unfiltered, MASK excluded (token_logprobs);
-    # None = off
+    # per committed token, (log p(token), [(id, log p)] of the top_logprobs likeliest ids), p the model's own
+    # unfiltered distribution at the token's position (token_logprobs); None = off
     logprobs: list = None
     top_logprobs: int = 0
     stats: Stats = field(default_factory=Stats)
@@ -81,9 +77,8 @@ class Request:
 
 
 def window_size(stride, narrow=False, n_drafts=None):
-    """Tokens a request puts into a forward: pending, its K drafts (K = n_drafts, default N-1) and N-1
-    masks after each of those K+1 (the wide window: N*N when K = N-1), or after the last only (the narrow
-    window: 2N-1). A batch's window is as wide as its widest row needs (a cold start needs N)."""
+    """Tokens a request puts into a forward: pending, its K drafts (K = n_drafts, default N-1) and N-1 masks
+    after each of those K+1 (the wide window: N*N when K = N-1), or after the last only (narrow: 2N-1)."""
     K = stride - 1 if n_drafts is None else n_drafts
     return K + 1 + (1 if narrow else K + 1) * (stride - 1)
 
@@ -155,13 +150,11 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     each request committed (narrow: the narrow window, see window_layout). The phases of the algorithm:
 
       1. window: [pending, d_1..d_K, N-1 masks after each of those] (window_layout), one forward
-      2. p: the clean positions' distributions, filtered (temperature / top-k / top-p act on p and
-         q alike)
-      3. verify: keep d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right, up to the
-         first rejection, whose correction is drawn from normalize((p - q)+) (kernels.verify)
-      4. commit: the j accepted drafts, then one more token: that correction, or, when every draft
-         passed, the clean token drawn from p. Group j (the masks after pending, d_1..d_j) gives
-         the next N-1 drafts, sampled from its q.
+      2. p: the clean positions' distributions, filtered (temperature / top-k / top-p act on p and q alike)
+      3. verify: keep d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right, up to the first rejection,
+         whose correction is drawn from normalize((p - q)+) (kernels.verify)
+      4. commit: the j accepted drafts, then one more token: that correction, or, when every draft passed, the
+         clean token drawn from p. Group j (the masks after pending, d_1..d_j) gives the next N-1 drafts from its q.
       5. roll back: the cache keeps pending + accepted drafts; rejected drafts and masks go.
     Logits are computed only where they are used: N clean positions and one group of N-1 masks."""
     N, mask_id = stride, model.cfg.mask_token_id
@@ -181,13 +174,11 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
     # 2. p at positions 0..N-1 (with K = 0 drafts, positions 1..N-1 are group 0's masks: never read as p)
     p_logits = filtered(model, hidden[:, :N], requests)
 
-    # 3. verify: per request (j accepted, the correction drawn from (p - q)+ or None, min(1, p/q) of the
-    #    drafts reached)
+    # 3. verify: per request (j accepted, the correction or None, min(1, p/q) of the drafts reached)
     verdicts = verify_drafts(requests, p_logits)
     accepted = [j for j, _, _ in verdicts]
 
-    # 4. commit; the next drafts come from group j (the masks after pending, d_1..d_j); the narrow
-    #    window has group K only, so after a rejection there are none (a cold start follows)
+    # 4. commit; the next drafts come from group j (narrow: group K only, so none after a rejection: a cold start)
     groups = [len(r.drafts) if narrow else j for r, j in zip(requests, accepted)]
     q_logits = filtered(model, torch.stack([hidden[i, group_rows(N, len(r.drafts), g, narrow)] for i, (r, g)
                                      in enumerate(zip(requests, groups))]), requests)
@@ -224,11 +215,10 @@ def isd_step(model, cache, rows, requests, stride, narrow=False):
 
 
 def drawn_from(p_logits, q_logits, j, rejected, temperature):
-    """The distributions (j+1, V), as probabilities, that the j+1 tokens a forward commits were drawn
-    from: q_1..q_j of the accepted drafts, then normalize((p_{j+1} - q_{j+1})+) for the correction of a
-    rejected d_{j+1} (p_{j+1} where that is all zero, as kernels.verify draws it), or p_{j+1} for the
-    clean token when all j drafts passed. p_logits (N, V), q_logits (K, V): filtered (q_logits None on a cold start).
-    These are the q of the introspective acceptance (bench/introspect.py), which scores each committed token."""
+    """The distributions (j+1, V), as probabilities, that the j+1 tokens a forward commits were drawn from: q_1..q_j of
+    the accepted drafts, then normalize((p_{j+1} - q_{j+1})+) for the correction of a rejected d_{j+1} (p_{j+1} where
+    that is all zero, as kernels.verify draws it), or p_{j+1} for the clean token when all j drafts passed: the q of the
+    introspective acceptance (bench/introspect.py). p_logits (N, V), q_logits (K, V; None on a cold start): filtered."""
     last = probs(p_logits[j], temperature)  # p_{j+1}: the only p a committed token was drawn from
     if rejected:
         excess = (last - probs(q_logits[j], temperature)).clamp(min=0)
@@ -282,11 +272,10 @@ def grouped(requests, key):
 
 
 def verify_drafts(requests, p_logits):
-    """Verify every request's drafts d_1..d_K against p_logits[i] (its clean positions' filtered
-    logits; row c is the distribution after clean token c, so row j-1 verifies d_j), in one
-    kernels.verify call per temperature. Returns, per request, (j = drafts accepted before the first
-    rejection, the correction drawn from normalize((p - q)+) or None, min(1, p/q) of the drafts
-    verification reached: d_1..d_{j+1}, or all K); (0, None, []) for a request without drafts."""
+    """Verify every request's drafts d_1..d_K against p_logits[i] (its clean positions' filtered logits; row c is the
+    distribution after clean token c, so row j-1 verifies d_j), in one kernels.verify call per temperature. Returns,
+    per request, (j = drafts accepted before the first rejection, the correction drawn from normalize((p - q)+) or
+    None, min(1, p/q) of the drafts verification reached: d_1..d_{j+1}, or all K); (0, None, []) without drafts."""
     verdicts = [(0, None, [])] * len(requests)
     for temperature, members in grouped(requests, lambda r: r.params.temperature).items():
         members = [i for i in members if requests[i].drafts]
@@ -313,18 +302,16 @@ def verify_drafts(requests, p_logits):
 
 
 def cache_length(model, requests, stride):
-    """Cache slots per row for decoding `requests`: all they can hold, but at most two contexts (past
-    that, the cache drops tokens that have left the context; see model.KVCache.make_room), and room
-    for the (wide) window."""
+    """Cache slots per row for decoding `requests`: all they can hold, but at most two contexts (past that, the cache
+    drops tokens that have left the context: model.KVCache.make_room), and room for the (wide) window."""
     need = max(len(r.prompt) + r.params.max_tokens for r in requests)
     return min(need, 2 * model.cfg.max_seq_len) + window_size(stride)
 
 
 @torch.no_grad()
 def decode(model, requests, stride, narrow=False):
-    """Decode a batch of requests together to the end (narrow: the narrow window); each keeps its own
-    acceptance, rollback and random stream, so a row gives exactly what it gives alone with the same
-    seed."""
+    """Decode a batch of requests together to the end (narrow: the narrow window); each keeps its own acceptance,
+    rollback and random stream, so a row gives exactly what it gives alone with the same seed."""
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     t0 = time.time()
@@ -349,8 +336,7 @@ def isd_generate(model, prompt_ids, params, stride=4, narrow=False):
 
 @torch.no_grad()
 def ar_generate(model, prompt_ids, params):
-    """The baseline: one token per forward over a KV cache, sampled as `params` says. Returns the new
-    token ids."""
+    """The baseline: one token per forward over a KV cache, sampled as `params` says; returns the new token ids."""
     r = Request(list(prompt_ids), params)
     cache = model.new_cache(1, cache_length(model, [r], 1))
     prefill(model, cache, [0], [r])

@@ -41,8 +41,7 @@ def load_model(source, device):
 
 
 def diffuse(a):
-    """A diffusion LM's checkpoint (cli.py's options `a`) decoded with dlm.dlm_generate: (tokenizer, new tokens,
-    Stats, the stats line's head)."""
+    """cli.main's `diffuse`: a diffusion LM's checkpoint (cli.py's options `a`) decoded with dlm.dlm_generate."""
     model, enc, family, block = dlm.load(a.out_dir, a.device or "cpu")
     if family == "bdlm" and a.block not in (None, block):
         raise ValueError(f"{a.out_dir} is a block DLM trained with blocks of {block}: --block must be {block}")

@@ -5,12 +5,10 @@ import torch
 
 
 def process_logits(logits, mask_token_id, temperature=1.0, top_k=None, top_p=None, bias=None):
-    """Filtered logits (..., V): `bias` ({token id: value}, OpenAI's logit_bias) added first, then MASK,
-    and whatever top-k / top-p drop, become -inf.
-
-    Applied identically to p (verify) and q (drafts) (**exact here**: the released code filters
-    only the clean token). The temperature is applied where probabilities are formed (`sample` and
-    `kernels.verify`); here it only decides which tokens top-p keeps."""
+    """Filtered logits (..., V): `bias` ({token id: value}, OpenAI's logit_bias) added first, then MASK, and
+    whatever top-k / top-p drop, become -inf. Applied identically to p (verify) and q (drafts) (**exact here**: the
+    released code filters only the clean token). The temperature is applied where probabilities are formed (`sample`
+    and `kernels.verify`); here it only decides which tokens top-p keeps."""
     logits = logits.clone()
     if bias:
         ids, values = zip(*dict(bias).items())
