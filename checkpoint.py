@@ -1,10 +1,8 @@
-"""The checkpoint format, in no framework (PyTorch's files and mlx_port/ read and write it alike): a
-model's config (ModelConfig, config.json), the folder of the self-distilled adapter that `python
-train.py` leaves in `out/distilled/`, train.py's options (train_state.json), and the one way to write
-a checkpoint folder (`staged`, used by train.py, distill.py, learn.py and the MLX twins) so that an
-interrupted save never leaves a mix. Model.save, lora.save_adapter and tokenizer.save are plain writes into the
-folder that `staged` yields. Loading a model with its adapter is lora.load_model (PyTorch) and
-mlx_port.lora.load_model (MLX).
+"""The checkpoint format, in no framework (PyTorch and mlx_port/ read and write it alike): a model's config
+(ModelConfig, config.json), the folder of the self-distilled adapter that `python train.py` leaves in
+`out/distilled/`, train.py's options (train_state.json), and `staged`, the one way to write a checkpoint folder
+(an interrupted save never leaves a mix): Model.save, lora.save_adapter and tokenizer.save are plain writes into
+the folder it yields. Loading a model with its adapter is lora.load_model (MLX: mlx_port.lora.load_model).
 
     model, enc = lora.load_model(checkpoint.distilled_or_base("out"))
 """
@@ -61,15 +59,14 @@ def load_config(out_dir):
 
 
 def distilled_or_base(source):
-    """The folder to decode with for `source`: its self-distilled adapter (source/distilled, written
-    by distill.py and by the default train.py run) when there is one, else source itself. Both give
-    the same tokens (the adapter is lossless); the adapter gives more tokens per forward."""
+    """The folder to decode with for `source`: its self-distilled adapter (source/distilled) when there is one,
+    else source itself. Both give the same tokens (the adapter is lossless); the adapter, more tokens per forward."""
     folder = os.path.join(source, DISTILLED)
     return folder if has_adapter(folder) else source
 
 
 def has_adapter(out_dir):
-    """Whether out_dir holds a gated LoRA adapter (adapter.json: lora.py, mlx_port/lora.py) rather than a model."""
+    """Whether out_dir holds a gated LoRA adapter (adapter.json) rather than a model."""
     return os.path.isfile(os.path.join(out_dir, "adapter.json"))
 
 
@@ -78,7 +75,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass
 class LoraConfig:
-    """A gated LoRA adapter's config, adapter.json (lora.py and mlx_port/lora.py build the adapter)."""
+    """A gated LoRA adapter's config, adapter.json."""
     rank: int = 8
     lora_alpha: float = 16.0  # the scale s is lora_alpha / rank (not train.py's --alpha, the clean loss's weight)
     base: str = "smollm2"  # the frozen model: a pretrained name, or a checkpoint folder (relative: to the adapter's)
@@ -117,8 +114,7 @@ def adapter_base(out_dir):
 
 
 def pretrained_dir(cache_dir=None):
-    """Where SmolLM2-135M-Instruct, converted into this project's checkpoint format, lives (pretrained.py
-    converts it there on first use, with PyTorch: the GGUF file is read with torch)."""
+    """Where SmolLM2-135M-Instruct lives, converted into this project's format (by pretrained.py, in torch)."""
     return os.path.join(cache_dir or CACHE_DIR, "smollm2-135m-instruct-q4_1-v2")
 
 
@@ -151,13 +147,12 @@ def training_config(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing a checkpoint folder: train.py's and mlx_port/train.py's out_dir, distill.py's out_dir/distilled/
-# and learn.py's --learn_save folder. Each file is written under a temporary name and os.replace'd into
-# place, so a reader (or a crash) sees every file whole, the old one or the new one.
+# Writing a checkpoint folder: each file is written under a temporary name and os.replace'd into place, so
+# a reader (or a crash) sees every file whole, the old one or the new one.
 
 KINDS = (("model.safetensors", "config.json"), ("adapter.safetensors", "adapter.json"))  # a model, or an adapter
-# the order of the replaces: a kind's tensors after its config, and train.py's optimizer.safetensors (all that
-# --resume reads: see train.save_checkpoint) before train_state.json, its readable copy; tok.FILES: the tokenizer
+# the order of the replaces: the tokenizer's files, each kind's config before its tensors, and train.py's
+# optimizer.safetensors (all that --resume reads) before train_state.json, its readable copy
 FILES = tok.FILES + KINDS[0][::-1] + KINDS[1][::-1] + ("optimizer.safetensors", "train_state.json")
 
 

@@ -36,7 +36,6 @@ from model import Model, idlm_logits
 from options import DistillConfig, one_cycle_lr
 
 
-
 @torch.no_grad()
 def rollouts(model, train_ids, cfg: DistillConfig, log=print):
     """(rows (n, seq_len), labels): `prompt_len` tokens of training text, then the model's own
@@ -64,12 +63,11 @@ def rollouts(model, train_ids, cfg: DistillConfig, log=print):
 
 
 def distill_loss(model, x0, labels, stride, supervision="hard", temperature=1.0, hard_rows=None, weights=None):
-    """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets
-    (the clean stream's distribution at temperature T at the same position: the mask at position i
-    drafts token i+1, which the clean stream at position i predicts). MASK is never a target.
-    supervision="mixed": hard targets for the rows where `hard_rows` (B,) is True, soft for the others.
-    weights (B, T), aligned with labels: a weighted mean over the targets instead of the plain one
-    (learn.py weighs the tokens whose drafts were rejected)."""
+    """Cross-entropy of the masks (xt half) against hard targets (labels, shifted) or soft targets (the clean
+    stream's distribution at temperature T at the same position: the mask at position i drafts token i+1, which
+    the clean stream at position i predicts). MASK is never a target. supervision="mixed": hard targets for the
+    rows where `hard_rows` (B,) is True, soft for the others. weights (B, T), aligned with labels: a weighted mean
+    over the targets instead of the plain one (learn.py weighs the tokens whose drafts were rejected)."""
     xt, x0_logits = idlm_logits(model, x0, labels, stride)
     mask_id = model.cfg.mask_token_id
     keep = torch.arange(xt.shape[-1], device=x0.device) != mask_id
@@ -114,8 +112,7 @@ def train_adapter(model, rows, labels, stride, cfg: DistillConfig, log=print):
 
 
 def save(model, out_dir):
-    """Write the adapter to out_dir/distilled/ as a checkpoint of its own (checkpoint.staged): an
-    interrupted save leaves the earlier adapter or the new one, never a mix of the two."""
+    """Write the adapter to out_dir/distilled/ as a checkpoint of its own (through checkpoint.staged)."""
     folder = os.path.join(out_dir, checkpoint.DISTILLED)
     with checkpoint.staged(folder) as stage:
         lora.save_adapter(model.lora, stage)

@@ -43,15 +43,13 @@ class GatedLoRA(nn.Module):
         self.rows = None
 
     def set_gate(self, model, args, kwargs):
-        """Forward pre-hook of the model: where this forward's MASK tokens are (flat indices into
-        its B*T positions), or None when it has none (then the adapter costs nothing)."""
+        """Forward pre-hook of the model: the flat indices of this forward's MASK tokens, or None if none."""
         idx = args[0] if args else kwargs["idx"]
         rows = (idx.flatten() == self.mask_id).nonzero()[:, 0]
         self.rows = rows if len(rows) else None
 
     def adapt(self, key, module, inputs, out):
-        """Forward hook of a target projection: out + s * B(A x), at the MASK positions only (the
-        gate is 0 everywhere else, so nothing is computed there)."""
+        """Forward hook of a target projection: out + s * B(A x), computed at the MASK positions only."""
         if self.rows is None:
             return out
         x = inputs[0].flatten(0, -2).index_select(0, self.rows)
@@ -76,7 +74,7 @@ def add_adapter(model, cfg: LoraConfig, state=None):
 
 
 def save_adapter(lora, out_dir):
-    """Write adapter.safetensors + adapter.json into out_dir (see model.save_module)."""
+    """Write adapter.safetensors + adapter.json into out_dir."""
     save_module(lora, lora.cfg, out_dir, "adapter.safetensors", "adapter.json")
 
 

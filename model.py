@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from checkpoint import ModelConfig, load_config  # config.json: one config for PyTorch and mlx_port/
+from checkpoint import ModelConfig, load_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,10 +59,9 @@ def _shifted_ce(logits, labels):
 
 
 def idlm_logits(model, x0, labels=None, stride=4):
-    """Logits of the introspective forward: (xt half, x0 half), each (B, L, V).
-
-    xt = x0 with every labelled token (labels != -100; default all) replaced by MASK; the input
-    [xt | x0] uses positions 0..L-1 twice and `idlm_mask` with b = stride - 1 masks per block."""
+    """Logits (xt half, x0 half), each (B, L, V), of the introspective forward: xt = x0 with every labelled
+    token (labels != -100; default all) replaced by MASK; the input [xt | x0] uses positions 0..L-1 twice
+    and `idlm_mask` with b = stride - 1 masks per block."""
     if stride < 2:
         raise ValueError("the introspective loss needs stride >= 2 (stride 1 is plain AR)")
     labels = x0 if labels is None else labels
@@ -77,11 +76,10 @@ def idlm_logits(model, x0, labels=None, stride=4):
 def idlm_loss(model, x0, labels=None, stride=4, alpha=0.2):
     """Introspective loss `task + alpha * clean` on clean rows x0 (B, L); returns (loss, task, clean).
 
-    `labels` (default x0) marks where loss is wanted (-100 elsewhere); see idlm_logits for the
-    input. The mask at offset m of block B learns token B*b+m+1: 2..N ahead of the block's clean
-    prefix (tokens < B*b); the clean half is the ordinary AR loss. Both terms are divided by the number of
-    labelled (shifted) targets. alpha="auto" weights the clean term by (task/clean).detach(), so
-    both terms carry equal weight."""
+    `labels` (default x0) marks where loss is wanted (-100 elsewhere). The mask at offset m of block B
+    learns token B*b+m+1, 2..N ahead of the block's clean prefix (tokens < B*b); the clean half is the
+    ordinary AR loss. Both terms are divided by the number of labelled (shifted) targets; alpha="auto"
+    weights the clean term by (task/clean).detach(), so both terms carry equal weight."""
     labels = x0 if labels is None else labels
     xt_logits, x0_logits = idlm_logits(model, x0, labels, stride)
     n = (labels[:, 1:] != -100).sum().clamp(min=1)
@@ -115,9 +113,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
-    """cos/sin of rotary embeddings for explicit position ids `pos` (B, T): (B, 1, T, head_dim).
-
-    Positions are inputs, not implied by the index: the two halves of [xt | x0] share them."""
+    """cos/sin (B, 1, T, head_dim) of rotary embeddings at explicit position ids `pos` (B, T)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float64) / head_dim)
     ang = pos.to(torch.float64)[..., None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)[:, None]
@@ -174,9 +170,8 @@ class KVCache:
         self.offsets[rows] = 0
 
     def make_room(self, rows, T, context):
-        """Make room for T new tokens in each of `rows` by dropping each row's oldest tokens; a query
-        at position P sees keys at positions > P - context, so the first L - context + 1 tokens of a
-        row holding L can go. Raises (changing nothing) if that is not enough."""
+        """Drop the oldest tokens of `rows` to fit T new ones: a query at position P sees keys at positions
+        > P - context, so L - context + 1 of a row's L tokens can go; else raise (changing nothing)."""
         need = self.lengths[rows] + T - self.max_len
         if int(need.max()) <= 0:
             return
@@ -265,22 +260,19 @@ class Model(nn.Module):
         (B, T, T)) to causal. With a cache, the T tokens form a *window* appended at each row's own
         length: `pos` ((T,) or (B, T), default 0..T-1) are positions relative to the row's next
         position and `mask` (default causal) says which window tokens each one sees; every window
-        token also sees the row's whole cache, within the context (`max_seq_len`: a query at
-        position P sees keys at positions > P - max_seq_len). The cache's lengths advance by T
-        (truncate afterwards to keep fewer). `rows` picks which cache rows the B inputs belong to."""
+        token also sees the row's whole cache, within the context (`max_seq_len`). The cache's lengths
+        advance by T (truncate afterwards to keep fewer). `rows`: the cache rows of the B inputs."""
         B, T = idx.shape
         dev = idx.device
         if cache is not None:
             rows = torch.arange(B, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
             if len(rows) != B:
                 raise ValueError(f"{B} input rows but {len(rows)} cache rows")
-            cache.make_room(rows, T, self.cfg.max_seq_len)  # only tokens that left the context go
+            cache.make_room(rows, T, self.cfg.max_seq_len)
             pos, mask = window_positions_and_mask(cache, rows, T, self.cfg.max_seq_len, pos, mask)
         else:
-            if pos is None:
-                pos = torch.arange(T, device=dev)
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            pos = torch.arange(T, device=dev) if pos is None else pos
+            mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if mask is None else mask
         pos = pos.expand(B, T) if pos.dim() == 1 else pos
         if mask.dim() == 3:
             mask = mask[:, None]  # broadcast over heads
@@ -302,7 +294,7 @@ class Model(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def save(self, out_dir):
-        """Write model.safetensors + config.json into out_dir (see save_module)."""
+        """Write model.safetensors + config.json into out_dir."""
         save_module(self, self.cfg, out_dir, "model.safetensors", "config.json")
 
     @classmethod
@@ -337,9 +329,7 @@ def window_positions_and_mask(cache, rows, T, context, rel_pos=None, window_mask
 
 
 def save_module(module, cfg, out_dir, weights_name, config_name):
-    """Write a module's tensors (safetensors) and its config dataclass (JSON) into out_dir: plain writes.
-    A checkpoint is saved by writing into the folder that checkpoint.staged yields (train.py, distill.py),
-    or into a new folder renamed into place (pretrained.smollm2_dir)."""
+    """Write a module's tensors (safetensors) and its config dataclass (JSON) into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(tensors, os.path.join(out_dir, weights_name))

@@ -1,9 +1,6 @@
 """The options of train.py (and mlx_port/train.py): the presets, a model shape and training defaults for
 each kind of machine; the command line, where any option given overrides its preset; and the checks
 that refuse a bad combination in one line.
-
-    python train.py --preset=tiny        # seconds: for trying the code paths
-    python train.py --preset=gpu         # GPT-2-small shapes
 """
 import argparse
 import json
@@ -22,9 +19,8 @@ from checkpoint import PRETRAINED, ModelConfig, load_config
 OBJECTIVES = ("idlm", "ar", "dlm", "bdlm")  # the last two: dlm.FAMILIES, the diffusion baselines
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
-    # ~1M parameters, a 2,048-token BPE: the default. The paper's recipe: 400 steps of AR pretraining,
-    # 400 converting it (alpha 3), then self-distillation; about 10 minutes on a 2-core CPU. The split
-    # and alpha were chosen by a sweep at 800 steps in all (docs/results.md, the paper's recipe)
+    # ~1M parameters, a 2,048-token BPE, the default: the paper's recipe (AR pretraining, conversion, self-distillation)
+    # in about 10 minutes on a 2-core CPU; a sweep chose the split and alpha (docs/results.md, the paper's recipe)
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, seq_len=128, tokenizer="bpe",
                 vocab_size=2048, batch_size=16, grad_accum=1, max_iters=800, lr=3e-3, warmup_iters=50,
                 eval_interval=200, eval_iters=8, alpha=3.0, distill_iters=1000, ar_iters=400),
@@ -49,15 +45,13 @@ DEFAULTS = dict(preset="cpu", objective="idlm", stride=4, alpha=0.2, data=None, 
 
 
 def model_config(cfg, n_vocab):
-    """The model of a run from scratch: cfg's shape (a preset's, or the options given), the
-    tokenizer's n_vocab ids + MASK."""
+    """The model of a run from scratch: cfg's shape, the tokenizer's n_vocab ids + MASK."""
     return ModelConfig(vocab_size=n_vocab + 1, mask_token_id=n_vocab, max_seq_len=cfg["seq_len"],
                        **{k: cfg[k] for k in MODEL_KEYS})
 
 
 def idlm_from_scratch(cfg):
-    """Whether the run makes an I-DLM from nothing: the only run --ar_iters (AR first, then a
-    conversion) applies to."""
+    """Whether the run makes an I-DLM from nothing: the only run --ar_iters applies to."""
     return cfg["objective"] == "idlm" and not cfg["init_from"] and not cfg["lora"]
 
 
@@ -66,15 +60,13 @@ class UsageError(ValueError):
 
 
 def refuse(rules, error=UsageError):
-    """Raise `error` with the message of the first of the (bad, message) rules that holds: a list of checks
-    reads as a table."""
+    """Raise `error` with the message of the first (bad, message) rule that holds: the checks read as a table."""
     for bad, message in rules:
         if bad:
             raise error(message)
 
 
 def alpha_option(text):
-    """--alpha: a number, or "auto"."""
     if text == "auto":
         return text
     try:
@@ -107,18 +99,16 @@ def parse_args(argv=None, doc=None):
     a("--init_from", help="start from the weights (and tokenizer) of this checkpoint folder, e.g. an AR model, "
                           "or of a pretrained model by name: smollm2 (SmolLM2-135M-Instruct)")
     a("--lora", type=int, help="R-ISD: freeze the --init_from model and train gated LoRA adapters of this rank "
-                               "(attention and MLP projections, active only at MASK positions); the checkpoint holds the "
-                               "adapter (adapter.safetensors + adapter.json) instead of the frozen base weights "
-                               "(default 0 = off, train every weight)")
+                               "(attention and MLP projections, active only at MASK positions); out_dir holds only "
+                               "the adapter, adapter.safetensors + adapter.json (default 0 = off: train every weight)")
     a("--lora_alpha", type=float, help="LoRA scale numerator: the adapter's output is scaled by alpha/rank (default 16)")
     a("--distill_iters", type=int, help="after training, self-distil the masks (distill.py: the model's own greedy "
                                         "and sampled continuations, a gated LoRA adapter in out_dir/distilled) for "
                                         "this many steps; 0 = off (default: 1000 for the cpu preset, else 0)")
     a("--ar_iters", type=int, help="the paper's recipe: pretrain an AR model for this many of the --max_iters steps "
                                    "(in out_dir/ar), then convert it into an I-DLM with the introspective loss for the "
-                                   f"rest; 0 = train the I-DLM from scratch (default: {PRESETS['cpu']['ar_iters']} for the "
-                                   "cpu preset, else 0; only for an I-DLM from scratch: not with --init_from, --lora or "
-                                   "another --objective)")
+                                   f"rest (default: {PRESETS['cpu']['ar_iters']} for the cpu preset, else 0 = an I-DLM "
+                                   "from scratch; not with --init_from, --lora or another --objective)")
     a("--resume", action="store_true", default=None, help="continue the run in --out_dir exactly where it stopped")
     a("--overwrite", action="store_true", default=None, help="replace a checkpoint already in --out_dir")
     for k in MODEL_KEYS:
@@ -149,9 +139,8 @@ def parse_args(argv=None, doc=None):
 
 
 def scale_recipe(cfg, args):
-    """A run of another length than its preset's (--max_iters) keeps the recipe's proportions: its AR part
-    (--ar_iters) and its self-distillation (--distill_iters) scale with it, unless given; says so in one line.
-    A quick try (--max_iters=30) takes seconds, not the preset's 1000 distillation steps."""
+    """A run of another --max_iters than its preset's keeps the recipe's proportions: --ar_iters and --distill_iters
+    scale with it unless given (a quick try takes seconds, not 1000 distillation steps); says so in one line."""
     f, scaled = cfg["max_iters"] / PRESETS[cfg["preset"]]["max_iters"], []
     if f == 1 or cfg["resume"]:  # a resumed run's recipe is its checkpoint's
         return
@@ -165,7 +154,7 @@ def scale_recipe(cfg, args):
 
 
 def check_options(cfg, given):
-    """Refuse a bad combination of options in one line: the first row of this table that holds."""
+    """Refuse a bad combination of options: the first row of this table that holds."""
     c, lora, new = cfg, cfg["lora"], not cfg["resume"]  # a resumed run's recipe is its checkpoints'
 
     def at_least(k, lo):
@@ -197,8 +186,7 @@ def check_options(cfg, given):
 
 
 # ----------------------------------------------------------------------------------------------
-# the plan of a run, in no framework (train.py and mlx_port/train.py follow it alike): the schedule, the
-# batches, the start point (scratch, --init_from, --resume), the recipe's runs and the progress lines
+# a run's schedules, optimizer settings and batches, in no framework (both trainers follow them alike)
 
 # options that may change when resuming; every other one must match the checkpoint
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "resume", "overwrite",
@@ -215,11 +203,10 @@ def lr_at(it, cfg):
 
 
 def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, final_div_factor=1e4):
-    """The learning rate at optimizer step `step` (from 0) of torch's OneCycleLR(max_lr,
-    total_steps, pct_start) with its defaults: cosine from max_lr / div_factor up to max_lr over the
-    first pct_start of the steps, then cosine down to that start / final_div_factor. A warm-up
-    ending exactly at step 0 counts as done (torch divides by zero there: iters=20). Self-distillation's
-    schedule, in both frameworks."""
+    """Self-distillation's learning rate at optimizer step `step` (from 0): torch's OneCycleLR(max_lr, total_steps,
+    pct_start) with its defaults, cosine from max_lr / div_factor up to max_lr over the first pct_start of the
+    steps, then cosine down to that start / final_div_factor. A warm-up ending exactly at step 0 counts as done
+    (torch divides by zero there: iters=20)."""
     initial, warm_end = max_lr / div_factor, float(pct_start * total_steps) - 1  # the warm-up's last step
     start, end, lr_from, lr_to = ((0.0, warm_end, initial, max_lr) if step <= warm_end else
                                   (warm_end, total_steps - 1, max_lr, initial / final_div_factor))
@@ -229,7 +216,7 @@ def one_cycle_lr(step, max_lr, total_steps, pct_start=0.05, div_factor=25.0, fin
 
 @dataclass
 class DistillConfig:
-    """Self-distillation's options (distill.py and mlx_port/distill.py; docs/distillation.md)."""
+    """Self-distillation's options (docs/distillation.md)."""
     rollouts: str = "both"  # greedy | sampled | both (half each) | none (the training text itself)
     supervision: str = "mixed"  # hard: the rollout's tokens; soft: the clean stream's distribution at `temperature`;
     # mixed (with rollouts=both): hard on the greedy rollouts, soft on the sampled ones
@@ -262,8 +249,7 @@ class DistillConfig:
 
 
 def distill_config(cfg):
-    """The self-distillation a training run ends with (--distill_iters steps, train.py and mlx_port/train.py): no
-    more rollouts than its steps read, so that a short one is quick."""
+    """The self-distillation a training run ends with: --distill_iters steps, no more rollouts than they read."""
     d = DistillConfig()
     return DistillConfig(iters=cfg["distill_iters"], seq_len=cfg["seq_len"], seed=cfg["seed"],
                          n_rollouts=min(d.n_rollouts, cfg["distill_iters"] * d.batch_size))
@@ -278,8 +264,7 @@ BETAS = (0.9, 0.95)  # AdamW's, in both trainers
 
 
 def micro_steps(cfg, world):
-    """Micro-batches per optimizer step in each of `world` processes: grad_accum / world, so that a
-    step sees batch_size * grad_accum rows whatever the number of processes (as in nanoGPT)."""
+    """Micro-batches per optimizer step in each of `world` processes: grad_accum / world (as in nanoGPT)."""
     if cfg["grad_accum"] % world:
         raise UsageError(f"--grad_accum={cfg['grad_accum']} is split among the {world} processes: make it a "
                          f"multiple of {world} (the global batch, batch_size*grad_accum rows, stays the same)")
@@ -287,10 +272,9 @@ def micro_steps(cfg, world):
 
 
 def micro_batches(ids, it, cfg, rank=0, world=1):
-    """The micro-batches of process `rank` in step `it`: rows of the step's global batch, which is a function
-    of (seed, it) only, so --resume and any number of processes see the same rows in the same order; it is
-    dealt out row block by row block, micro_steps(cfg, world) blocks to each process. Rows are numpy
-    arrays (each trainer makes them tensors)."""
+    """The micro-batches (numpy arrays) of process `rank` in step `it`: the step's global batch is a function of
+    (seed, it) only, so --resume and any number of processes see the same rows in the same order; it is dealt
+    out row block by row block, micro_steps(cfg, world) blocks to each process."""
     bs, seed = cfg["batch_size"], cfg["seed"] * 1_000_003 + it
     offsets = data.batch_offsets(len(ids), cfg["seq_len"], bs * cfg["grad_accum"], seed)
     starts = [(micro * world + rank) * bs for micro in range(micro_steps(cfg, world))]
@@ -301,13 +285,11 @@ def micro_batches(ids, it, cfg, rank=0, world=1):
 # the start-up decision
 
 def recipe(cfg, given, framework, log=print):
-    """The runs that make the model asked for, as (options, options given) pairs. With --ar_iters=K
-    (the cpu preset's default) the paper's recipe: an AR model pretrained for K of the max_iters steps in
-    out_dir/ar, then converted with the introspective loss for the other max_iters - K steps in out_dir
-    (--init_from=out_dir/ar, a schedule of its own). With --resume, each run continues where it stopped
-    and a finished AR run is kept; once the conversion has begun, it is the one run. Without --ar_iters:
-    the one run asked for. A checkpoint already in a run's out_dir is replaced only with --overwrite:
-    refused here, before the first run starts."""
+    """The runs that make the model asked for, as (options, options given) pairs: the one run asked for, or with
+    --ar_iters=K the paper's recipe, an AR run of K steps in out_dir/ar, then the conversion in out_dir
+    (--init_from=out_dir/ar, a schedule of its own for the other max_iters - K steps). With --resume, each run
+    continues where it stopped and a finished AR run is kept; once the conversion has begun, it is the one run.
+    A checkpoint already in a run's out_dir is replaced only with --overwrite: refused before the first run."""
     out_dir, ar_dir, K = cfg["out_dir"], os.path.join(cfg["out_dir"], "ar"), cfg["ar_iters"]
     refuse([(cfg["resume"] and not (has_checkpoint(out_dir) or K and has_checkpoint(ar_dir)),
              f"--resume: no checkpoint in {out_dir}; run without --resume first")])
@@ -329,11 +311,11 @@ def recipe(cfg, given, framework, log=print):
 
 
 def start_from(cfg, given, framework, load_weights):
-    """Where a run starts: the run in out_dir (--resume), another checkpoint (--init_from) or scratch.
-    Returns (cfg, model config, tokenizer, weights, train state); all but cfg are None from scratch, the
-    state only when resuming. With --lora, the weights are the frozen base's (the adapter is the trainer's
-    business). With --init_from, cfg records the checkpoint's model shape and tokenizer (the run's), not
-    the preset's. load_weights reads a model.safetensors file with the framework's own loader."""
+    """Where a run starts: the run in out_dir (--resume), another checkpoint (--init_from) or scratch. Returns
+    (cfg, model config, tokenizer, weights, train state); all but cfg are None from scratch, the state only when
+    resuming. With --lora, the weights are the frozen base's (the adapter is the trainer's business). With
+    --init_from, cfg records the checkpoint's model shape and tokenizer, not the preset's. load_weights reads a
+    model.safetensors file with the framework's own loader."""
     out_dir, state = cfg["out_dir"], None
     if cfg["resume"]:
         state = read_train_state(out_dir, framework)
@@ -409,8 +391,7 @@ def read_train_state(out_dir, framework):
 
 def load_pretrained(path, what, load_weights):
     """(model config, tokenizer, weights) of a checkpoint folder or a pretrained name (smollm2: the folder
-    train.py converts it into before it starts), or a one-line UsageError. load_weights reads
-    model.safetensors (the framework's own loader)."""
+    train.py converts it into before it starts), or a one-line UsageError."""
     if path == PRETRAINED:
         try:
             path = checkpoint.converted_pretrained()

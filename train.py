@@ -40,8 +40,7 @@ from options import (BETAS, UsageError, check_options, decays, distill_config, e
 
 def init_processes(cfg):
     """(rank, world, device) of this process: the only one, or one of torchrun's, which join a process
-    group (nccl on CUDA, each on its own GPU; gloo elsewhere) once --grad_accum is known to split.
-    --device=auto: cuda, then mps, then cpu."""
+    group (nccl on CUDA, each on its own GPU; gloo elsewhere) once --grad_accum is known to split."""
     device = cfg["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -70,9 +69,8 @@ def losses(model, x, cfg, generator=None):
 
 @torch.no_grad()
 def evaluate(model, val, cfg, device, rank=0, world=1):
-    """Mean validation task and clean losses over a fixed set of eval_iters batches (the same every
-    time, whatever the number of processes; dlm / bdlm: a fixed draw of t and masks too); process `rank`
-    scores every world-th batch."""
+    """Mean validation task and clean losses over eval_iters fixed batches (the same whatever the number of
+    processes; dlm / bdlm: a fixed draw of t and masks too); process `rank` scores every world-th batch."""
     model.eval()
     bs = cfg["batch_size"]
     offsets = data.batch_offsets(len(val), cfg["seq_len"], cfg["eval_iters"] * bs, seed=0)
@@ -128,10 +126,10 @@ def trained(model):
 
 
 def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
-    """Write the checkpoint's files (with an adapter, --lora: the adapter, not the frozen base) through
-    checkpoint.staged (new_run: see there). optimizer.safetensors holds all that --resume reads, so one
-    os.replace makes a step resumable: AdamW's moments, the trained weights of that step ("weights." + their
-    names) and the train state (its metadata); train_state.json, written after it, is the readable copy."""
+    """Write the checkpoint's files (with --lora: the adapter, not the frozen base) through checkpoint.staged.
+    optimizer.safetensors holds all that --resume reads, so one os.replace makes a step resumable: AdamW's
+    moments, the trained weights of that step ("weights." + their names) and the train state (its metadata);
+    train_state.json, written after it, is the readable copy."""
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
     tensors.update({f"weights.{k}": v.detach().contiguous().cpu() for k, v in trained(model).state_dict().items()})
@@ -147,8 +145,7 @@ def save_checkpoint(out_dir, model, enc, opt, state, new_run=False):
 
 
 def restore(out_dir, model, opt, state):
-    """--resume: the trained weights and the optimizer as optimizer.safetensors holds them (read_train_state
-    gave its train state); returns the step, history and evaluations to go on from."""
+    """--resume: the trained weights and the optimizer from optimizer.safetensors; returns (step, history, evals)."""
     sd = {"state": {}, "param_groups": state["param_groups"]}
     weights = {}
     for key, v in load_file(os.path.join(out_dir, "optimizer.safetensors")).items():
@@ -213,7 +210,6 @@ def main(argv=None):
 def train(cfg, given, rank=0, world=1, device="cpu", log=print):
     """One training run: from the options to a checkpoint in out_dir (and its self-distilled adapter);
     `log` prints in the first process only."""
-    # the start point: the run in out_dir (--resume), another checkpoint (--init_from) or scratch
     cfg, mcfg, enc, weights, state = start_from(cfg, given, "pytorch", load_file)
     enc, train_ids, val_ids = load_data(cfg, enc, log)
     model = build_model(cfg, mcfg or model_config(cfg, enc.n_vocab), weights, state is not None).to(device)
