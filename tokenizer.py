@@ -151,7 +151,7 @@ def save(enc, directory, context=None):
     (base64, in rank order, consecutive from first_rank: a vocabulary may put its special tokens
     first, as SmolLM2's does); and Hugging Face's tokenizer.json and tokenizer_config.json
     (`context`: the model's context length, their model_max_length).
-    Plain writes: a checkpoint is saved through checkpoint.staged (see model.save_module)."""
+    Plain writes: a checkpoint is saved through checkpoint.staged."""
     if enc.name == "gpt2":
         d = {"name": "gpt2"}
     else:
