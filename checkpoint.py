@@ -17,6 +17,7 @@ import tokenizer as tok
 from tokenizer import CACHE_DIR  # $IDLM_CACHE, default ~/.cache/idlm
 
 DISTILLED = "distilled"  # the self-distilled adapter's folder inside its base checkpoint's folder
+DIFFUSION = ("dlm", "bdlm")  # the masked-diffusion baselines' objectives (dlm.py), which ISD cannot decode
 PRETRAINED = "smollm2"  # the pretrained model a name gives (--init_from=smollm2; pretrained.py converts it)
 
 
@@ -128,12 +129,16 @@ def converted_pretrained():
     return folder
 
 
+def objective(out_dir):
+    """The objective train.py trained the checkpoint in out_dir with (idlm for one it did not train)."""
+    return training_config(out_dir).get("objective", "idlm")
+
+
 def check_decodable(source):
     """Refuse a checkpoint folder that ISD (and AR decoding) cannot read: a masked-diffusion LM has no clean
     causal stream."""
-    objective = training_config(source).get("objective", "idlm")
-    if objective not in ("idlm", "ar"):
-        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective}), which ISD cannot decode: "
+    if objective(source) in DIFFUSION:
+        raise ValueError(f"{source} holds a masked-diffusion LM (objective={objective(source)}), which ISD cannot decode: "
                          f"decode it with python sample.py --out_dir={source}")
 
 

@@ -15,7 +15,6 @@ from decoding import SamplingParams
 
 COLORS = {"accepted": ("\033[32m", "#c8f0c8"), "correction": ("\033[31m", "#f6c6c6"), "clean": ("\033[34m", "#c8d8f8"),
           "rejected": ("\033[9;2m", "#eeeeee")}  # rejected drafts: struck through, not committed
-DIFFUSION = ("dlm", "bdlm")  # train.py's objectives that ISD cannot decode (dlm.FAMILIES)
 ISD_ONLY, DLM_ONLY = ("stride", "narrow", "compare", "visualize", "chat"), ("steps", "threshold", "block")
 
 
@@ -97,8 +96,8 @@ def parse_args(argv, doc):
                    "--block_size; a bdlm model must keep it)")
     a = p.parse_args(argv)
     source = a.init_from or a.out_dir
-    family = checkpoint.training_config(source).get("objective", "idlm")
-    diffusion = family in DIFFUSION
+    family = checkpoint.objective(source)
+    diffusion = family in checkpoint.DIFFUSION
     wrong = [o for o in (ISD_ONLY if diffusion else DLM_ONLY) if getattr(a, o) != p.get_default(o)]  # given
     if wrong:
         p.error(f"--{wrong[0]} is for " + (f"I-DLM and AR checkpoints: {source} holds a diffusion LM (objective={family})"
@@ -118,7 +117,7 @@ def main(argv, decoder, load_model, doc, diffuse=None):
     p, a, family = parse_args(argv, doc)
     source, stride = a.init_from or a.out_dir, a.stride or 4
     try:
-        if family in DIFFUSION:  # no trace, no stop: the canvas is decoded whole
+        if family in checkpoint.DIFFUSION:  # no trace, no stop: the canvas is decoded whole
             if diffuse is None:
                 raise ValueError(f"{source} holds a diffusion LM (objective={family}), which only PyTorch decodes: "
                                  f"python sample.py --out_dir={source}")

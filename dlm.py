@@ -39,7 +39,7 @@ from decoding import Stats
 from sampling import process_logits, sample
 from model import Model, idlm_mask
 
-FAMILIES = ("dlm", "bdlm")
+FAMILIES = checkpoint.DIFFUSION
 EPS = 1e-3  # t ~ U(EPS, 1): the 1/t weight stays finite
 
 

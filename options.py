@@ -16,7 +16,7 @@ import data
 import tokenizer as tok
 from checkpoint import PRETRAINED, ModelConfig, load_config
 
-OBJECTIVES = ("idlm", "ar", "dlm", "bdlm")  # the last two: dlm.FAMILIES, the diffusion baselines
+OBJECTIVES = ("idlm", "ar", *checkpoint.DIFFUSION)
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta")
 PRESETS = {
     # ~1M parameters, a 2,048-token BPE, the default: the paper's recipe (AR pretraining, conversion, self-distillation)

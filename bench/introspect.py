@@ -200,7 +200,7 @@ def setting_rows(settings, runs, enc, ppl):
     rows = []
     for s, run in zip(settings, runs):
         evals = json.load(open(os.path.join(s["base"], "train_state.json")))["evals"][-1]
-        family = checkpoint.training_config(s["base"]).get("objective", "idlm")
+        family = checkpoint.objective(s["base"])
         acc, st = torch.cat(run["scores"]), run["stats"]
         parallel = torch.cat(run["parallel"]) if run["parallel"] else None
         rows.append({"model": s["label"], "family": family,

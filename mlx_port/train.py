@@ -36,8 +36,8 @@ from options import (BETAS, UsageError, check_options, decays, distill_config, e
 def check_port_options(cfg):
     """Refuse what the port does not do; make --device MLX's default device."""
     refuse([(cfg["compile"], "--compile is torch.compile: the MLX port runs without it"),
-            (cfg["objective"] not in ("idlm", "ar"), f"--objective={cfg['objective']}: the diffusion baselines train "
-                                                     f"with train.py; the MLX port trains idlm and ar"),
+            (cfg["objective"] in checkpoint.DIFFUSION,
+             f"--objective={cfg['objective']}: the diffusion baselines train with train.py; the MLX port trains idlm and ar"),
             (cfg["lora"], "--lora: gated LoRA (R-ISD) training of a pretrained model is in train.py; the MLX port "
                           "trains whole models and self-distils their adapter (--distill_iters)")])
     try:
